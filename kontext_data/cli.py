@@ -1,0 +1,210 @@
+"""The `kontext-data` command line: thin Typer commands that build a frozen config and call a library function.
+
+Only typer and rich are imported at start-up; each command imports its stage when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="kontext-data",
+    help="Turn image folders into clean, validated FLUX.1 Kontext edit pairs (a Parquet manifest).\n\n"
+    "Example: kontext-data pair ./edited ./reference",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+@app.callback()
+def _root() -> None:
+    """Turn image folders into clean, validated FLUX.1 Kontext edit pairs (a Parquet manifest).
+
+    Example: kontext-data pair ./edited ./reference
+    """
+
+
+def progress_bar(description: str, console: Console = err):
+    """A rich progress bar with rate and ETA, on stderr so --json output stays clean."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def run_with_progress(description: str, fn, quiet: bool = False):
+    """Call fn(on_progress) under a progress bar; on_progress(done, total) updates it."""
+    import time
+
+    if quiet or not err.is_terminal and os.environ.get("KONTEXT_PROGRESS") != "1":
+        return fn(None)
+    with progress_bar(description) as bar:
+        task = bar.add_task(description, total=None, rate="")
+        start = time.perf_counter()
+
+        def on_progress(done: int, total: int) -> None:
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=done, total=total, rate=f"{done / elapsed:,.0f} files/s")
+
+        return fn(on_progress)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+@app.command(
+    "pair",
+    epilog="Examples:\n\n"
+    "  kontext-data pair ./edited ./reference\n\n"
+    "  kontext-data pair ./edited ./ref_a ./ref_b --out data/manifest.parquet --report report.json\n\n"
+    "  kontext-data pair ./edited ./reference --match stem --resolution 512 --eval-fraction 0.05",
+)
+def pair(
+    edited: Path = typer.Argument(..., help="Folder of edited images (the training targets), searched recursively."),
+    references: List[Path] = typer.Argument(..., help="One or more reference folders; files pair by relative path."),
+    out_path: Path = typer.Option(Path("manifest.parquet"), "--out", "-o", help="Manifest to write (replaced atomically)."),
+    match: str = typer.Option("exact", help="exact: same name incl. extension (SimpleTuner's rule) | stem: any extension."),
+    captions: str = typer.Option("textfile", help="textfile (<stem>.txt beside the image) | filename | none."),
+    reference_captions: bool = typer.Option(True, "--reference-captions/--no-reference-captions",
+                                            help="A caption beside the reference replaces the edit caption."),
+    resolution: float = typer.Option(1024, help="Training resolution (pixels; megapixels with --resolution-type area)."),
+    resolution_type: str = typer.Option("pixel_area", help="pixel_area | pixel (shorter edge) | area (megapixels)."),
+    alignment: int = typer.Option(16, help="Bucket sides are multiples of this (16 Kontext; 64 SimpleTuner parity)."),
+    min_size: int = typer.Option(0, help="Images whose shorter edge is under this many pixels are problems."),
+    max_size: Optional[int] = typer.Option(None, help="Shorter edge above which images are first downsampled..."),
+    target_downsample_size: Optional[int] = typer.Option(None, help="...to this shorter edge, before cropping."),
+    max_pixels: int = typer.Option(100_000_000, help="Images with more pixels are problems (decompression bombs)."),
+    crop: bool = typer.Option(True, "--crop/--no-crop", help="Crop to the bucket, or resize straight to it."),
+    crop_style: str = typer.Option("center", help="center | random (seeded per sample, recorded) | corner."),
+    crop_aspect: str = typer.Option("preserve", help="preserve (image aspect) | square | closest (Kontext's aspects)."),
+    conditioning: str = typer.Option("reference_strict", help="reference_strict (reference gets the edit's crop) | reference_loose."),
+    seed: int = typer.Option(0, help="Seed of random crops and of the eval split; per-sample seeds derive from it."),
+    split: str = typer.Option("train", help="Split of every row: train | eval (a dedicated validation set)."),
+    eval_fraction: float = typer.Option(0.0, help="Carve this fraction into a deterministic eval split instead."),
+    dataset_id: Optional[str] = typer.Option(None, help="Dataset id recorded in each row (default: the edited folder's name)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="With problems, still write the valid samples."),
+    verify_decode: bool = typer.Option(False, "--verify-decode", help="Decode every image fully (slower, thorough)."),
+    workers: int = typer.Option(0, help="Processes for reading headers and hashing; 0 = all cores."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Probe cache folder (default: ~/.cache/kontext-data)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the probe cache."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report (problems, warnings, counts) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout instead of the summary."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Check that EDITED and REFERENCE folders pair 1-to-1 and write the training manifest.
+
+    Every problem (missing or misnamed pairs, broken images, missing captions, ...) is found in one pass and
+    reported together, each with the files and the fix. Exit code: 0 all paired, 1 problems found (no manifest
+    unless --allow-partial), 2 usage error.
+    """
+    from kontext_data.geometry import GeometryOptions
+    from kontext_data.pairing import PairConfig, pair_folders
+    from kontext_data.scan import default_cache_dir
+
+    config = PairConfig(
+        edited=edited,
+        references=tuple(references),
+        out=out_path,
+        match=match,
+        captions=captions,
+        reference_captions=reference_captions,
+        geometry=GeometryOptions(
+            resolution=resolution, resolution_type=resolution_type, alignment=alignment, max_size=max_size,
+            target_downsample_size=target_downsample_size, crop=crop, crop_style=crop_style, crop_aspect=crop_aspect,
+        ),
+        min_size=min_size,
+        max_pixels=max_pixels,
+        conditioning=conditioning,
+        seed=seed,
+        split=split,
+        eval_fraction=eval_fraction,
+        dataset_id=dataset_id,
+        allow_partial=allow_partial,
+        verify_decode=verify_decode,
+        workers=workers,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+    )
+    usage = config.problems()
+    if usage:
+        for msg in usage:
+            err.print(f"[red]error:[/red] {msg}")
+        raise typer.Exit(EXIT_USAGE)
+    result = run_with_progress("Reading images", lambda cb: pair_folders(config, cb), quiet=quiet or as_json)
+    data = result.report()
+    if report:
+        write_json_atomic(report, data)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    else:
+        print_pair_summary(result, report)
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
+
+
+def print_pair_summary(result, report: Optional[Path]) -> None:
+    from rich.table import Table
+
+    stats = result.stats
+    out.print(f"[bold]Images:[/bold] {stats['edited_images']} edited, "
+              f"{' + '.join(map(str, stats['reference_images']))} reference "
+              f"({stats['probed']} read, {stats['cached']} from cache)")
+    if result.problems:
+        table = Table(title=f"{len(result.problems)} problem(s)", show_lines=False, title_justify="left")
+        table.add_column("kind", style="red", no_wrap=True)
+        table.add_column("what and how to fix")
+        shown = result.problems[:50]
+        for p in shown:
+            table.add_row(p.kind, p.message)
+        out.print(table)
+        if len(result.problems) > len(shown):
+            out.print(f"... and {len(result.problems) - len(shown)} more (see --report).")
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.report()["problem_counts"].items()))
+        out.print(f"[red]Problems by kind:[/red] {counts}")
+    for w in result.warnings[:10]:
+        out.print(f"[yellow]warning ({w.kind}):[/yellow] {w.message}")
+    if len(result.warnings) > 10:
+        out.print(f"[yellow]... and {len(result.warnings) - 10} more warnings (see --report).[/yellow]")
+    splits = result.report()["splits"]
+    if result.manifest:
+        split_text = ", ".join(f"{v} {k}" for k, v in sorted(splits.items()))
+        out.print(f"[green]Wrote[/green] {result.manifest}: {result.samples} samples ({split_text}).")
+        if result.dropped:
+            out.print(f"[yellow]Dropped {len(result.dropped)} sample(s) with problems (--allow-partial).[/yellow]")
+    elif result.problems:
+        out.print("[red]No manifest written.[/red] Fix the problems above, or pass --allow-partial to write "
+                  "the valid samples only.")
+    else:
+        out.print("[yellow]No samples found: no manifest written.[/yellow]")
+    if report:
+        out.print(f"Report: {report}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

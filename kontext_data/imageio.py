@@ -1,0 +1,141 @@
+"""Image files: which names count as images, header probing without decoding, and opening as oriented RGB.
+
+In: a path (and its bytes). Out: `ImageInfo` (size after EXIF orientation, format, content hash, the problem
+found if any) or an RGB PIL image. PIL is imported lazily so that `kontext-data --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import xxhash
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+CAPTION_EXTENSION = ".txt"
+# EXIF orientations 5-8 swap width and height
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def is_image_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def content_hash(data: bytes) -> str:
+    """The manifest's content hash (xxh3_128, hex) of a file's bytes."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a header read tells about one file. `problem` is None for a usable image."""
+
+    size: int
+    mtime_ns: int
+    hash: str = ""
+    width: int = 0
+    height: int = 0
+    orientation: int = 1
+    format: str = ""
+    problem: str | None = None
+    """One of: empty_file, unreadable_image, corrupt_image, truncated_image (None when fine)."""
+    detail: str = ""
+    decoded: bool = False
+    """True when the whole image was decoded (--verify-decode), not just its header."""
+
+
+def _is_truncated(fmt: str, data: bytes) -> bool:
+    """True when the file visibly lacks its end: JPEG without EOI after the last scan, PNG without IEND..."""
+    if fmt == "JPEG":
+        last_scan = data.rfind(b"\xff\xda")
+        return last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0
+    if fmt == "PNG":
+        return data.rfind(b"IEND\xaeB`\x82") < 0
+    if fmt == "WEBP":
+        return len(data) < 8 or int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if fmt == "GIF":
+        return not data.rstrip(b"\x00").endswith(b"\x3b")
+    return False
+
+
+def probe_bytes(data: bytes, size: int, mtime_ns: int, verify_decode: bool = False) -> ImageInfo:
+    """Hash the bytes and read the header (size, EXIF orientation, format); decode only when asked."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours to apply (--max-pixels), from the header
+    base = dict(size=size, mtime_ns=mtime_ns)
+    if not data:
+        return ImageInfo(**base, problem="empty_file", detail="the file is empty (0 bytes)")
+    digest = content_hash(data)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or ""
+            width, height = img.size
+            try:
+                orientation = int(img.getexif().get(0x0112, 1) or 1)
+            except Exception:  # a broken EXIF block does not make the image unusable
+                orientation = 1
+            if orientation not in range(1, 9):
+                orientation = 1
+            if verify_decode:
+                img.load()
+    except UnidentifiedImageError:
+        return ImageInfo(**base, hash=digest, problem="unreadable_image", detail="not an image PIL can identify")
+    except (OSError, SyntaxError, ValueError) as exc:
+        kind = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
+        return ImageInfo(**base, hash=digest, problem=kind, detail=str(exc))
+    if width <= 0 or height <= 0:
+        return ImageInfo(**base, hash=digest, problem="corrupt_image", detail=f"header says {width}x{height}")
+    if orientation in _SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    info = ImageInfo(**base, hash=digest, width=width, height=height, orientation=orientation, format=fmt,
+                     decoded=verify_decode)
+    if _is_truncated(fmt, data):
+        return replace(info, problem="truncated_image",
+                       detail=f"the {fmt} file ends before its end marker (cut off while copying?)")
+    return info
+
+
+def probe_file(path: Path, verify_decode: bool = False) -> ImageInfo:
+    """Read a file once and probe it. Never raises: an I/O error becomes an `unreadable_image` problem."""
+    try:
+        with open(path, "rb") as fh:
+            st = path.stat()
+            data = fh.read()
+    except OSError as exc:
+        return ImageInfo(size=0, mtime_ns=0, problem="unreadable_image", detail=str(exc))
+    return probe_bytes(data, st.st_size, st.st_mtime_ns, verify_decode)
+
+
+def open_rgb(path: Path | str):
+    """Open an image as RGB with EXIF orientation applied (CMYK, 16-bit, palette, grayscale handled)."""
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grayscale: scale to 8 bits instead of clipping
+            import numpy as np
+
+            arr = np.asarray(img, dtype=np.float64)
+            peak = 65535.0 if arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # transparent pixels composite onto white, the convention of image editors
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+        return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ProbeWorker:
+    """Picklable pool worker (kept in this light module so spawned workers start fast): probes a chunk of
+    (folder index, relative path, absolute path) and never raises; problems come back inside ImageInfo."""
+
+    verify_decode: bool
+
+    def __call__(self, chunk: list[tuple[int, str, str]]) -> list[tuple[int, str, ImageInfo]]:
+        return [(folder, rel, probe_file(Path(path), self.verify_decode)) for folder, rel, path in chunk]

@@ -1,0 +1,247 @@
+"""The manifest: one Parquet row per training sample, the contract between kontext_data and kontext_trainer.
+
+In: rows (dicts) built by a stage such as `pairing`. Out: a Parquet file with a fixed, versioned schema
+(documented column by column in docs/manifest.md), and a reader that validates it and resolves paths.
+
+Only pyarrow is imported at module level; PIL is imported inside `load_image`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kontext_data import __version__
+
+SCHEMA_VERSION = "1.0"
+"""major.minor. Readers accept any minor of a major they know and refuse a newer major."""
+
+HASH_ALGORITHM = "xxh3_128"
+
+META_SCHEMA_VERSION = "kontext.schema_version"
+META_TOOL_VERSION = "kontext.tool_version"
+META_OPTIONS = "kontext.options"
+META_CREATED_BY = "kontext.created_by"
+META_HASH = "kontext.hash_algorithm"
+
+GEOMETRY_FIELDS = (
+    "intermediary_width",
+    "intermediary_height",
+    "crop_left",
+    "crop_top",
+    "bucket_width",
+    "bucket_height",
+)
+
+REFERENCE_GEOMETRY_TYPE = pa.struct(
+    [("width", pa.int32()), ("height", pa.int32())] + [(name, pa.int32()) for name in GEOMETRY_FIELDS]
+)
+
+SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("dataset_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("target_path", pa.string(), nullable=False),
+        pa.field("reference_paths", pa.list_(pa.string()), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("captions", pa.list_(pa.string()), nullable=False),
+        pa.field("caption_source", pa.string(), nullable=False),
+        pa.field("target_width", pa.int32(), nullable=False),
+        pa.field("target_height", pa.int32(), nullable=False),
+        pa.field("intermediary_width", pa.int32(), nullable=False),
+        pa.field("intermediary_height", pa.int32(), nullable=False),
+        pa.field("crop_left", pa.int32(), nullable=False),
+        pa.field("crop_top", pa.int32(), nullable=False),
+        pa.field("bucket_width", pa.int32(), nullable=False),
+        pa.field("bucket_height", pa.int32(), nullable=False),
+        pa.field("reference_geometry", pa.list_(REFERENCE_GEOMETRY_TYPE), nullable=False),
+        pa.field("conditioning_type", pa.string(), nullable=False),
+        pa.field("target_hash", pa.string(), nullable=False),
+        pa.field("reference_hashes", pa.list_(pa.string()), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("reference_degradations", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+COLUMNS = tuple(SCHEMA.names)
+CONDITIONING_TYPES = ("reference_strict", "reference_loose")
+SPLITS = ("train", "eval")
+
+
+class ManifestError(Exception):
+    """A manifest cannot be read or used. `problems` lists every problem found, one message each."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = Path(path)
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n{lines}")
+
+
+def store_path(path: Path, manifest_dir: Path) -> str:
+    """Relative POSIX path when `path` lies under `manifest_dir`, else the absolute path."""
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(Path(os.path.abspath(manifest_dir))).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def write_manifest(
+    rows: Iterable[Mapping[str, Any]],
+    path: Path | str,
+    options: Mapping[str, Any] | None = None,
+    created_by: str = "kontext-data",
+) -> Path:
+    """Write `rows` (dicts with every column of SCHEMA) to `path` atomically.
+
+    The file is written to a temporary name in the same folder and renamed over `path`, so an existing manifest
+    is either fully replaced or left untouched. `options` (JSON-serializable) are stored in the key-value metadata.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    columns = {name: [row[name] for row in rows] for name in COLUMNS}
+    table = pa.table(columns, schema=SCHEMA)
+    metadata = {
+        META_SCHEMA_VERSION: SCHEMA_VERSION,
+        META_TOOL_VERSION: __version__,
+        META_CREATED_BY: created_by,
+        META_HASH: HASH_ALGORITHM,
+        META_OPTIONS: json.dumps(dict(options or {}), sort_keys=True, default=str),
+    }
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class Manifest:
+    """A validated manifest. `table` holds paths as stored; `records()` resolves them."""
+
+    path: Path
+    table: pa.Table
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.metadata.get("options", {})
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def resolve(self, stored: str) -> Path:
+        """A stored path made usable: relative paths are taken from the manifest's folder."""
+        p = Path(stored)
+        return p if p.is_absolute() else self.root / p
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per row, with `target_path` and `reference_paths` resolved to absolute path strings."""
+        out = self.table.to_pylist()
+        for row in out:
+            row["target_path"] = str(self.resolve(row["target_path"]))
+            row["reference_paths"] = [str(self.resolve(p)) for p in row["reference_paths"]]
+        return out
+
+
+def _parse_version(text: str) -> tuple[int, int] | None:
+    try:
+        major, minor = text.split(".", 1)
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def read_manifest(path: Path | str) -> Manifest:
+    """Read and validate a manifest; raise ManifestError listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, [f"no such file: {path}. Create it with `kontext-data pair EDITED REFERENCE --out {path}`."])
+    try:
+        pf = pq.ParquetFile(path)
+        raw_meta = pf.schema_arrow.metadata or {}
+        table = pf.read()
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise ManifestError(path, [f"not a readable Parquet file ({exc}). Re-create it with `kontext-data pair`."]) from exc
+    meta = {k.decode(): v.decode() for k, v in raw_meta.items()}
+    problems: list[str] = []
+    version_text = meta.get(META_SCHEMA_VERSION)
+    if version_text is None:
+        problems.append(f"no '{META_SCHEMA_VERSION}' metadata: not a kontext manifest. Create one with `kontext-data pair`.")
+    else:
+        version = _parse_version(version_text)
+        ours = _parse_version(SCHEMA_VERSION)
+        if version is None:
+            problems.append(f"unreadable schema version {version_text!r}")
+        elif version[0] > ours[0]:
+            problems.append(
+                f"schema version {version_text} was written by a newer kontext-toolkit "
+                f"(this one, {__version__}, reads {ours[0]}.x): upgrade with `pip install -U kontext-toolkit`."
+            )
+    missing = [name for name in COLUMNS if name not in table.column_names]
+    if missing:
+        problems.append(f"missing column(s): {', '.join(missing)}")
+    if problems:
+        raise ManifestError(path, problems)
+    problems.extend(_check_values(table))
+    if problems:
+        raise ManifestError(path, problems)
+    metadata: dict[str, Any] = {
+        "schema_version": version_text,
+        "tool_version": meta.get(META_TOOL_VERSION),
+        "created_by": meta.get(META_CREATED_BY),
+        "hash_algorithm": meta.get(META_HASH),
+        "options": json.loads(meta.get(META_OPTIONS, "{}") or "{}"),
+    }
+    return Manifest(path=path, table=table, metadata=metadata)
+
+
+def _check_values(table: pa.Table) -> list[str]:
+    problems: list[str] = []
+    ids = table.column("sample_id").to_pylist()
+    seen: set[str] = set()
+    dups = sorted({i for i in ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+    if dups:
+        problems.append(f"duplicate sample_id(s): {', '.join(dups[:10])}{' ...' if len(dups) > 10 else ''}")
+    for name, allowed in (("split", SPLITS), ("conditioning_type", CONDITIONING_TYPES)):
+        bad = sorted(set(table.column(name).to_pylist()) - set(allowed))
+        if bad:
+            problems.append(f"column {name}: unknown value(s) {bad}; valid: {list(allowed)}")
+    n_refs = [len(r) for r in table.column("reference_paths").to_pylist()]
+    for name in ("reference_geometry", "reference_hashes", "reference_degradations"):
+        lens = [len(r) for r in table.column(name).to_pylist()]
+        bad_rows = [i for i, (a, b) in enumerate(zip(n_refs, lens)) if a != b]
+        if bad_rows:
+            problems.append(f"column {name}: length differs from reference_paths in row(s) {bad_rows[:10]}")
+    return problems
+
+
+def load_image(path: Path | str, geometry: Mapping[str, Any]):
+    """Open `path`, apply EXIF orientation, convert to RGB, resize to the intermediary size, crop the bucket.
+
+    `geometry` is any mapping with the six GEOMETRY_FIELDS: a manifest record (for the target) or one element of
+    its `reference_geometry`. This is the one definition of how a manifest row becomes pixels.
+    """
+    from kontext_data.geometry import apply_geometry
+    from kontext_data.imageio import open_rgb
+
+    return apply_geometry(open_rgb(path), geometry)

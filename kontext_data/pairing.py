@@ -1,0 +1,435 @@
+"""`pair`: validate that edited and reference folders pair 1-to-1 and build the manifest rows.
+
+In: a `PairConfig` (folders, matching, caption, geometry and split options). Out: a `PairResult` with every
+problem found in one pass (each naming the files and the fix), warnings, the rows, and the manifest path when one
+was written. Never prints, never exits: the CLI does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import numpy as np
+import xxhash
+
+from kontext_data.geometry import GeometryOptions, compute_geometry
+from kontext_data.imageio import IMAGE_EXTENSIONS, ImageInfo
+from kontext_data.manifest import CONDITIONING_TYPES, SPLITS, store_path, write_manifest
+from kontext_data.scan import FolderListing, list_folder, probe_all
+
+MATCH_MODES = ("exact", "stem")
+CAPTION_MODES = ("textfile", "filename", "none")
+
+PROBLEM_KINDS = {
+    "missing_reference": "an edited image has no reference with the same name",
+    "missing_edit": "a reference has no edited image with the same name",
+    "extension_mismatch": "edited and reference differ only in the file extension",
+    "case_mismatch": "edited and reference names differ only in letter case",
+    "case_collision": "two files in one folder differ only in letter case",
+    "ambiguous_stem": "one name with two extensions in a folder (which caption/pair is meant?)",
+    "empty_file": "a zero-byte image file",
+    "unreadable_image": "a file with an image extension that cannot be opened as an image",
+    "corrupt_image": "an image whose header or data is broken",
+    "truncated_image": "an image that ends before its end marker",
+    "too_many_pixels": "an image over --max-pixels (decompression-bomb guard)",
+    "too_small": "an image whose shorter edge is under --min-size",
+    "missing_caption": "no caption text file, or an empty one (--captions textfile)",
+    "caption_not_utf8": "a caption file that is not UTF-8 text",
+    "no_images": "the edited folder holds no image files",
+}
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """Options of `kontext-data pair` (SimpleTuner dataset keys in brackets)."""
+
+    edited: Path
+    """Folder of edited images (the loss targets) [instance_data_dir of the edit dataset]."""
+    references: tuple[Path, ...]
+    """One folder per reference set, in order [conditioning_data]."""
+    out: Path = Path("manifest.parquet")
+    match: str = "exact"
+    """exact: same relative path including extension (SimpleTuner's rule); stem: extension may differ."""
+    captions: str = "textfile"
+    """[caption_strategy] textfile (<stem>.txt beside the image) | filename | none."""
+    reference_captions: bool = True
+    """A caption beside the reference replaces the edit caption (SimpleTuner's rule)."""
+    geometry: GeometryOptions = field(default_factory=GeometryOptions)
+    min_size: int = 0
+    """[minimum_image_size] images whose shorter edge is under this are problems."""
+    max_pixels: int = 100_000_000
+    """Images with more pixels are problems (decompression-bomb guard)."""
+    conditioning: str = "reference_strict"
+    """[conditioning_type] reference_strict: the reference gets the target's resize+crop; loose: its own."""
+    seed: int = 0
+    split: str = "train"
+    """train | eval: the split of every row (eval = a dedicated validation set, like eval_dataset_id)."""
+    eval_fraction: float = 0.0
+    """Carve this fraction of samples into a deterministic eval split instead."""
+    dataset_id: str | None = None
+    """Defaults to the edited folder's name."""
+    allow_partial: bool = False
+    """With problems, still write the valid samples (the dropped ones are listed)."""
+    verify_decode: bool = False
+    """Decode every image fully instead of trusting headers and end markers."""
+    workers: int = 0
+    """Processes for probing; 0 = all cores."""
+    cache_dir: Path | None = None
+    """Probe cache location; None disables the cache."""
+
+    def problems(self) -> list[str]:
+        out = list(self.geometry.problems())
+        if self.match not in MATCH_MODES:
+            out.append(f"--match {self.match!r} is not one of {list(MATCH_MODES)}")
+        if self.captions not in CAPTION_MODES:
+            out.append(f"--captions {self.captions!r} is not one of {list(CAPTION_MODES)}")
+        if self.conditioning not in CONDITIONING_TYPES:
+            out.append(f"--conditioning {self.conditioning!r} is not one of {list(CONDITIONING_TYPES)}")
+        if self.split not in SPLITS:
+            out.append(f"--split {self.split!r} is not one of {list(SPLITS)}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            out.append(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
+        if self.eval_fraction and self.split == "eval":
+            out.append("--split eval and --eval-fraction exclude each other (everything is already eval)")
+        if not self.references:
+            out.append("give at least one REFERENCE folder")
+        folders = [self.edited, *self.references]
+        for folder in folders:
+            if not Path(folder).is_dir():
+                out.append(f"{folder}: no such folder")
+        resolved = [os.path.realpath(f) for f in folders]
+        if len(set(resolved)) != len(resolved):
+            out.append("the edited and reference folders must all be different folders")
+        return out
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str
+    files: tuple[str, ...]
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "files": list(self.files), "message": self.message}
+
+
+@dataclass
+class PairResult:
+    samples: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    manifest: Path | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def report(self) -> dict[str, Any]:
+        """The `--report` JSON (schema documented in docs/pair.md)."""
+        splits: dict[str, int] = {}
+        for row in self.rows:
+            splits[row["split"]] = splits.get(row["split"], 0) + 1
+        return {
+            "report_version": 1,
+            "ok": self.ok,
+            "manifest": str(self.manifest) if self.manifest else None,
+            "samples": self.samples,
+            "splits": splits,
+            "dropped": self.dropped,
+            "problem_counts": _counts(self.problems),
+            "problems": [p.as_dict() for p in self.problems],
+            "warnings": [w.as_dict() for w in self.warnings],
+            "stats": self.stats,
+        }
+
+
+def _counts(problems: list[Problem]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in problems:
+        out[p.kind] = out.get(p.kind, 0) + 1
+    return out
+
+
+def derive_seed(seed: int, *parts: str) -> int:
+    """A stable 63-bit seed from the run seed and names (sample id, role): same input -> same seed."""
+    return xxhash.xxh3_64_intdigest(":".join([str(seed), *parts]).encode()) & (2**63 - 1)
+
+
+def _stem_key(rel: str) -> str:
+    p = PurePosixPath(rel)
+    return str(p.with_suffix("")) if p.suffix else rel
+
+
+class _Pairing:
+    """One pass over the listings: matches names, reads captions, computes geometry, collects problems."""
+
+    def __init__(self, config: PairConfig, listings: list[FolderListing], infos: list[dict[str, ImageInfo]]):
+        self.c = config
+        self.listings = listings
+        self.infos = infos
+        self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
+        self.bad: set[tuple[int, str]] = set()  # (folder index, rel) of files that cannot be used
+        self.broken_captions: set[Path] = set()
+
+    def add(self, kind: str, files: list[Path], message: str, bad: list[tuple[int, str]] = ()) -> None:
+        self.problems.append(Problem(kind, tuple(str(f) for f in files), message))
+        self.bad.update(bad)
+
+    def path(self, folder: int, rel: str) -> Path:
+        return self.listings[folder].root / rel
+
+    # -- per-file checks -------------------------------------------------------------------------------
+    def check_files(self) -> None:
+        fixes = {
+            "empty_file": "re-copy or re-export it, or delete it together with its pair",
+            "unreadable_image": "re-export it as PNG/JPEG, or move it out of the dataset",
+            "corrupt_image": "re-export it, or move it out of the dataset",
+            "truncated_image": "re-copy it from the original, or move it out of the dataset",
+        }
+        for folder, infos in enumerate(self.infos):
+            for rel, info in sorted(infos.items()):
+                p = self.path(folder, rel)
+                if info.problem:
+                    self.add(info.problem, [p], f"{p}: {info.detail}. Fix: {fixes[info.problem]}.", [(folder, rel)])
+                    continue
+                if info.width * info.height > self.c.max_pixels:
+                    self.add("too_many_pixels", [p],
+                             f"{p}: {info.width}x{info.height} = {info.width * info.height:,} pixels is over "
+                             f"--max-pixels {self.c.max_pixels:,}. Fix: downscale it, or raise --max-pixels if "
+                             f"you trust the file.", [(folder, rel)])
+                elif min(info.width, info.height) < self.c.min_size:
+                    self.add("too_small", [p],
+                             f"{p}: {info.width}x{info.height}, shorter edge under --min-size {self.c.min_size}. "
+                             f"Fix: remove the pair, or lower --min-size.", [(folder, rel)])
+
+    def check_collisions(self) -> None:
+        for folder, lst in enumerate(self.listings):
+            by_lower: dict[str, list[str]] = {}
+            by_stem: dict[str, list[str]] = {}
+            for rel in lst.images:
+                by_lower.setdefault(rel.lower(), []).append(rel)
+                by_stem.setdefault(_stem_key(rel), []).append(rel)
+            for rels in by_lower.values():
+                if len(rels) > 1:
+                    rels.sort()
+                    files = [self.path(folder, r) for r in rels]
+                    self.add("case_collision", files,
+                             f"{', '.join(map(str, files))} differ only in letter case: they collide on macOS and "
+                             f"Windows. Fix: rename one of them.", [(folder, r) for r in rels])
+            if self.c.match == "stem" or self.c.captions == "textfile":
+                for stem, rels in by_stem.items():
+                    if len(rels) > 1:
+                        rels.sort()
+                        files = [self.path(folder, r) for r in rels]
+                        what = "both would pair with the same reference" if self.c.match == "stem" else \
+                            f"both would use the caption {stem}.txt"
+                        self.add("ambiguous_stem", files,
+                                 f"{', '.join(map(str, files))}: one name with {len(rels)} extensions; {what}. "
+                                 f"Fix: rename or remove all but one.", [(folder, r) for r in rels])
+
+    # -- matching --------------------------------------------------------------------------------------
+    def match(self) -> list[tuple[str, list[str]]]:
+        """(edited rel, [reference rel per folder]) for every complete pair; problems for the rest."""
+        key = _stem_key if self.c.match == "stem" else (lambda r: r)
+        edited = self.listings[0].images
+        ref_maps = []
+        for lst in self.listings[1:]:
+            m: dict[str, str] = {}
+            for rel in lst.images:
+                m.setdefault(key(rel), rel)
+            ref_maps.append(m)
+        ref_lower = [{k.lower(): v for k, v in m.items()} for m in ref_maps]
+        ref_stem = [{_stem_key(v): v for v in m.values()} for m in ref_maps]
+        used = [set() for _ in ref_maps]
+        pairs = []
+        for rel in sorted(edited):
+            k = key(rel)
+            refs: list[str] = []
+            for i, m in enumerate(ref_maps, start=1):
+                ref = m.get(k)
+                if ref is not None:
+                    refs.append(ref)
+                    used[i - 1].add(ref)
+                    continue
+                e, rdir = self.path(0, rel), self.listings[i].root
+                near = ref_lower[i - 1].get(k.lower())
+                if near is not None:
+                    used[i - 1].add(near)
+                    r = self.path(i, near)
+                    self.add("case_mismatch", [e, r],
+                             f"{e} and {r} differ only in letter case, so they do not pair on Linux. "
+                             f"Fix: rename one so the names are identical.", [(0, rel)])
+                    continue
+                near = ref_stem[i - 1].get(_stem_key(rel))
+                if near is not None:
+                    used[i - 1].add(near)
+                    r = self.path(i, near)
+                    self.add("extension_mismatch", [e, r],
+                             f"{e} and {r} differ only in the extension. Fix: rerun with --match stem "
+                             f"(pairs them), or convert one so the extensions agree.", [(0, rel)])
+                    continue
+                self.add("missing_reference", [e],
+                         f"{e} has no reference in {rdir} (expected {rdir / rel}). Fix: add the reference, "
+                         f"or move the edited image out of the dataset.", [(0, rel)])
+            if len(refs) == len(ref_maps):
+                pairs.append((rel, refs))
+        for i, m in enumerate(ref_maps, start=1):
+            for ref in sorted(set(m.values()) - used[i - 1]):
+                r = self.path(i, ref)
+                self.add("missing_edit", [r],
+                         f"{r} has no edited image in {self.listings[0].root} (expected "
+                         f"{self.listings[0].root / ref}). Fix: add the edited image, or remove the reference.",
+                         [(i, ref)])
+        # a second file with the same key in one reference folder is reported by check_collisions
+        return pairs
+
+    # -- captions --------------------------------------------------------------------------------------
+    def _read_caption(self, folder: int, rel: str) -> tuple[list[str] | None, Path]:
+        """Caption lines of <stem>.txt beside the image. None: no file, or a broken one (problem recorded)."""
+        p = self.path(folder, str(PurePosixPath(rel).with_suffix(".txt")))
+        if str(PurePosixPath(rel).with_suffix(".txt")) not in self.listings[folder].captions:
+            return None, p
+        try:
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            self.broken_captions.add(p)
+            self.add("caption_not_utf8", [p],
+                     f"{p}: not UTF-8 text (byte {exc.start}). Fix: re-save it as UTF-8, e.g. "
+                     f"`iconv -f latin1 -t utf-8`.", [(folder, rel)])
+            return None, p
+        except OSError as exc:
+            self.broken_captions.add(p)
+            self.add("caption_not_utf8", [p], f"{p}: cannot be read ({exc}). Fix: check its permissions.",
+                     [(folder, rel)])
+            return None, p
+        return [line.strip() for line in text.splitlines() if line.strip()], p
+
+    def captions_for(self, rel: str, refs: list[str]) -> tuple[list[str], str]:
+        if self.c.captions == "none":
+            return [], "none"
+        if self.c.captions == "filename":
+            stem = PurePosixPath(rel).stem
+            return [" ".join(stem.replace("_", " ").replace("-", " ").split())], "filename"
+        if self.c.reference_captions:
+            for i, ref in enumerate(refs, start=1):
+                lines, _ = self._read_caption(i, ref)
+                if lines:
+                    return lines, "reference_textfile"
+        lines, p = self._read_caption(0, rel)
+        if lines:
+            return lines, "textfile"
+        if p not in self.broken_captions:  # a broken caption file was reported already
+            e = self.path(0, rel)
+            what = "is empty" if lines is not None else "does not exist"
+            self.add("missing_caption", [p],
+                     f"{p} {what} (caption of {e}). Fix: write the edit instruction into it, or use "
+                     f"--captions filename / --captions none.", [(0, rel)])
+        return [], "textfile"
+
+    # -- rows ------------------------------------------------------------------------------------------
+    def rows(self, pairs: list[tuple[str, list[str]]], dataset_id: str, out_dir: Path) -> tuple[list, list]:
+        rows, dropped = [], []
+        g = self.c.geometry
+        for rel, refs in pairs:
+            captions, source = self.captions_for(rel, refs)
+            sample_id = f"{dataset_id}:{rel}"
+            files = [(0, rel)] + [(i, r) for i, r in enumerate(refs, start=1)]
+            if any(f in self.bad for f in files):
+                dropped.append(sample_id)
+                continue
+            seed = derive_seed(self.c.seed, sample_id)
+            t = self.infos[0][rel]
+            tg = compute_geometry(t.width, t.height, g, np.random.default_rng(seed))
+            ref_geoms, ref_hashes, ref_paths = [], [], []
+            for i, r in enumerate(refs, start=1):
+                info = self.infos[i][r]
+                if self.c.conditioning == "reference_strict":
+                    geom = tg
+                    if abs(math.log((info.width / info.height) / (t.width / t.height))) > 0.01:
+                        self.warnings.append(Problem(
+                            "aspect_mismatch", (str(self.path(0, rel)), str(self.path(i, r))),
+                            f"{self.path(i, r)} is {info.width}x{info.height} but its edit is "
+                            f"{t.width}x{t.height}: under reference_strict it is stretched to the edit's shape. "
+                            f"Use --conditioning reference_loose if that is wrong."))
+                else:
+                    rng = np.random.default_rng(derive_seed(self.c.seed, sample_id, f"reference{i}"))
+                    geom = compute_geometry(info.width, info.height, g, rng)
+                ref_geoms.append({"width": info.width, "height": info.height, **geom.as_dict()})
+                ref_hashes.append(info.hash)
+                ref_paths.append(store_path(self.path(i, r), out_dir))
+            rows.append({
+                "sample_id": sample_id,
+                "dataset_id": dataset_id,
+                "split": self.c.split,
+                "target_path": store_path(self.path(0, rel), out_dir),
+                "reference_paths": ref_paths,
+                "caption": captions[0] if captions else None,
+                "captions": captions,
+                "caption_source": source,
+                "target_width": t.width,
+                "target_height": t.height,
+                **tg.as_dict(),
+                "reference_geometry": ref_geoms,
+                "conditioning_type": self.c.conditioning,
+                "target_hash": t.hash,
+                "reference_hashes": ref_hashes,
+                "seed": seed,
+                "reference_degradations": [None] * len(refs),
+            })
+        return rows, dropped
+
+
+def assign_eval(rows: list[dict[str, Any]], fraction: float, seed: int) -> None:
+    """Mark round(fraction * n) rows as eval, chosen by a seeded hash of the sample id (stable, order-free)."""
+    n_eval = int(round(fraction * len(rows)))
+    if not n_eval:
+        return
+    ranked = sorted(rows, key=lambda r: derive_seed(seed, "eval", r["sample_id"]))
+    for row in ranked[:n_eval]:
+        row["split"] = "eval"
+
+
+def options_record(config: PairConfig) -> dict[str, Any]:
+    out = asdict(config)
+    out["edited"] = os.path.abspath(config.edited)
+    out["references"] = [os.path.abspath(r) for r in config.references]
+    out["out"] = os.path.abspath(config.out)
+    out.pop("cache_dir", None)
+    out.pop("workers", None)
+    return out
+
+
+def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | None = None) -> PairResult:
+    """Validate the pairing of `config.edited` with `config.references` and write the manifest when clean."""
+    bad_options = config.problems()
+    if bad_options:
+        raise ValueError("; ".join(bad_options))
+    listings = [list_folder(Path(f)) for f in (config.edited, *config.references)]
+    workers = config.workers or os.cpu_count() or 1
+    infos, stats = probe_all(listings, config.cache_dir, workers, config.verify_decode, on_progress)
+    p = _Pairing(config, listings, infos)
+    if not listings[0].images:
+        p.add("no_images", [listings[0].root],
+              f"{listings[0].root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}). "
+              f"Fix: point EDITED at the folder of edited images.")
+    p.check_files()
+    p.check_collisions()
+    pairs = p.match()
+    dataset_id = config.dataset_id or Path(os.path.abspath(config.edited)).name
+    out = Path(config.out)
+    rows, dropped = p.rows(pairs, dataset_id, Path(os.path.abspath(out)).parent)
+    assign_eval(rows, config.eval_fraction, config.seed)
+    result = PairResult(samples=len(rows), problems=p.problems, warnings=p.warnings, dropped=dropped, rows=rows,
+                        stats={**stats, "edited_images": len(listings[0].images),
+                               "reference_images": [len(lst.images) for lst in listings[1:]]})
+    if rows and (result.ok or config.allow_partial):
+        result.manifest = write_manifest(rows, out, options_record(config), created_by="kontext-data pair")
+    return result

@@ -1,0 +1,183 @@
+"""Folder scanning with an incremental probe cache and a process pool.
+
+In: dataset folders. Out: for each folder, `{relative posix path: FileEntry}` for images and the set of caption
+files; for each image an `ImageInfo` (hash, oriented size, problem), computed in parallel on a cold run and read
+from the cache (keyed by absolute folder, relative path, size and mtime) on a warm one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from kontext_data.imageio import CAPTION_EXTENSION, IMAGE_EXTENSIONS, ImageInfo, ProbeWorker
+
+CACHE_FORMAT = 1
+# below this many files the pool's start-up costs more than it saves
+POOL_MIN_FILES = 256
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class FolderListing:
+    root: Path
+    images: dict[str, FileEntry]
+    captions: set[str]
+
+
+def default_cache_dir() -> Path:
+    """$KONTEXT_CACHE_DIR, else $XDG_CACHE_HOME/kontext-data, else ~/.cache/kontext-data (never the dataset)."""
+    env = os.environ.get("KONTEXT_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "kontext-data"
+
+
+def list_folder(root: Path) -> FolderListing:
+    """Every image and caption file under root (recursive), skipping hidden files and folders."""
+    root = Path(os.path.abspath(root))
+    images: dict[str, FileEntry] = {}
+    captions: set[str] = set()
+    stack = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        with os.scandir(folder) as it:
+            for entry in it:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append((Path(entry.path), f"{prefix}{name}/"))
+                    continue
+                suffix = os.path.splitext(name)[1].lower()
+                if suffix in IMAGE_EXTENSIONS:
+                    st = entry.stat(follow_symlinks=True)
+                    images[prefix + name] = FileEntry(Path(entry.path), st.st_size, st.st_mtime_ns)
+                elif suffix == CAPTION_EXTENSION:
+                    captions.add(prefix + name)
+    return FolderListing(root, images, captions)
+
+
+class ProbeCache:
+    """Probe results of one folder, stored as a small Parquet file under the cache dir."""
+
+    _fields = [f.name for f in fields(ImageInfo)]
+
+    def __init__(self, cache_dir: Path | None, root: Path):
+        self.file = None
+        if cache_dir is not None:
+            key = xxhash.xxh3_64_hexdigest(f"{CACHE_FORMAT}:{os.path.abspath(root)}".encode())
+            self.file = Path(cache_dir) / "pair" / f"{key}.parquet"
+        self.entries: dict[str, ImageInfo] = {}
+        self.dirty = False
+
+    def load(self) -> None:
+        if self.file is None or not self.file.is_file():
+            return
+        try:
+            table = pq.read_table(self.file)
+            cols = [table.column(name).to_pylist() for name in ["rel"] + self._fields]
+        except Exception:  # a damaged cache is only a slower run
+            return
+        self.entries = {rel: ImageInfo(*rest) for rel, *rest in zip(*cols)}
+
+    def get(self, rel: str, entry: FileEntry, verify_decode: bool) -> ImageInfo | None:
+        info = self.entries.get(rel)
+        if info is None or info.size != entry.size or info.mtime_ns != entry.mtime_ns:
+            return None
+        if verify_decode and not info.decoded and info.problem is None:
+            return None
+        return info
+
+    def put(self, rel: str, info: ImageInfo) -> None:
+        self.entries[rel] = info
+        self.dirty = True
+
+    def prune(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        stale = [rel for rel in self.entries if rel not in keep]
+        for rel in stale:
+            del self.entries[rel]
+        self.dirty = self.dirty or bool(stale)
+
+    def save(self) -> None:
+        if self.file is None or not self.dirty:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        rels = list(self.entries)
+        data = {"rel": rels}
+        for name in self._fields:
+            data[name] = [getattr(self.entries[r], name) for r in rels]
+        fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.file.parent)
+        os.close(fd)
+        try:
+            pq.write_table(pa.table(data), tmp)
+            os.replace(tmp, self.file)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)  # an unwritable cache must not fail the command
+
+
+def probe_all(
+    listings: list[FolderListing],
+    cache_dir: Path | None,
+    workers: int,
+    verify_decode: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[dict[str, ImageInfo]], dict[str, int]]:
+    """Probe every image of every listing, using and refreshing the cache. Returns infos per folder and counts."""
+    caches = [ProbeCache(cache_dir, lst.root) for lst in listings]
+    results: list[dict[str, ImageInfo]] = [{} for _ in listings]
+    todo: list[tuple[int, str, str]] = []
+    for i, (lst, cache) in enumerate(zip(listings, caches)):
+        cache.load()
+        for rel, entry in lst.images.items():
+            info = cache.get(rel, entry, verify_decode)
+            if info is None:
+                todo.append((i, rel, str(entry.path)))
+            else:
+                results[i][rel] = info
+    total = sum(len(lst.images) for lst in listings)
+    done = total - len(todo)
+    if on_progress:
+        on_progress(done, total)
+    worker = ProbeWorker(verify_decode)
+    chunks = [todo[k : k + CHUNK] for k in range(0, len(todo), CHUNK)]
+    if workers > 1 and len(todo) >= POOL_MIN_FILES:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(min(workers, len(chunks))) as pool:
+            for out in pool.imap_unordered(worker, chunks):
+                done = _collect(out, results, caches, done, total, on_progress)
+    else:
+        for chunk in chunks:
+            done = _collect(worker(chunk), results, caches, done, total, on_progress)
+    for lst, cache in zip(listings, caches):
+        cache.prune(lst.images)
+        cache.save()
+    return results, {"files": total, "probed": len(todo), "cached": total - len(todo)}
+
+
+def _collect(out, results, caches, done, total, on_progress) -> int:
+    for folder, rel, info in out:
+        results[folder][rel] = info
+        if info.mtime_ns:  # an unreadable file has no identity to cache
+            caches[folder].put(rel, info)
+    done += len(out)
+    if on_progress:
+        on_progress(done, total)
+    return done
