@@ -45,6 +45,16 @@ class ImageInfo:
     """True when the whole image was decoded (--verify-decode), not just its header."""
 
 
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _signature(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for sig, fmt in _SIGNATURES if data.startswith(sig)), "")
+
+
 def _is_truncated(fmt: str, data: bytes) -> bool:
     """True when the file visibly lacks its end: JPEG without EOI after the last scan, PNG without IEND..."""
     if fmt == "JPEG":
@@ -81,6 +91,10 @@ def probe_bytes(data: bytes, size: int, mtime_ns: int, verify_decode: bool = Fal
             if verify_decode:
                 img.load()
     except UnidentifiedImageError:
+        fmt = _signature(data)
+        if fmt:
+            return ImageInfo(**base, hash=digest, problem="corrupt_image",
+                             detail=f"starts like a {fmt} file but its header is broken")
         return ImageInfo(**base, hash=digest, problem="unreadable_image", detail="not an image PIL can identify")
     except (OSError, SyntaxError, ValueError) as exc:
         kind = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"

@@ -1,0 +1,290 @@
+"""Behaviour of `pair_folders`: every problem kind in one pass, odd-but-valid images, captions, geometry, splits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+from PIL import Image
+
+from kontext_data.geometry import GeometryOptions
+from kontext_data.manifest import load_image, read_manifest
+from kontext_data.pairing import PROBLEM_KINDS, PairConfig, pair_folders
+from pairkit import caption, image, jpeg_bytes, pair, save
+
+
+def run(root: Path, **kw):
+    refs = kw.pop("references", (root / "reference",))
+    cfg = PairConfig(edited=root / "edited", references=tuple(refs), out=root / "manifest.parquet",
+                     cache_dir=kw.pop("cache_dir", None), workers=1, **kw)
+    return pair_folders(cfg)
+
+
+def kinds_by_file(result) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for p in result.problems:
+        for f in p.files:
+            out.setdefault(Path(f).name, set()).add(p.kind)
+    return out
+
+
+def test_clean_folders_write_manifest_with_hashes_and_relative_paths(tmp_path):
+    for i in range(3):
+        pair(tmp_path, f"img_{i}.png", text=f"edit {i}", seed=i)
+    pair(tmp_path, "sub/deep/img_9.png", text="nested", seed=9)
+    (tmp_path / "edited" / "notes.md").write_text("not an image")
+    save(tmp_path / "edited" / ".hidden.png", image())  # hidden: ignored, not an orphan
+    res = run(tmp_path)
+    assert res.ok, res.problems
+    m = read_manifest(tmp_path / "manifest.parquet")
+    rows = {r["sample_id"]: r for r in m.records()}
+    assert sorted(rows) == ["edited:img_0.png", "edited:img_1.png", "edited:img_2.png", "edited:sub/deep/img_9.png"]
+    row = rows["edited:sub/deep/img_9.png"]
+    assert row["caption"] == "nested" and row["captions"] == ["nested"] and row["caption_source"] == "textfile"
+    assert m.table.column("target_path").to_pylist()[0].startswith("edited/")  # stored relative
+    target = Path(row["target_path"])
+    assert target == tmp_path / "edited" / "sub/deep/img_9.png"
+    assert row["target_hash"] == xxhash.xxh3_128_hexdigest(target.read_bytes())
+    assert row["reference_hashes"] == [xxhash.xxh3_128_hexdigest(Path(row["reference_paths"][0]).read_bytes())]
+    assert m.metadata["schema_version"] == "1.0"
+    assert m.options["references"] == [str(tmp_path / "reference")]
+
+
+def test_every_problem_kind_is_reported_in_one_pass(tmp_path):
+    e, r = tmp_path / "edited", tmp_path / "reference"
+    pair(tmp_path, "good.png")
+    save(e / "no_ref.png"); caption(e / "no_ref.txt", "x")
+    save(r / "no_edit.png")
+    save(e / "ext.png"); caption(e / "ext.txt", "x"); save(r / "ext.jpg", image())
+    save(e / "Case.png"); caption(e / "Case.txt", "x"); save(r / "case.png")
+    pair(tmp_path, "dup.png"); save(e / "Dup.png"); save(r / "Dup.png")
+    pair(tmp_path, "amb.png"); save(e / "amb.jpg", image()); save(r / "amb.jpg", image())
+    pair(tmp_path, "empty.png"); (e / "empty.png").write_bytes(b"")
+    pair(tmp_path, "text.png"); (e / "text.png").write_text("this is not a png")
+    pair(tmp_path, "broken.png"); (e / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    pair(tmp_path, "cut.jpg"); data = jpeg_bytes(image((64, 64))); (e / "cut.jpg").write_bytes(data[: len(data) // 2])
+    pair(tmp_path, "cutpng.png"); data = (e / "cutpng.png").read_bytes(); (e / "cutpng.png").write_bytes(data[:-20])
+    pair(tmp_path, "huge.png", size=(200, 200))
+    pair(tmp_path, "tiny.png", size=(12, 12))
+    pair(tmp_path, "nocap.png", text=None)
+    pair(tmp_path, "emptycap.png", text="  \n\n")
+    pair(tmp_path, "latin.png"); caption(e / "latin.txt", "caf\xe9 au lait".encode("latin-1"))
+
+    res = run(tmp_path, max_pixels=30_000, min_size=16)
+    k = kinds_by_file(res)
+    assert k["no_ref.png"] == {"missing_reference"}
+    assert k["no_edit.png"] == {"missing_edit"}
+    assert k["ext.png"] == {"extension_mismatch"} and "ext.jpg" in k
+    assert k["Case.png"] == {"case_mismatch"} and "case.png" in k
+    assert "case_collision" in k["Dup.png"] and "case_collision" in k["dup.png"]
+    assert "ambiguous_stem" in k["amb.png"] and "ambiguous_stem" in k["amb.jpg"]
+    assert k["empty.png"] == {"empty_file"}
+    assert k["text.png"] == {"unreadable_image"}
+    assert k["broken.png"] == {"corrupt_image"}
+    assert k["cut.jpg"] == {"truncated_image"}
+    assert k["cutpng.png"] == {"truncated_image"}
+    assert "too_many_pixels" in k["huge.png"]
+    assert "too_small" in k["tiny.png"]
+    assert k["nocap.txt"] == {"missing_caption"}
+    assert k["emptycap.txt"] == {"missing_caption"}
+    assert k["latin.txt"] == {"caption_not_utf8"}
+    assert "good.png" not in k
+    reported = {p.kind for p in res.problems}
+    assert reported == set(PROBLEM_KINDS) - {"no_images"}
+    for p in res.problems:  # every message names its files and says how to fix
+        assert p.files and all(f in p.message for f in p.files) and "Fix:" in p.message
+    assert res.manifest is None and not (tmp_path / "manifest.parquet").exists()
+    # --allow-partial writes the good sample only and lists the dropped ones
+    part = run(tmp_path, max_pixels=30_000, min_size=16, allow_partial=True)
+    ids = [r["sample_id"] for r in read_manifest(part.manifest).records()]
+    assert ids == ["edited:good.png"]
+    assert "edited:cut.jpg" in part.dropped and "edited:nocap.png" in part.dropped
+
+
+def test_existing_manifest_survives_a_failed_run(tmp_path):
+    pair(tmp_path, "a.png")
+    assert run(tmp_path).ok
+    before = (tmp_path / "manifest.parquet").read_bytes()
+    save(tmp_path / "edited" / "orphan.png")
+    assert not run(tmp_path).ok
+    assert (tmp_path / "manifest.parquet").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_odd_but_valid_images_are_not_problems(tmp_path):
+    e, r = tmp_path / "edited", tmp_path / "reference"
+    base = image((80, 40), 3)
+    variants = {
+        "cmyk.jpg": dict(img=base.convert("CMYK"), fmt="JPEG"),
+        "gray.png": dict(img=base.convert("L")),
+        "palette.png": dict(img=base.convert("P"), transparency=0),
+        "deep.png": dict(img=Image.fromarray((np.arange(80 * 40, dtype=np.uint16).reshape(40, 80) * 16)).convert("I;16")),
+        "rgba.webp": dict(img=base.convert("RGBA"), lossless=True),
+    }
+    for name, kw in variants.items():
+        save(e / name, **kw)
+        save(r / name, **kw)
+        caption((e / name).with_suffix(".txt"), "edit")
+    # EXIF orientation 6: stored 80x40, displayed 40x80
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save(e / "rotated.jpg", base, exif=exif.tobytes())
+    save(r / "rotated.jpg", base, exif=exif.tobytes())
+    caption(e / "rotated.txt", "edit")
+    res = run(tmp_path, geometry=GeometryOptions(resolution=32))
+    assert res.ok, [p.message for p in res.problems]
+    rows = {Path(r_["target_path"]).name: r_ for r_ in read_manifest(res.manifest).records()}
+    assert (rows["rotated.jpg"]["target_width"], rows["rotated.jpg"]["target_height"]) == (40, 80)
+    for name, row in rows.items():
+        img = load_image(row["target_path"], row)
+        assert img.mode == "RGB" and img.size == (row["bucket_width"], row["bucket_height"]), name
+    assert rows["rotated.jpg"]["bucket_height"] > rows["rotated.jpg"]["bucket_width"]
+
+
+def test_match_stem_pairs_across_extensions(tmp_path):
+    save(tmp_path / "edited" / "a.png"); caption(tmp_path / "edited" / "a.txt", "x")
+    save(tmp_path / "reference" / "a.jpg", image())
+    assert {p.kind for p in run(tmp_path).problems} == {"extension_mismatch"}
+    res = run(tmp_path, match="stem")
+    assert res.ok
+    assert read_manifest(res.manifest).records()[0]["reference_paths"][0].endswith("reference/a.jpg")
+
+
+def test_captions_bom_crlf_alternatives_and_reference_override(tmp_path):
+    pair(tmp_path, "a.png", text=None)
+    caption(tmp_path / "edited" / "a.txt", "\ufeffmake it red\r\nturn it crimson\r\n\r\n".encode("utf-8"))
+    pair(tmp_path, "b.png", text="edit caption")
+    caption(tmp_path / "reference" / "b.txt", "reference caption wins")
+    rows = {r["sample_id"]: r for r in read_manifest(run(tmp_path).manifest).records()}
+    assert rows["edited:a.png"]["captions"] == ["make it red", "turn it crimson"]
+    assert rows["edited:a.png"]["caption"] == "make it red"
+    assert rows["edited:b.png"]["caption"] == "reference caption wins"
+    assert rows["edited:b.png"]["caption_source"] == "reference_textfile"
+    rows = {r["sample_id"]: r for r in read_manifest(run(tmp_path, reference_captions=False).manifest).records()}
+    assert rows["edited:b.png"]["caption"] == "edit caption"
+    # a reference caption also stands in for a missing edit caption
+    pair(tmp_path, "c_only_ref.png", text=None)
+    caption(tmp_path / "reference" / "c_only_ref.txt", "from reference")
+    assert run(tmp_path).ok
+
+
+def test_caption_modes_filename_and_none(tmp_path):
+    pair(tmp_path, "make_it-blue.png", text=None)
+    row = read_manifest(run(tmp_path, captions="filename").manifest).records()[0]
+    assert row["caption"] == "make it blue" and row["caption_source"] == "filename"
+    row = read_manifest(run(tmp_path, captions="none").manifest).records()[0]
+    assert row["caption"] is None and row["captions"] == []
+
+
+def test_several_reference_folders_all_required(tmp_path):
+    pair(tmp_path, "a.png")
+    pair(tmp_path, "b.png")
+    save(tmp_path / "reference2" / "a.png")
+    res = run(tmp_path, references=(tmp_path / "reference", tmp_path / "reference2"))
+    assert [(p.kind, Path(p.files[0]).name) for p in res.problems] == [("missing_reference", "b.png")]
+    save(tmp_path / "reference2" / "b.png")
+    res = run(tmp_path, references=(tmp_path / "reference", tmp_path / "reference2"))
+    rows = read_manifest(res.manifest).records()
+    assert all(len(r["reference_paths"]) == 2 and len(r["reference_geometry"]) == 2 for r in rows)
+    assert rows[0]["reference_paths"][1].endswith("reference2/a.png")
+
+
+def test_strict_reference_shares_the_random_crop_loose_does_not(tmp_path):
+    for i in range(6):
+        pair(tmp_path, f"s{i}.png", size=(96, 64), seed=i, ref_size=(120, 64))
+    g = GeometryOptions(resolution=32, crop_style="random", crop_aspect="square")
+    strict = run(tmp_path, geometry=g, seed=7)
+    assert strict.ok
+    assert {w.kind for w in strict.warnings} == {"aspect_mismatch"}  # 96x64 vs 120x64
+    for row in strict.rows:
+        (ref,) = row["reference_geometry"]
+        for key in ("intermediary_width", "intermediary_height", "crop_left", "crop_top", "bucket_width", "bucket_height"):
+            assert ref[key] == row[key]
+        assert (ref["width"], ref["height"]) == (120, 64)
+    assert len({row["crop_left"] for row in strict.rows}) > 1  # really random across samples
+    again = run(tmp_path, geometry=g, seed=7)
+    assert [r["crop_left"] for r in again.rows] == [r["crop_left"] for r in strict.rows]  # recorded, reproducible
+    other = run(tmp_path, geometry=g, seed=8)
+    assert [r["crop_left"] for r in other.rows] != [r["crop_left"] for r in strict.rows]
+    loose = run(tmp_path, geometry=g, seed=7, conditioning="reference_loose")
+    assert not loose.warnings
+    for row in loose.rows:
+        (ref,) = row["reference_geometry"]
+        assert ref["intermediary_width"] == 60 and row["intermediary_width"] == 48  # 120x64 and 96x64 cover 32x32
+    assert any(r["reference_geometry"][0]["crop_left"] != r["crop_left"] for r in loose.rows)
+
+
+def test_strict_crop_lands_on_the_same_content(tmp_path):
+    """A reference that is the target at another size gives the same pixels after the recorded crop."""
+    big = image((160, 96), 5).resize((160, 96))
+    save(tmp_path / "edited" / "a.png", big)
+    save(tmp_path / "reference" / "a.png", big.resize((80, 48), Image.Resampling.LANCZOS))
+    caption(tmp_path / "edited" / "a.txt", "x")
+    res = run(tmp_path, geometry=GeometryOptions(resolution=48, crop_style="random", crop_aspect="square"))
+    row = read_manifest(res.manifest).records()[0]
+    t = np.asarray(load_image(row["target_path"], row), dtype=float)
+    r = np.asarray(load_image(row["reference_paths"][0], row["reference_geometry"][0]), dtype=float)
+    assert t.shape == r.shape == (48, 48, 3)
+    shifted = np.asarray(load_image(row["reference_paths"][0], {**row["reference_geometry"][0],
+                                                                  "crop_left": row["crop_left"] + 8}), dtype=float)
+    assert np.abs(t - r).mean() < np.abs(t - shifted).mean() / 2
+
+
+def test_eval_split_whole_and_fraction(tmp_path):
+    for i in range(20):
+        pair(tmp_path, f"x{i:02d}.png", seed=i)
+    assert {r["split"] for r in run(tmp_path, split="eval").rows} == {"eval"}
+    a = run(tmp_path, eval_fraction=0.25, seed=1)
+    evals = sorted(r["sample_id"] for r in a.rows if r["split"] == "eval")
+    assert len(evals) == 5
+    assert evals == sorted(r["sample_id"] for r in run(tmp_path, eval_fraction=0.25, seed=1).rows if r["split"] == "eval")
+    assert a.report()["splits"] == {"train": 15, "eval": 5}
+
+
+def test_probe_cache_skips_unchanged_files_and_rereads_changed_ones(tmp_path):
+    for i in range(4):
+        pair(tmp_path, f"c{i}.png", seed=i)
+    cache = tmp_path / "cache"
+    first = run(tmp_path, cache_dir=cache)
+    assert first.stats["probed"] == 8 and first.stats["cached"] == 0
+    assert not any((tmp_path / "edited").rglob("*.parquet"))  # the cache stays out of the dataset
+    second = run(tmp_path, cache_dir=cache)
+    assert second.stats["probed"] == 0 and second.stats["cached"] == 8
+    assert second.rows == first.rows
+    target = tmp_path / "edited" / "c1.png"
+    save(target, image((64, 48), 99))
+    os.utime(target, ns=(1, 1))
+    third = run(tmp_path, cache_dir=cache)
+    assert third.stats["probed"] == 1
+    changed = next(r for r in third.rows if r["sample_id"] == "edited:c1.png")
+    assert changed["target_hash"] == xxhash.xxh3_128_hexdigest(target.read_bytes())
+
+
+def test_empty_edited_folder_is_a_problem(tmp_path):
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "reference").mkdir()
+    res = run(tmp_path)
+    assert [p.kind for p in res.problems] == ["no_images"]
+
+
+def test_bad_options_are_rejected_together(tmp_path):
+    cfg = PairConfig(edited=tmp_path / "nope", references=(tmp_path / "nope",), match="fuzzy",
+                     geometry=GeometryOptions(crop_style="diagonal"))
+    problems = cfg.problems()
+    text = " | ".join(problems)
+    assert "fuzzy" in text and "diagonal" in text and "no such folder" in text and "different folders" in text
+    with pytest.raises(ValueError):
+        pair_folders(cfg)
+
+
+def test_parallel_probe_matches_serial(tmp_path):
+    for i in range(140):
+        pair(tmp_path, f"p{i:03d}.png", size=(16, 16), seed=i)
+    cfg = dict(edited=tmp_path / "edited", references=(tmp_path / "reference",), out=tmp_path / "m.parquet")
+    serial = pair_folders(PairConfig(**cfg, workers=1))
+    parallel = pair_folders(PairConfig(**cfg, workers=2))
+    assert parallel.stats["probed"] == 280
+    assert parallel.rows == serial.rows
