@@ -1,0 +1,122 @@
+"""The manifest contract: readable by pandas, DuckDB and `datasets`; versioned; paths survive a move."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kontext_data.manifest import COLUMNS, ManifestError, SCHEMA_VERSION, read_manifest, write_manifest
+from kontext_data.pairing import PairConfig, pair_folders
+from pairkit import pair
+
+
+@pytest.fixture()
+def manifest(tmp_path):
+    root = tmp_path / "project"
+    for i in range(5):
+        pair(root, f"im{i}.png", text=f"caption {i}\nalternative {i}", seed=i)
+    res = pair_folders(PairConfig(edited=root / "edited", references=(root / "reference",),
+                                  out=root / "manifest.parquet", workers=1, eval_fraction=0.4))
+    assert res.ok
+    return res.manifest
+
+
+def test_round_trip_pandas_and_duckdb(manifest):
+    import duckdb
+    import pandas as pd
+
+    df = pd.read_parquet(manifest)
+    assert list(df.columns) == list(COLUMNS)
+    assert len(df) == 5 and df["sample_id"].is_unique
+    assert list(df.loc[df.sample_id == "edited:im3.png", "captions"].iloc[0]) == ["caption 3", "alternative 3"]
+    con = duckdb.connect()
+    n_eval, = con.execute(f"select count(*) from read_parquet('{manifest}') where split = 'eval'").fetchone()
+    assert n_eval == 2
+    widths = con.execute(f"select reference_geometry[1].bucket_width from read_parquet('{manifest}')").fetchall()
+    assert {w for (w,) in widths} == {int(df.bucket_width.iloc[0])}
+
+
+def test_round_trip_datasets(manifest, tmp_path):
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files=str(manifest), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 5
+    row = ds[0]
+    assert set(row) == set(COLUMNS)
+    assert isinstance(row["reference_geometry"], list) and "crop_left" in row["reference_geometry"][0]
+
+
+def test_metadata_records_version_and_options(manifest):
+    meta = pq.ParquetFile(manifest).schema_arrow.metadata
+    assert meta[b"kontext.schema_version"].decode() == SCHEMA_VERSION
+    options = json.loads(meta[b"kontext.options"])
+    assert options["eval_fraction"] == 0.4 and options["geometry"]["resolution"] == 1024
+    m = read_manifest(manifest)
+    assert m.metadata["hash_algorithm"] == "xxh3_128" and m.metadata["created_by"] == "kontext-data pair"
+
+
+def test_moved_folder_still_resolves(manifest, tmp_path):
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(str(manifest.parent), moved)
+    m = read_manifest(moved / "manifest.parquet")
+    for row in m.records():
+        assert row["target_path"].startswith(str(moved))
+        assert all(p.startswith(str(moved)) for p in row["reference_paths"])
+    from pathlib import Path
+
+    assert all(Path(r["target_path"]).is_file() for r in m.records())
+
+
+def test_data_outside_the_manifest_folder_is_stored_absolute(tmp_path):
+    pair(tmp_path / "data", "a.png")
+    out = tmp_path / "manifests" / "m.parquet"
+    res = pair_folders(PairConfig(edited=tmp_path / "data" / "edited", references=(tmp_path / "data" / "reference",),
+                                  out=out, workers=1))
+    stored = pq.read_table(res.manifest).column("target_path").to_pylist()[0]
+    assert stored == str(tmp_path / "data" / "edited" / "a.png")
+
+
+def _rewrite_meta(path, **changes):
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata)
+    meta.update({k.encode(): v.encode() for k, v in changes.items()})
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def test_newer_major_version_is_refused_with_upgrade_hint(manifest):
+    _rewrite_meta(manifest, **{"kontext.schema_version": "2.0"})
+    with pytest.raises(ManifestError) as exc:
+        read_manifest(manifest)
+    assert "newer" in str(exc.value) and "upgrade" in str(exc.value)
+    _rewrite_meta(manifest, **{"kontext.schema_version": "1.7"})  # a newer minor of a known major reads
+    assert len(read_manifest(manifest)) == 5
+
+
+def test_foreign_or_broken_files_are_refused(tmp_path):
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"a": [1]}), plain)
+    with pytest.raises(ManifestError) as exc:
+        read_manifest(plain)
+    assert "not a kontext manifest" in str(exc.value)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet")
+    with pytest.raises(ManifestError):
+        read_manifest(junk)
+    with pytest.raises(ManifestError) as exc:
+        read_manifest(tmp_path / "missing.parquet")
+    assert "kontext-data pair" in str(exc.value)
+
+
+def test_value_checks_list_every_problem(manifest, tmp_path):
+    rows = read_manifest(manifest).table.to_pylist()
+    rows[1]["sample_id"] = rows[0]["sample_id"]
+    rows[2]["split"] = "validation"
+    rows[3]["reference_hashes"] = []
+    bad = write_manifest(rows, tmp_path / "bad.parquet")
+    with pytest.raises(ManifestError) as exc:
+        read_manifest(bad)
+    assert len(exc.value.problems) == 3
