@@ -171,6 +171,8 @@ def print_pair_summary(result, report: Optional[Path]) -> None:
     out.print(f"[bold]Images:[/bold] {stats['edited_images']} edited, "
               f"{' + '.join(map(str, stats['reference_images']))} reference "
               f"({stats['probed']} read, {stats['cached']} from cache)")
+    if result.reused:
+        out.print("Nothing changed since the last run with these options: its result was reused.")
     if result.problems:
         table = Table(title=f"{len(result.problems)} problem(s)", show_lines=False, title_justify="left")
         table.add_column("kind", style="red", no_wrap=True)

@@ -8,10 +8,11 @@ training image; it is the single definition of that transform, used by `manifest
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 RESOLUTION_TYPES = ("pixel_area", "pixel", "area")
 CROP_STYLES = ("center", "random", "corner")
@@ -82,7 +83,9 @@ class Geometry:
     bucket_height: int
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {"intermediary_width": self.intermediary_width, "intermediary_height": self.intermediary_height,
+                "crop_left": self.crop_left, "crop_top": self.crop_top,
+                "bucket_width": self.bucket_width, "bucket_height": self.bucket_height}
 
 
 def _align(x: float, a: int) -> int:
@@ -118,7 +121,7 @@ def bucket_size(width: int, height: int, opts: GeometryOptions) -> tuple[int, in
     return _align(bw, a), _align(bh, a)
 
 
-def compute_geometry(width: int, height: int, opts: GeometryOptions, rng: np.random.Generator | None = None) -> Geometry:
+def compute_geometry(width: int, height: int, opts: GeometryOptions, rng: "np.random.Generator | None" = None) -> Geometry:
     """Geometry of one image. `rng` is needed only for crop_style='random' (seeded per sample by the caller)."""
     bw, bh = bucket_size(width, height, opts)
     if not opts.crop:

@@ -7,6 +7,7 @@ found if any) or an RGB PIL image. PIL is imported lazily so that `kontext-data 
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,8 +59,13 @@ def _signature(data: bytes) -> str:
 def _is_truncated(fmt: str, data: bytes) -> bool:
     """True when the file visibly lacks its end: JPEG without EOI after the last scan, PNG without IEND..."""
     if fmt == "JPEG":
+        # Entropy-coded data never holds FF D9 (an FF there is followed by 00 or a restart marker), so a file
+        # ending in FF D9 ends with its EOI: the common case, decided from the tail alone.
+        if data[-64:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+            return False
+        # Otherwise (trailing bytes after EOI, or cut off): an EOI must follow the last start-of-scan.
         last_scan = data.rfind(b"\xff\xda")
-        return last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0
+        return last_scan < 0 or data.rfind(b"\xff\xd9") < last_scan
     if fmt == "PNG":
         return data.rfind(b"IEND\xaeB`\x82") < 0
     if fmt == "WEBP":
@@ -69,36 +75,99 @@ def _is_truncated(fmt: str, data: bytes) -> bool:
     return False
 
 
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _exif_orientation(data: bytes, start: int, end: int) -> int:
+    """Orientation tag (0x0112) of IFD0 in a TIFF/EXIF block at data[start:end]; 1 when absent or unreadable."""
+    order = data[start:start + 2]
+    if order not in (b"II", b"MM") or end - start < 8:
+        return 1
+    bo = "little" if order == b"II" else "big"
+    ifd = start + int.from_bytes(data[start + 4:start + 8], bo)
+    if ifd + 2 > end:
+        return 1
+    for k in range(int.from_bytes(data[ifd:ifd + 2], bo)):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > end:
+            break
+        if int.from_bytes(data[entry:entry + 2], bo) == 0x0112:
+            value = int.from_bytes(data[entry + 8:entry + 10], bo)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def fast_header(data: bytes) -> tuple[str, int, int, int] | None:
+    """(format, width, height, EXIF orientation) of a JPEG or PNG read straight from its header bytes.
+
+    Several times faster than PIL's open + getexif, which matters when a dataset has 100k files. Returns None for
+    anything unusual (other formats, a PNG with an eXIf chunk, a header it cannot walk): PIL then decides.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data[12:16] != b"IHDR" or b"eXIf" in data:
+            return None
+        return "PNG", int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), 1
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n, orientation = 2, len(data), 1
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            orientation = _exif_orientation(data, i + 10, min(n, i + 2 + length))
+        elif marker in _SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            return "JPEG", int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"), orientation
+        elif marker == 0xDA:  # a scan before any frame header: let PIL judge
+            return None
+        i += 2 + length
+    return None
+
+
 def probe_bytes(data: bytes, size: int, mtime_ns: int, verify_decode: bool = False) -> ImageInfo:
     """Hash the bytes and read the header (size, EXIF orientation, format); decode only when asked."""
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours to apply (--max-pixels), from the header
     base = dict(size=size, mtime_ns=mtime_ns)
     if not data:
         return ImageInfo(**base, problem="empty_file", detail="the file is empty (0 bytes)")
     digest = content_hash(data)
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or ""
-            width, height = img.size
-            try:
-                orientation = int(img.getexif().get(0x0112, 1) or 1)
-            except Exception:  # a broken EXIF block does not make the image unusable
-                orientation = 1
-            if orientation not in range(1, 9):
-                orientation = 1
-            if verify_decode:
-                img.load()
-    except UnidentifiedImageError:
-        fmt = _signature(data)
-        if fmt:
-            return ImageInfo(**base, hash=digest, problem="corrupt_image",
-                             detail=f"starts like a {fmt} file but its header is broken")
-        return ImageInfo(**base, hash=digest, problem="unreadable_image", detail="not an image PIL can identify")
-    except (OSError, SyntaxError, ValueError) as exc:
-        kind = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
-        return ImageInfo(**base, hash=digest, problem=kind, detail=str(exc))
+    header = None if verify_decode else fast_header(data)
+    if header is not None:
+        fmt, width, height, orientation = header
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours to apply (--max-pixels), from the header
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format or ""
+                width, height = img.size
+                try:
+                    orientation = int(img.getexif().get(0x0112, 1) or 1)
+                except Exception:  # a broken EXIF block does not make the image unusable
+                    orientation = 1
+                if orientation not in range(1, 9):
+                    orientation = 1
+                if verify_decode:
+                    img.load()
+        except UnidentifiedImageError:
+            fmt = _signature(data)
+            if fmt:
+                return ImageInfo(**base, hash=digest, problem="corrupt_image",
+                                 detail=f"starts like a {fmt} file but its header is broken")
+            return ImageInfo(**base, hash=digest, problem="unreadable_image", detail="not an image PIL can identify")
+        except (OSError, SyntaxError, ValueError) as exc:
+            cut = "truncated" in str(exc).lower() or _is_truncated(_signature(data), data)
+            kind = "truncated_image" if cut else "corrupt_image"
+            return ImageInfo(**base, hash=digest, problem=kind, detail=str(exc))
     if width <= 0 or height <= 0:
         return ImageInfo(**base, hash=digest, problem="corrupt_image", detail=f"header says {width}x{height}")
     if orientation in _SWAPPING_ORIENTATIONS:
@@ -115,7 +184,7 @@ def probe_file(path: Path, verify_decode: bool = False) -> ImageInfo:
     """Read a file once and probe it. Never raises: an I/O error becomes an `unreadable_image` problem."""
     try:
         with open(path, "rb") as fh:
-            st = path.stat()
+            st = os.fstat(fh.fileno())
             data = fh.read()
     except OSError as exc:
         return ImageInfo(size=0, mtime_ns=0, problem="unreadable_image", detail=str(exc))

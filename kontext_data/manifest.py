@@ -8,17 +8,18 @@ Only pyarrow is imported at module level; PIL is imported inside `load_image`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from kontext_data import __version__
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SCHEMA_VERSION = "1.0"
 """major.minor. Readers accept any minor of a major they know and refuse a newer major."""
@@ -40,38 +41,46 @@ GEOMETRY_FIELDS = (
     "bucket_height",
 )
 
-REFERENCE_GEOMETRY_TYPE = pa.struct(
-    [("width", pa.int32()), ("height", pa.int32())] + [(name, pa.int32()) for name in GEOMETRY_FIELDS]
+# (name, type, nullable); the pyarrow schema is built on first use, so that importing this module (and a
+# `kontext-data pair` that reuses its previous result) does not pay for importing pyarrow.
+_COLUMN_SPECS = (
+    ("sample_id", "string", False),
+    ("dataset_id", "string", False),
+    ("split", "string", False),
+    ("target_path", "string", False),
+    ("reference_paths", "list<string>", False),
+    ("caption", "string", True),
+    ("captions", "list<string>", False),
+    ("caption_source", "string", False),
+    ("target_width", "int32", False),
+    ("target_height", "int32", False),
+    ("intermediary_width", "int32", False),
+    ("intermediary_height", "int32", False),
+    ("crop_left", "int32", False),
+    ("crop_top", "int32", False),
+    ("bucket_width", "int32", False),
+    ("bucket_height", "int32", False),
+    ("reference_geometry", "list<geometry>", False),
+    ("conditioning_type", "string", False),
+    ("target_hash", "string", False),
+    ("reference_hashes", "list<string>", False),
+    ("seed", "int64", False),
+    ("reference_degradations", "list<string>", False),
 )
+COLUMNS = tuple(name for name, _, _ in _COLUMN_SPECS)
 
-SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("dataset_id", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("target_path", pa.string(), nullable=False),
-        pa.field("reference_paths", pa.list_(pa.string()), nullable=False),
-        pa.field("caption", pa.string()),
-        pa.field("captions", pa.list_(pa.string()), nullable=False),
-        pa.field("caption_source", pa.string(), nullable=False),
-        pa.field("target_width", pa.int32(), nullable=False),
-        pa.field("target_height", pa.int32(), nullable=False),
-        pa.field("intermediary_width", pa.int32(), nullable=False),
-        pa.field("intermediary_height", pa.int32(), nullable=False),
-        pa.field("crop_left", pa.int32(), nullable=False),
-        pa.field("crop_top", pa.int32(), nullable=False),
-        pa.field("bucket_width", pa.int32(), nullable=False),
-        pa.field("bucket_height", pa.int32(), nullable=False),
-        pa.field("reference_geometry", pa.list_(REFERENCE_GEOMETRY_TYPE), nullable=False),
-        pa.field("conditioning_type", pa.string(), nullable=False),
-        pa.field("target_hash", pa.string(), nullable=False),
-        pa.field("reference_hashes", pa.list_(pa.string()), nullable=False),
-        pa.field("seed", pa.int64(), nullable=False),
-        pa.field("reference_degradations", pa.list_(pa.string()), nullable=False),
-    ]
-)
 
-COLUMNS = tuple(SCHEMA.names)
+@functools.lru_cache(maxsize=None)
+def arrow_schema():
+    """The pyarrow schema of a manifest (version SCHEMA_VERSION)."""
+    import pyarrow as pa
+
+    geometry = pa.struct([("width", pa.int32()), ("height", pa.int32())] + [(n, pa.int32()) for n in GEOMETRY_FIELDS])
+    types = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "list<string>": pa.list_(pa.string()),
+             "list<geometry>": pa.list_(geometry)}
+    return pa.schema([pa.field(name, types[t], nullable=nullable) for name, t, nullable in _COLUMN_SPECS])
+
+
 CONDITIONING_TYPES = ("reference_strict", "reference_loose")
 SPLITS = ("train", "eval")
 
@@ -101,16 +110,19 @@ def write_manifest(
     options: Mapping[str, Any] | None = None,
     created_by: str = "kontext-data",
 ) -> Path:
-    """Write `rows` (dicts with every column of SCHEMA) to `path` atomically.
+    """Write `rows` (dicts with every column in COLUMNS) to `path` atomically.
 
     The file is written to a temporary name in the same folder and renamed over `path`, so an existing manifest
     is either fully replaced or left untouched. `options` (JSON-serializable) are stored in the key-value metadata.
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
     columns = {name: [row[name] for row in rows] for name in COLUMNS}
-    table = pa.table(columns, schema=SCHEMA)
+    table = pa.table(columns, schema=arrow_schema())
     metadata = {
         META_SCHEMA_VERSION: SCHEMA_VERSION,
         META_TOOL_VERSION: __version__,
@@ -135,7 +147,7 @@ class Manifest:
     """A validated manifest. `table` holds paths as stored; `records()` resolves them."""
 
     path: Path
-    table: pa.Table
+    table: "pa.Table"
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -173,6 +185,8 @@ def _parse_version(text: str) -> tuple[int, int] | None:
 
 def read_manifest(path: Path | str) -> Manifest:
     """Read and validate a manifest; raise ManifestError listing every problem found."""
+    import pyarrow.parquet as pq
+
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, [f"no such file: {path}. Create it with `kontext-data pair EDITED REFERENCE --out {path}`."])
@@ -215,7 +229,7 @@ def read_manifest(path: Path | str) -> Manifest:
     return Manifest(path=path, table=table, metadata=metadata)
 
 
-def _check_values(table: pa.Table) -> list[str]:
+def _check_values(table: "pa.Table") -> list[str]:
     problems: list[str] = []
     ids = table.column("sample_id").to_pylist()
     seen: set[str] = set()

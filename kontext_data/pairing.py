@@ -7,19 +7,20 @@ was written. Never prints, never exits: the CLI does.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import xxhash
 
 from kontext_data.geometry import GeometryOptions, compute_geometry
 from kontext_data.imageio import IMAGE_EXTENSIONS, ImageInfo
 from kontext_data.manifest import CONDITIONING_TYPES, SPLITS, store_path, write_manifest
-from kontext_data.scan import FolderListing, list_folder, probe_all
+from kontext_data import __version__
+from kontext_data.scan import FolderListing, list_folder, listing_fingerprint, probe_all
 
 MATCH_MODES = ("exact", "stem")
 CAPTION_MODES = ("textfile", "filename", "none")
@@ -124,8 +125,12 @@ class PairResult:
     warnings: list[Problem] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    """The manifest rows; empty when the run was `reused` (then read them from `manifest`)."""
     manifest: Path | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    reused: bool = False
+    """True when nothing changed since the last run with the same options: its result was reused whole."""
 
     @property
     def ok(self) -> bool:
@@ -133,15 +138,12 @@ class PairResult:
 
     def report(self) -> dict[str, Any]:
         """The `--report` JSON (schema documented in docs/pair.md)."""
-        splits: dict[str, int] = {}
-        for row in self.rows:
-            splits[row["split"]] = splits.get(row["split"], 0) + 1
         return {
             "report_version": 1,
             "ok": self.ok,
             "manifest": str(self.manifest) if self.manifest else None,
             "samples": self.samples,
-            "splits": splits,
+            "splits": self.splits,
             "dropped": self.dropped,
             "problem_counts": _counts(self.problems),
             "problems": [p.as_dict() for p in self.problems],
@@ -163,8 +165,9 @@ def derive_seed(seed: int, *parts: str) -> int:
 
 
 def _stem_key(rel: str) -> str:
-    p = PurePosixPath(rel)
-    return str(p.with_suffix("")) if p.suffix else rel
+    """The relative path without its extension ("a.b/c.png" -> "a.b/c"); a hot path, hence no pathlib."""
+    dot = rel.rfind(".")
+    return rel[:dot] if dot > rel.rfind("/") + 1 else rel
 
 
 class _Pairing:
@@ -177,14 +180,15 @@ class _Pairing:
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
         self.bad: set[tuple[int, str]] = set()  # (folder index, rel) of files that cannot be used
-        self.broken_captions: set[Path] = set()
+        self.broken_captions: set[str] = set()
+        self.roots = [str(lst.root) for lst in listings]
 
-    def add(self, kind: str, files: list[Path], message: str, bad: list[tuple[int, str]] = ()) -> None:
+    def add(self, kind: str, files: list, message: str, bad: list[tuple[int, str]] = ()) -> None:
         self.problems.append(Problem(kind, tuple(str(f) for f in files), message))
         self.bad.update(bad)
 
-    def path(self, folder: int, rel: str) -> Path:
-        return self.listings[folder].root / rel
+    def path(self, folder: int, rel: str) -> str:
+        return os.path.join(self.roots[folder], rel)
 
     # -- per-file checks -------------------------------------------------------------------------------
     def check_files(self) -> None:
@@ -259,7 +263,7 @@ class _Pairing:
                     refs.append(ref)
                     used[i - 1].add(ref)
                     continue
-                e, rdir = self.path(0, rel), self.listings[i].root
+                e, rdir = self.path(0, rel), self.roots[i]
                 near = ref_lower[i - 1].get(k.lower())
                 if near is not None:
                     used[i - 1].add(near)
@@ -277,7 +281,7 @@ class _Pairing:
                              f"(pairs them), or convert one so the extensions agree.", [(0, rel)])
                     continue
                 self.add("missing_reference", [e],
-                         f"{e} has no reference in {rdir} (expected {rdir / rel}). Fix: add the reference, "
+                         f"{e} has no reference in {rdir} (expected {self.path(i, rel)}). Fix: add the reference, "
                          f"or move the edited image out of the dataset.", [(0, rel)])
             if len(refs) == len(ref_maps):
                 pairs.append((rel, refs))
@@ -285,20 +289,22 @@ class _Pairing:
             for ref in sorted(set(m.values()) - used[i - 1]):
                 r = self.path(i, ref)
                 self.add("missing_edit", [r],
-                         f"{r} has no edited image in {self.listings[0].root} (expected "
-                         f"{self.listings[0].root / ref}). Fix: add the edited image, or remove the reference.",
+                         f"{r} has no edited image in {self.roots[0]} (expected "
+                         f"{self.path(0, ref)}). Fix: add the edited image, or remove the reference.",
                          [(i, ref)])
         # a second file with the same key in one reference folder is reported by check_collisions
         return pairs
 
     # -- captions --------------------------------------------------------------------------------------
-    def _read_caption(self, folder: int, rel: str) -> tuple[list[str] | None, Path]:
+    def _read_caption(self, folder: int, rel: str) -> tuple[list[str] | None, str]:
         """Caption lines of <stem>.txt beside the image. None: no file, or a broken one (problem recorded)."""
-        p = self.path(folder, str(PurePosixPath(rel).with_suffix(".txt")))
-        if str(PurePosixPath(rel).with_suffix(".txt")) not in self.listings[folder].captions:
-            return None, p
+        txt = _stem_key(rel) + ".txt"
+        if txt not in self.listings[folder].captions:
+            return None, self.path(folder, txt)
+        p = self.path(folder, txt)
         try:
-            text = p.read_bytes().decode("utf-8-sig")
+            with open(p, "rb") as fh:
+                text = fh.read().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             self.broken_captions.add(p)
             self.add("caption_not_utf8", [p],
@@ -316,7 +322,7 @@ class _Pairing:
         if self.c.captions == "none":
             return [], "none"
         if self.c.captions == "filename":
-            stem = PurePosixPath(rel).stem
+            stem = os.path.basename(_stem_key(rel))
             return [" ".join(stem.replace("_", " ").replace("-", " ").split())], "filename"
         if self.c.reference_captions:
             for i, ref in enumerate(refs, start=1):
@@ -334,9 +340,20 @@ class _Pairing:
                      f"--captions filename / --captions none.", [(0, rel)])
         return [], "textfile"
 
+    def crop_rng(self, seed: int):
+        """The per-sample generator random crops are drawn from (numpy is only imported when needed)."""
+        if self.c.geometry.crop_style != "random":
+            return None
+        import numpy as np
+
+        return np.random.default_rng(seed)
+
     # -- rows ------------------------------------------------------------------------------------------
     def rows(self, pairs: list[tuple[str, list[str]]], dataset_id: str, out_dir: Path) -> tuple[list, list]:
         rows, dropped = [], []
+        # stored paths: one prefix per folder (relative to the manifest's folder when under it, else absolute)
+        prefixes = [store_path(Path(root), out_dir) for root in self.roots]
+        stored = [(lambda rel, pre=pre: rel if pre == "." else f"{pre}/{rel}") for pre in prefixes]
         g = self.c.geometry
         for rel, refs in pairs:
             captions, source = self.captions_for(rel, refs)
@@ -347,7 +364,7 @@ class _Pairing:
                 continue
             seed = derive_seed(self.c.seed, sample_id)
             t = self.infos[0][rel]
-            tg = compute_geometry(t.width, t.height, g, np.random.default_rng(seed))
+            tg = compute_geometry(t.width, t.height, g, self.crop_rng(seed))
             ref_geoms, ref_hashes, ref_paths = [], [], []
             for i, r in enumerate(refs, start=1):
                 info = self.infos[i][r]
@@ -355,21 +372,21 @@ class _Pairing:
                     geom = tg
                     if abs(math.log((info.width / info.height) / (t.width / t.height))) > 0.01:
                         self.warnings.append(Problem(
-                            "aspect_mismatch", (str(self.path(0, rel)), str(self.path(i, r))),
+                            "aspect_mismatch", (self.path(0, rel), self.path(i, r)),
                             f"{self.path(i, r)} is {info.width}x{info.height} but its edit is "
                             f"{t.width}x{t.height}: under reference_strict it is stretched to the edit's shape. "
                             f"Use --conditioning reference_loose if that is wrong."))
                 else:
-                    rng = np.random.default_rng(derive_seed(self.c.seed, sample_id, f"reference{i}"))
+                    rng = self.crop_rng(derive_seed(self.c.seed, sample_id, f"reference{i}"))
                     geom = compute_geometry(info.width, info.height, g, rng)
                 ref_geoms.append({"width": info.width, "height": info.height, **geom.as_dict()})
                 ref_hashes.append(info.hash)
-                ref_paths.append(store_path(self.path(i, r), out_dir))
+                ref_paths.append(stored[i](r))
             rows.append({
                 "sample_id": sample_id,
                 "dataset_id": dataset_id,
                 "split": self.c.split,
-                "target_path": store_path(self.path(0, rel), out_dir),
+                "target_path": stored[0](rel),
                 "reference_paths": ref_paths,
                 "caption": captions[0] if captions else None,
                 "captions": captions,
@@ -407,12 +424,63 @@ def options_record(config: PairConfig) -> dict[str, Any]:
     return out
 
 
+class _RunMemo:
+    """The whole result of the previous run for the same output and options, reused when no image or caption
+    file changed (same paths, sizes and mtimes) and the manifest it wrote is untouched. Lives in the cache dir."""
+
+    def __init__(self, config: PairConfig, listings: list[FolderListing]):
+        out = os.path.abspath(config.out)
+        self.file = Path(config.cache_dir) / "pair" / f"run-{xxhash.xxh3_64_hexdigest(out.encode())}.json"
+        extra = json.dumps([__version__, options_record(config)], sort_keys=True, default=str)
+        self.fingerprint = listing_fingerprint(listings, extra)
+
+    @staticmethod
+    def _stat(path: str | None) -> list[int] | None:
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns] if st else None
+
+    def load(self) -> PairResult | None:
+        try:
+            data = json.loads(self.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        report = data.get("report") or {}
+        if data.get("fingerprint") != self.fingerprint or data.get("manifest_stat") != self._stat(report.get("manifest")):
+            return None
+        problems = [Problem(p["kind"], tuple(p["files"]), p["message"]) for p in report["problems"]]
+        warnings = [Problem(p["kind"], tuple(p["files"]), p["message"]) for p in report["warnings"]]
+        stats = {**report["stats"], "probed": 0, "cached": report["stats"]["files"], "reused": True}
+        return PairResult(samples=report["samples"], problems=problems, warnings=warnings, dropped=report["dropped"],
+                          manifest=Path(report["manifest"]) if report["manifest"] else None, stats=stats,
+                          splits=report["splits"], reused=True)
+
+    def save(self, result: PairResult) -> None:
+        report = result.report()
+        data = {"fingerprint": self.fingerprint, "manifest_stat": self._stat(report["manifest"]), "report": report}
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(tmp, self.file)
+        except OSError:
+            pass  # an unwritable cache only makes the next run slower
+
+
 def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | None = None) -> PairResult:
     """Validate the pairing of `config.edited` with `config.references` and write the manifest when clean."""
     bad_options = config.problems()
     if bad_options:
         raise ValueError("; ".join(bad_options))
     listings = [list_folder(Path(f)) for f in (config.edited, *config.references)]
+    memo = _RunMemo(config, listings) if config.cache_dir is not None else None
+    reused = memo.load() if memo else None
+    if reused is not None:
+        if on_progress:
+            on_progress(reused.stats["files"], reused.stats["files"])
+        return reused
     workers = config.workers or os.cpu_count() or 1
     infos, stats = probe_all(listings, config.cache_dir, workers, config.verify_decode, on_progress)
     p = _Pairing(config, listings, infos)
@@ -427,9 +495,14 @@ def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | N
     out = Path(config.out)
     rows, dropped = p.rows(pairs, dataset_id, Path(os.path.abspath(out)).parent)
     assign_eval(rows, config.eval_fraction, config.seed)
+    splits: dict[str, int] = {}
+    for row in rows:
+        splits[row["split"]] = splits.get(row["split"], 0) + 1
     result = PairResult(samples=len(rows), problems=p.problems, warnings=p.warnings, dropped=dropped, rows=rows,
                         stats={**stats, "edited_images": len(listings[0].images),
-                               "reference_images": [len(lst.images) for lst in listings[1:]]})
+                               "reference_images": [len(lst.images) for lst in listings[1:]]}, splits=splits)
     if rows and (result.ok or config.allow_partial):
         result.manifest = write_manifest(rows, out, options_record(config), created_by="kontext-data pair")
+    if memo:
+        memo.save(result)
     return result

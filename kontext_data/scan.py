@@ -14,8 +14,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import xxhash
 
 from kontext_data.imageio import CAPTION_EXTENSION, IMAGE_EXTENSIONS, ImageInfo, ProbeWorker
@@ -28,7 +26,7 @@ CHUNK = 64
 
 @dataclass(frozen=True)
 class FileEntry:
-    path: Path
+    path: str
     size: int
     mtime_ns: int
 
@@ -37,7 +35,8 @@ class FileEntry:
 class FolderListing:
     root: Path
     images: dict[str, FileEntry]
-    captions: set[str]
+    captions: dict[str, tuple[int, int]]
+    """caption .txt files: relative path -> (size, mtime_ns)"""
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +52,7 @@ def list_folder(root: Path) -> FolderListing:
     """Every image and caption file under root (recursive), skipping hidden files and folders."""
     root = Path(os.path.abspath(root))
     images: dict[str, FileEntry] = {}
-    captions: set[str] = set()
+    captions: dict[str, tuple[int, int]] = {}
     stack = [(root, "")]
     while stack:
         folder, prefix = stack.pop()
@@ -63,14 +62,15 @@ def list_folder(root: Path) -> FolderListing:
                 if name.startswith("."):
                     continue
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append((Path(entry.path), f"{prefix}{name}/"))
+                    stack.append((entry.path, f"{prefix}{name}/"))
                     continue
                 suffix = os.path.splitext(name)[1].lower()
                 if suffix in IMAGE_EXTENSIONS:
                     st = entry.stat(follow_symlinks=True)
-                    images[prefix + name] = FileEntry(Path(entry.path), st.st_size, st.st_mtime_ns)
+                    images[prefix + name] = FileEntry(entry.path, st.st_size, st.st_mtime_ns)
                 elif suffix == CAPTION_EXTENSION:
-                    captions.add(prefix + name)
+                    st = entry.stat(follow_symlinks=True)
+                    captions[prefix + name] = (st.st_size, st.st_mtime_ns)
     return FolderListing(root, images, captions)
 
 
@@ -90,6 +90,8 @@ class ProbeCache:
     def load(self) -> None:
         if self.file is None or not self.file.is_file():
             return
+        import pyarrow.parquet as pq
+
         try:
             table = pq.read_table(self.file)
             cols = [table.column(name).to_pylist() for name in ["rel"] + self._fields]
@@ -119,6 +121,9 @@ class ProbeCache:
     def save(self) -> None:
         if self.file is None or not self.dirty:
             return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         self.file.parent.mkdir(parents=True, exist_ok=True)
         rels = list(self.entries)
         data = {"rel": rels}
@@ -149,7 +154,7 @@ def probe_all(
         for rel, entry in lst.images.items():
             info = cache.get(rel, entry, verify_decode)
             if info is None:
-                todo.append((i, rel, str(entry.path)))
+                todo.append((i, rel, entry.path))
             else:
                 results[i][rel] = info
     total = sum(len(lst.images) for lst in listings)
@@ -181,3 +186,17 @@ def _collect(out, results, caches, done, total, on_progress) -> int:
     if on_progress:
         on_progress(done, total)
     return done
+
+
+def listing_fingerprint(listings: list[FolderListing], extra: str) -> str:
+    """A digest of every image and caption file's path, size and mtime, plus `extra` (the options)."""
+    h = xxhash.xxh3_128(extra.encode())
+    for lst in listings:
+        h.update(f"\0{lst.root}\0".encode())
+        for rel in sorted(lst.images):
+            e = lst.images[rel]
+            h.update(f"i{rel}\0{e.size}\0{e.mtime_ns}\n".encode())
+        for rel in sorted(lst.captions):
+            size, mtime = lst.captions[rel]
+            h.update(f"c{rel}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()

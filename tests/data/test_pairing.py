@@ -18,7 +18,7 @@ from pairkit import caption, image, jpeg_bytes, pair, save
 
 def run(root: Path, **kw):
     refs = kw.pop("references", (root / "reference",))
-    cfg = PairConfig(edited=root / "edited", references=tuple(refs), out=root / "manifest.parquet",
+    cfg = PairConfig(edited=root / "edited", references=tuple(refs), out=root / kw.pop("out_name", "manifest.parquet"),
                      cache_dir=kw.pop("cache_dir", None), workers=1, **kw)
     return pair_folders(cfg)
 
@@ -249,18 +249,39 @@ def test_probe_cache_skips_unchanged_files_and_rereads_changed_ones(tmp_path):
         pair(tmp_path, f"c{i}.png", seed=i)
     cache = tmp_path / "cache"
     first = run(tmp_path, cache_dir=cache)
-    assert first.stats["probed"] == 8 and first.stats["cached"] == 0
+    assert first.stats["probed"] == 8 and first.stats["cached"] == 0 and not first.reused
     assert not any((tmp_path / "edited").rglob("*.parquet"))  # the cache stays out of the dataset
+    manifest_bytes = first.manifest.read_bytes()
+    # nothing changed: the whole previous result is reused and the manifest is not rewritten
     second = run(tmp_path, cache_dir=cache)
-    assert second.stats["probed"] == 0 and second.stats["cached"] == 8
-    assert second.rows == first.rows
+    assert second.reused and second.stats["probed"] == 0 and second.stats["cached"] == 8
+    assert second.report()["problems"] == first.report()["problems"] and second.samples == 4
+    assert second.manifest == first.manifest and first.manifest.read_bytes() == manifest_bytes
+    # other options: not reused, but every image comes from the per-file cache
+    other = run(tmp_path, cache_dir=cache, geometry=GeometryOptions(resolution=32))
+    assert not other.reused and other.stats["probed"] == 0 and other.stats["cached"] == 8
+    # a changed caption invalidates the reuse
+    caption(tmp_path / "edited" / "c0.txt", "a new instruction")
+    fourth = run(tmp_path, cache_dir=cache)
+    assert not fourth.reused
+    assert next(r for r in fourth.rows if r["sample_id"] == "edited:c0.png")["caption"] == "a new instruction"
+    # a changed image is re-read, alone
     target = tmp_path / "edited" / "c1.png"
     save(target, image((64, 48), 99))
     os.utime(target, ns=(1, 1))
-    third = run(tmp_path, cache_dir=cache)
-    assert third.stats["probed"] == 1
-    changed = next(r for r in third.rows if r["sample_id"] == "edited:c1.png")
+    fifth = run(tmp_path, cache_dir=cache)
+    assert fifth.stats["probed"] == 1 and not fifth.reused
+    changed = next(r for r in fifth.rows if r["sample_id"] == "edited:c1.png")
     assert changed["target_hash"] == xxhash.xxh3_128_hexdigest(target.read_bytes())
+    # a manifest touched by someone else is rewritten, not trusted
+    fifth.manifest.write_bytes(b"overwritten")
+    sixth = run(tmp_path, cache_dir=cache)
+    assert not sixth.reused and len(read_manifest(sixth.manifest)) == 4
+    # problems are reused too: same report, still no manifest
+    save(tmp_path / "edited" / "orphan.png")
+    bad = run(tmp_path, cache_dir=cache, out_name="other.parquet")
+    again = run(tmp_path, cache_dir=cache, out_name="other.parquet")
+    assert again.reused and not again.ok and again.report()["problems"] == bad.report()["problems"]
 
 
 def test_empty_edited_folder_is_a_problem(tmp_path):
