@@ -88,7 +88,8 @@ def pair(
     references: List[Path] = typer.Argument(..., help="One or more reference folders; files pair by relative path."),
     out_path: Path = typer.Option(Path("manifest.parquet"), "--out", "-o", help="Manifest to write (replaced atomically)."),
     match: str = typer.Option("exact", help="exact: same name incl. extension (SimpleTuner's rule) | stem: any extension."),
-    captions: str = typer.Option("textfile", help="textfile (<stem>.txt beside the image) | filename | none."),
+    captions: str = typer.Option("textfile", help="textfile (<stem>.txt beside the image) | filename | instanceprompt | none."),
+    instance_prompt: Optional[str] = typer.Option(None, help="The caption of every sample with --captions instanceprompt."),
     reference_captions: bool = typer.Option(True, "--reference-captions/--no-reference-captions",
                                             help="A caption beside the reference replaces the edit caption."),
     resolution: float = typer.Option(1024, help="Training resolution (pixels; megapixels with --resolution-type area)."),
@@ -131,6 +132,7 @@ def pair(
         out=out_path,
         match=match,
         captions=captions,
+        instance_prompt=instance_prompt,
         reference_captions=reference_captions,
         geometry=GeometryOptions(
             resolution=resolution, resolution_type=resolution_type, alignment=alignment, max_size=max_size,

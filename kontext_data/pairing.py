@@ -23,7 +23,7 @@ from kontext_data import __version__
 from kontext_data.scan import FolderListing, list_folder, listing_fingerprint, probe_all
 
 MATCH_MODES = ("exact", "stem")
-CAPTION_MODES = ("textfile", "filename", "none")
+CAPTION_MODES = ("textfile", "filename", "instanceprompt", "none")
 
 PROBLEM_KINDS = {
     "missing_reference": "an edited image has no reference with the same name",
@@ -56,7 +56,9 @@ class PairConfig:
     match: str = "exact"
     """exact: same relative path including extension (SimpleTuner's rule); stem: extension may differ."""
     captions: str = "textfile"
-    """[caption_strategy] textfile (<stem>.txt beside the image) | filename | none."""
+    """[caption_strategy] textfile (<stem>.txt beside the image) | filename | instanceprompt | none."""
+    instance_prompt: str | None = None
+    """[instance_prompt] the caption of every sample with captions='instanceprompt'."""
     reference_captions: bool = True
     """A caption beside the reference replaces the edit caption (SimpleTuner's rule)."""
     geometry: GeometryOptions = field(default_factory=GeometryOptions)
@@ -90,6 +92,8 @@ class PairConfig:
             out.append(f"--captions {self.captions!r} is not one of {list(CAPTION_MODES)}")
         if self.conditioning not in CONDITIONING_TYPES:
             out.append(f"--conditioning {self.conditioning!r} is not one of {list(CONDITIONING_TYPES)}")
+        if self.captions == "instanceprompt" and not (self.instance_prompt or "").strip():
+            out.append("--captions instanceprompt needs --instance-prompt TEXT")
         if self.split not in SPLITS:
             out.append(f"--split {self.split!r} is not one of {list(SPLITS)}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -321,6 +325,8 @@ class _Pairing:
     def captions_for(self, rel: str, refs: list[str]) -> tuple[list[str], str]:
         if self.c.captions == "none":
             return [], "none"
+        if self.c.captions == "instanceprompt":
+            return [self.c.instance_prompt.strip()], "instanceprompt"
         if self.c.captions == "filename":
             stem = os.path.basename(_stem_key(rel))
             return [" ".join(stem.replace("_", " ").replace("-", " ").split())], "filename"

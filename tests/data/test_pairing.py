@@ -175,6 +175,10 @@ def test_caption_modes_filename_and_none(tmp_path):
     pair(tmp_path, "make_it-blue.png", text=None)
     row = read_manifest(run(tmp_path, captions="filename").manifest).records()[0]
     assert row["caption"] == "make it blue" and row["caption_source"] == "filename"
+    row = read_manifest(run(tmp_path, captions="instanceprompt", instance_prompt=" a photo ").manifest).records()[0]
+    assert row["caption"] == "a photo" and row["caption_source"] == "instanceprompt"
+    assert "instance-prompt" in " ".join(PairConfig(edited=tmp_path / "edited", references=(tmp_path / "reference",),
+                                                    captions="instanceprompt").problems())
     row = read_manifest(run(tmp_path, captions="none").manifest).records()[0]
     assert row["caption"] is None and row["captions"] == []
 
