@@ -206,6 +206,88 @@ def print_pair_summary(result, report: Optional[Path]) -> None:
         out.print(f"Report: {report}")
 
 
+@app.command(
+    "import-simpletuner",
+    epilog="Examples:\n\n"
+    "  kontext-data import-simpletuner multidatabackend.json --out data/\n\n"
+    "  kontext-data import-simpletuner multidatabackend.json --config config.json --out data/ "
+    "--path-map /datasets=/mnt/nas/datasets --path-map Yuanshi/Subjects200K=/mnt/nas/subjects200k",
+)
+def import_simpletuner(
+    backend: Path = typer.Argument(..., help="SimpleTuner's dataloader config (multidatabackend.json; comments allowed)."),
+    config: Optional[Path] = typer.Option(None, help="SimpleTuner's config.json: eval_dataset_id marks eval rows."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the manifests (and split panels / generated references)."),
+    path_map: List[str] = typer.Option([], help="OLD=NEW: replace a folder or dataset-name prefix of the config (repeatable)."),
+    alignment: int = typer.Option(16, help="Bucket alignment: 16 (Kontext) or 64 (SimpleTuner's exact buckets)."),
+    seed: int = typer.Option(0, help="Seed of random crops, generated references and splits."),
+    workers: int = typer.Option(0, help="Processes; 0 = all cores."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Probe cache folder (default: ~/.cache/kontext-data)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show the plan: what would be split, generated and paired."),
+    report: Optional[Path] = typer.Option(None, help="Write a JSON report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
+) -> None:
+    """Turn a SimpleTuner dataloader config into manifests: one per edit dataset, and their union in OUT/manifest.parquet.
+
+    Understands local and huggingface (composite) datasets, conditioning_data / conditioning_type, generator blocks
+    (`conditioning`: superresolution, jpeg_artifacts), caption strategies, bucket options, and eval_dataset_id.
+    Keys it does not support are listed together. Exit code 0 ok, 1 problems in the data, 2 problems in the config.
+    """
+    from kontext_data.scan import default_cache_dir
+    from kontext_data.simpletuner import ImportConfig, plan_import, run_import
+
+    pairs = []
+    for item in path_map:
+        old, sep, new = item.partition("=")
+        if not sep or not old:
+            err.print(f"[red]error:[/red] --path-map {item!r}: expected OLD=NEW")
+            raise typer.Exit(EXIT_USAGE)
+        pairs.append((old, new))
+    cfg = ImportConfig(backend=backend, out=out_dir, config=config, path_map=tuple(pairs), alignment=alignment,
+                       seed=seed, workers=workers, cache_dir=cache_dir or default_cache_dir())
+    plan = plan_import(cfg)
+    data = {"report_version": 1, "notes": plan.notes, "unsupported_keys": plan.unsupported,
+            "config_problems": plan.problems,
+            "jobs": [{"dataset_id": j.dataset_id, "split": j.split is not None, "generated": [str(d.out) for d in j.degrade],
+                      "edited": str(j.pair.edited), "references": [str(r) for r in j.pair.references],
+                      "manifest": str(j.pair.out)} for j in plan.jobs]}
+    if not as_json:
+        for note in plan.notes:
+            out.print(f"[cyan]note:[/cyan] {note}")
+        if plan.unsupported:
+            out.print("[yellow]Not supported (ignored):[/yellow] " + "; ".join(plan.unsupported))
+        for job in data["jobs"]:
+            steps = (["split composites"] if job["split"] else []) + [f"generate {g}" for g in job["generated"]]
+            out.print(f"[bold]{job['dataset_id']}[/bold]: {' -> '.join(steps + ['pair'])} -> {job['manifest']}")
+    if plan.problems:
+        for p in plan.problems:
+            err.print(f"[red]error:[/red] {p}")
+        if as_json:
+            sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        raise typer.Exit(EXIT_USAGE)
+    if dry_run:
+        if as_json:
+            sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        raise typer.Exit(EXIT_OK)
+    result = run_import(cfg, plan, on_stage=None if as_json else (lambda msg: err.print(f"[bold]{msg}[/bold]")))
+    data.update({"ok": result.ok, "manifest": str(result.manifest) if result.manifest else None,
+                 "samples": result.samples, "stage_problems": result.stage_problems,
+                 "datasets": {k: v.report() for k, v in result.pair_results.items()}})
+    if report:
+        write_json_atomic(report, data)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    else:
+        for msg in result.stage_problems:
+            out.print(f"[red]problem:[/red] {msg}")
+        for did, pres in result.pair_results.items():
+            out.print(f"[bold]{did}[/bold]:")
+            print_pair_summary(pres, None)
+        if result.manifest:
+            out.print(f"[green]Wrote[/green] {result.manifest}: {result.samples} samples from "
+                      f"{len(result.pair_results)} dataset(s).")
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
+
+
 def main() -> None:
     app()
 

@@ -41,6 +41,8 @@ PROBLEM_KINDS = {
     "missing_caption": "no caption text file, or an empty one (--captions textfile)",
     "caption_not_utf8": "a caption file that is not UTF-8 text",
     "no_images": "the edited folder holds no image files",
+    "on_demand_source_missing": "an on-demand reference (kontext-data degrade --on-demand) whose source image is "
+                                "not in the edited folder",
 }
 
 
@@ -185,6 +187,9 @@ class _Pairing:
         self.warnings: list[Problem] = []
         self.bad: set[tuple[int, str]] = set()  # (folder index, rel) of files that cannot be used
         self.broken_captions: set[str] = set()
+        # degrade provenance per reference folder (output rel -> record), and on-demand outputs -> source rel
+        self.provenance: list[dict[str, dict]] = [{} for _ in listings]
+        self.virtual: list[dict[str, str]] = [{} for _ in listings]
         self.roots = [str(lst.root) for lst in listings]
 
     def add(self, kind: str, files: list, message: str, bad: list[tuple[int, str]] = ()) -> None:
@@ -193,6 +198,33 @@ class _Pairing:
 
     def path(self, folder: int, rel: str) -> str:
         return os.path.join(self.roots[folder], rel)
+
+    # -- degrade provenance ------------------------------------------------------------------------------
+    def attach_provenance(self) -> None:
+        """Read degrade records of reference folders; on-demand outputs become virtual files (their source)."""
+        edited = self.listings[0]
+        for i, lst in enumerate(self.listings[1:], start=1):
+            if not lst.has_sidecar:
+                continue
+            from kontext_data.degrade import read_provenance
+
+            records = read_provenance(lst.root)
+            for out_rel, rec in records.items():
+                if not rec.get("on_demand"):
+                    if out_rel in lst.images:
+                        self.provenance[i][out_rel] = rec
+                    continue
+                source = rec.get("source", "")
+                entry = edited.images.get(source)
+                if entry is None:
+                    self.add("on_demand_source_missing", [self.path(i, out_rel)],
+                             f"{self.path(i, out_rel)} is an on-demand reference made from {source}, which is not "
+                             f"in {edited.root}. Fix: pair the folder that `kontext-data degrade --on-demand` read, "
+                             f"or re-run degrade on this one.")
+                    continue
+                lst.images[out_rel] = entry
+                self.virtual[i][out_rel] = source
+                self.provenance[i][out_rel] = rec
 
     # -- per-file checks -------------------------------------------------------------------------------
     def check_files(self) -> None:
@@ -204,6 +236,8 @@ class _Pairing:
         }
         for folder, infos in enumerate(self.infos):
             for rel, info in sorted(infos.items()):
+                if rel in self.virtual[folder]:
+                    continue  # an on-demand reference: its source is checked as an edited image
                 p = self.path(folder, rel)
                 if info.problem:
                     self.add(info.problem, [p], f"{p}: {info.detail}. Fix: {fixes[info.problem]}.", [(folder, rel)])
@@ -371,7 +405,7 @@ class _Pairing:
             seed = derive_seed(self.c.seed, sample_id)
             t = self.infos[0][rel]
             tg = compute_geometry(t.width, t.height, g, self.crop_rng(seed))
-            ref_geoms, ref_hashes, ref_paths = [], [], []
+            ref_geoms, ref_hashes, ref_paths, ref_degradations = [], [], [], []
             for i, r in enumerate(refs, start=1):
                 info = self.infos[i][r]
                 if self.c.conditioning == "reference_strict":
@@ -387,7 +421,9 @@ class _Pairing:
                     geom = compute_geometry(info.width, info.height, g, rng)
                 ref_geoms.append({"width": info.width, "height": info.height, **geom.as_dict()})
                 ref_hashes.append(info.hash)
-                ref_paths.append(stored[i](r))
+                ref_paths.append(stored[0](self.virtual[i][r]) if r in self.virtual[i] else stored[i](r))
+                rec = self.provenance[i].get(r)
+                ref_degradations.append(json.dumps(rec, sort_keys=True) if rec is not None else None)
             rows.append({
                 "sample_id": sample_id,
                 "dataset_id": dataset_id,
@@ -405,7 +441,7 @@ class _Pairing:
                 "target_hash": t.hash,
                 "reference_hashes": ref_hashes,
                 "seed": seed,
-                "reference_degradations": [None] * len(refs),
+                "reference_degradations": ref_degradations,
             })
         return rows, dropped
 
@@ -487,9 +523,15 @@ def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | N
         if on_progress:
             on_progress(reused.stats["files"], reused.stats["files"])
         return reused
+    p = _Pairing(config, listings, [])
+    p.attach_provenance()
     workers = config.workers or os.cpu_count() or 1
-    infos, stats = probe_all(listings, config.cache_dir, workers, config.verify_decode, on_progress)
-    p = _Pairing(config, listings, infos)
+    real = [FolderListing(lst.root, {r: e for r, e in lst.images.items() if r not in v}, lst.captions)
+            for lst, v in zip(listings, p.virtual)]
+    infos, stats = probe_all(real, config.cache_dir, workers, config.verify_decode, on_progress)
+    for i, virtual in enumerate(p.virtual):  # on-demand references share their source's probe
+        infos[i].update({out_rel: infos[0][source] for out_rel, source in virtual.items() if source in infos[0]})
+    p.infos = infos
     if not listings[0].images:
         p.add("no_images", [listings[0].root],
               f"{listings[0].root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}). "

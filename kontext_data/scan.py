@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,12 +31,24 @@ class FileEntry:
     mtime_ns: int
 
 
+# `kontext-data degrade` keeps its per-output records in this hidden folder of REFDIR (= degrade.SIDECAR_DIR;
+# named here so that pairing a plain folder never imports the degrade stage).
+DEGRADE_SIDECAR = ".kontext-degrade"
+
+
 @dataclass
 class FolderListing:
     root: Path
     images: dict[str, FileEntry]
     captions: dict[str, tuple[int, int]]
     """caption .txt files: relative path -> (size, mtime_ns)"""
+    sidecar_dirs: list[tuple[str, int]] = field(default_factory=list)
+    """(relative path, mtime_ns) of every folder of a degrade sidecar: records are renamed into place, so any
+    change to them changes a folder's mtime."""
+
+    @property
+    def has_sidecar(self) -> bool:
+        return bool(self.sidecar_dirs)
 
 
 def default_cache_dir() -> Path:
@@ -71,7 +83,12 @@ def list_folder(root: Path) -> FolderListing:
                 elif suffix == CAPTION_EXTENSION:
                     st = entry.stat(follow_symlinks=True)
                     captions[prefix + name] = (st.st_size, st.st_mtime_ns)
-    return FolderListing(root, images, captions)
+    sidecar_dirs = []
+    side = root / DEGRADE_SIDECAR
+    if side.is_dir():
+        for dirpath, _dirs, _files in os.walk(side):
+            sidecar_dirs.append((os.path.relpath(dirpath, root), os.stat(dirpath).st_mtime_ns))
+    return FolderListing(root, images, captions, sorted(sidecar_dirs))
 
 
 class ProbeCache:
@@ -199,4 +216,6 @@ def listing_fingerprint(listings: list[FolderListing], extra: str) -> str:
         for rel in sorted(lst.captions):
             size, mtime = lst.captions[rel]
             h.update(f"c{rel}\0{size}\0{mtime}\n".encode())
+        for rel, mtime in lst.sidecar_dirs:
+            h.update(f"s{rel}\0{mtime}\n".encode())
     return h.hexdigest()

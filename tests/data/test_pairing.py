@@ -93,7 +93,7 @@ def test_every_problem_kind_is_reported_in_one_pass(tmp_path):
     assert k["latin.txt"] == {"caption_not_utf8"}
     assert "good.png" not in k
     reported = {p.kind for p in res.problems}
-    assert reported == set(PROBLEM_KINDS) - {"no_images"}
+    assert reported == set(PROBLEM_KINDS) - {"no_images", "on_demand_source_missing"}
     for p in res.problems:  # every message names its files and says how to fix
         assert p.files and all(f in p.message for f in p.files) and "Fix:" in p.message
     assert res.manifest is None and not (tmp_path / "manifest.parquet").exists()
@@ -313,3 +313,39 @@ def test_parallel_probe_matches_serial(tmp_path):
     parallel = pair_folders(PairConfig(**cfg, workers=2))
     assert parallel.stats["probed"] == 280
     assert parallel.rows == serial.rows
+
+
+def test_degrade_provenance_is_carried_and_on_demand_references_are_virtual(tmp_path):
+    import json
+
+    from kontext_data.degrade import DegradeConfig, build_chain, run_degrade, synthesize_reference
+
+    src = tmp_path / "edited"
+    for i in range(3):
+        save(src / f"d{i}.png", image((64, 48), i))
+        caption(src / f"d{i}.txt", "a description")
+    chain = tuple(build_chain(["blur"], {"blur_radius": 2.0}))
+    run_degrade(DegradeConfig(src=src, out=tmp_path / "disk", chain=chain, captions=("deblur",), workers=1))
+    run_degrade(DegradeConfig(src=src, out=tmp_path / "lazy", chain=chain, captions=("deblur",), workers=1,
+                              on_demand=True))
+    assert not list((tmp_path / "lazy").glob("*.png"))  # on demand: no pixels on disk
+    disk = pair_folders(PairConfig(edited=src, references=(tmp_path / "disk",), out=tmp_path / "a.parquet", workers=1))
+    lazy = pair_folders(PairConfig(edited=src, references=(tmp_path / "lazy",), out=tmp_path / "b.parquet", workers=1))
+    assert disk.ok and lazy.ok, (disk.problems, lazy.problems)
+    d_rows = {r["sample_id"]: r for r in read_manifest(disk.manifest).records()}
+    l_rows = {r["sample_id"]: r for r in read_manifest(lazy.manifest).records()}
+    assert d_rows.keys() == l_rows.keys()
+    for sid, d in d_rows.items():
+        lz = l_rows[sid]
+        d_rec, l_rec = json.loads(d["reference_degradations"][0]), json.loads(lz["reference_degradations"][0])
+        assert d_rec["on_demand"] is False and l_rec["on_demand"] is True
+        assert d_rec["params_hash"] == l_rec["params_hash"] and d_rec["seed"] == l_rec["seed"]
+        assert d["caption"] == lz["caption"] == "deblur"  # the generator's caption beside the reference wins
+        assert lz["reference_paths"][0] == lz["target_path"]  # synthesized from the target at load time
+        on_disk = np.asarray(Image.open(d["reference_paths"][0]).convert("RGB"))
+        assert np.array_equal(np.asarray(synthesize_reference(lz["reference_paths"][0], l_rec)), on_disk)
+    # an on-demand record whose source is gone is reported
+    (src / "d1.png").unlink()
+    (src / "d1.txt").unlink()
+    gone = pair_folders(PairConfig(edited=src, references=(tmp_path / "lazy",), out=tmp_path / "c.parquet", workers=1))
+    assert [p.kind for p in gone.problems] == ["on_demand_source_missing"]
