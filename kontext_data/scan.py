@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +19,7 @@ import xxhash
 
 from kontext_data.imageio import CAPTION_EXTENSION, IMAGE_EXTENSIONS, ImageInfo, ProbeWorker
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # below this many files the pool's start-up costs more than it saves
 POOL_MIN_FILES = 256
 CHUNK = 64
@@ -92,29 +93,28 @@ def list_folder(root: Path) -> FolderListing:
 
 
 class ProbeCache:
-    """Probe results of one folder, stored as a small Parquet file under the cache dir."""
-
-    _fields = [f.name for f in fields(ImageInfo)]
+    """Probe results of one folder, a pickle of plain tuples under the cache dir (private to this tool; a
+    damaged or foreign file only makes the run slower)."""
 
     def __init__(self, cache_dir: Path | None, root: Path):
         self.file = None
         if cache_dir is not None:
             key = xxhash.xxh3_64_hexdigest(f"{CACHE_FORMAT}:{os.path.abspath(root)}".encode())
-            self.file = Path(cache_dir) / "pair" / f"{key}.parquet"
+            self.file = Path(cache_dir) / "pair" / f"{key}.pickle"
         self.entries: dict[str, ImageInfo] = {}
         self.dirty = False
 
     def load(self) -> None:
-        if self.file is None or not self.file.is_file():
+        if self.file is None:
             return
-        import pyarrow.parquet as pq
-
         try:
-            table = pq.read_table(self.file)
-            cols = [table.column(name).to_pylist() for name in ["rel"] + self._fields]
-        except Exception:  # a damaged cache is only a slower run
-            return
-        self.entries = {rel: ImageInfo(*rest) for rel, *rest in zip(*cols)}
+            with open(self.file, "rb") as fh:
+                version, rows = pickle.load(fh)
+            if version != CACHE_FORMAT:
+                return
+            self.entries = {rel: ImageInfo(*rest) for rel, *rest in rows}
+        except Exception:  # missing or damaged: only a slower run
+            self.entries = {}
 
     def get(self, rel: str, entry: FileEntry, verify_decode: bool) -> ImageInfo | None:
         info = self.entries.get(rel)
@@ -138,21 +138,23 @@ class ProbeCache:
     def save(self) -> None:
         if self.file is None or not self.dirty:
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        rels = list(self.entries)
-        data = {"rel": rels}
-        for name in self._fields:
-            data[name] = [getattr(self.entries[r], name) for r in rels]
-        fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.file.parent)
-        os.close(fd)
+        rows = [(rel, *astuple_fast(info)) for rel, info in self.entries.items()]
         try:
-            pq.write_table(pa.table(data), tmp)
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.file.parent)
+            with os.fdopen(fd, "wb") as fh:
+                pickle.dump((CACHE_FORMAT, rows), fh, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(tmp, self.file)
         except OSError:
-            Path(tmp).unlink(missing_ok=True)  # an unwritable cache must not fail the command
+            pass  # an unwritable cache must not fail the command
+
+
+_INFO_FIELDS = tuple(f.name for f in fields(ImageInfo))
+
+
+def astuple_fast(info: ImageInfo) -> tuple:
+    """dataclasses.astuple without its deep copy (ImageInfo holds only scalars)."""
+    return tuple(getattr(info, name) for name in _INFO_FIELDS)
 
 
 def probe_all(
