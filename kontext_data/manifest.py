@@ -187,7 +187,7 @@ def read_manifest(path: Path | str) -> Manifest:
     """Read and validate a manifest; raise ManifestError listing every problem found."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # so that records() resolves to absolute paths
     if not path.is_file():
         raise ManifestError(path, [f"no such file: {path}. Create it with `kontext-data pair EDITED REFERENCE --out {path}`."])
     try:

@@ -1,0 +1,3 @@
+from kontext_trainer.cli import main
+
+main()

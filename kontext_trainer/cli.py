@@ -1,0 +1,276 @@
+"""The `kontext-train` command line: thin Typer commands that build a TrainConfig and call the recipe.
+
+`kontext-train MANIFEST [options]` trains (the `train` sub-command is implied);
+`kontext-train make-tiny-model OUT` writes a tiny random Kontext model for tests and the demo.
+Exit codes: 0 ok, 1 problems found (manifest, model, training), 2 usage/configuration errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="kontext-train",
+    help="Train a FLUX.1 Kontext LoRA from a kontext-data manifest.\n\n"
+    "Example: kontext-train manifest.parquet --model ./FLUX.1-Kontext-dev --config config.json",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+err = Console(stderr=True)
+out = Console()
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+SUBCOMMANDS = ("train", "make-tiny-model")
+
+
+@app.callback()
+def _root() -> None:
+    """Train a FLUX.1 Kontext LoRA from a kontext-data manifest.
+
+    Example: kontext-train manifest.parquet --model ./FLUX.1-Kontext-dev --config config.json
+    """
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars replace the libraries' (weights loading, pipeline steps)."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def _fail(title: str, problems: list[str], code: int) -> None:
+    err.print(f"[bold red]{title}[/bold red] ({len(problems)} problem(s)):")
+    for p in problems:
+        err.print(f"  - {p}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+class _Reporter:
+    """Turns recipe events into rich progress bars and lines on stderr."""
+
+    def __init__(self, quiet: bool, json_lines: bool):
+        self.quiet = quiet
+        self.json_lines = json_lines
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+        self.start: dict[str, float] = {}
+
+    def _progress(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        if self.bar is None:
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TaskProgressColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False,
+                                disable=self.quiet)
+            self.bar.start()
+        return self.bar
+
+    def task(self, name: str, total: int) -> int:
+        bar = self._progress()
+        if name not in self.tasks:
+            self.tasks[name] = bar.add_task(name, total=total, info="")
+            self.start[name] = time.perf_counter()
+        return self.tasks[name]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if self.json_lines and kind in ("step", "validation", "checkpoint", "saved", "cache"):
+            print(json.dumps({"event": kind, **data}), flush=True)
+        if kind == "progress":
+            name = {"text": "text embeddings", "latents": "VAE latents"}.get(data["stage"], data["stage"])
+            t = self.task(name, data["total"])
+            rate = data["done"] / max(time.perf_counter() - self.start[name], 1e-9)
+            self.bar.update(t, completed=data["done"], total=data["total"], info=f"{rate:,.1f} items/s")
+        elif kind == "step":
+            t = self.task("training", data["total"])
+            self.bar.update(t, completed=data["step"], total=data["total"],
+                            info=f"loss {data['loss']:.4f} lr {data['lr']:.2e} {data['step_time']:.2f}s/step")
+        elif kind in ("stage", "note"):
+            self._line(f"[cyan]{data['message']}[/cyan]")
+        elif kind == "warning":
+            self._line(f"[yellow]warning:[/yellow] {data['message']}")
+        elif kind == "validation":
+            self._line(f"validation strips (step {data['step']}): {data['dir']}")
+        elif kind == "checkpoint":
+            self._line(f"checkpoint: {data['path']}")
+        elif kind == "cache":
+            self._line(f"cache {data['cache_dir']}: {data.get('text_encoded', 0)} of {data['text_total']} captions "
+                       f"and {data.get('latent_encoded', 0)} of {data['latent_total']} images encoded, rest reused")
+
+    def _line(self, text: str) -> None:
+        if self.quiet:
+            return
+        (self.bar.console if self.bar else err).print(text)
+
+
+@app.command(
+    "train",
+    epilog="Examples:\n\n"
+    "  kontext-train manifest.parquet --model ./FLUX.1-Kontext-dev\n\n"
+    "  kontext-train manifest.parquet --model DIR --config config.json --max-train-steps 2000\n\n"
+    "  kontext-train manifest.parquet --config config.json --set lora_targets=attention+ffs --set optimizer=lion",
+)
+def train_cmd(
+    manifest: Path = typer.Argument(..., help="Parquet manifest written by `kontext-data pair`."),
+    model: Optional[str] = typer.Option(None, "--model", help="FLUX.1 Kontext [dev] folder (diffusers layout) or hub "
+                                        "id; default black-forest-labs/FLUX.1-Kontext-dev from the local HF cache."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file: JSON (comments allowed), TOML "
+                                          "or YAML. SimpleTuner config.json keys are accepted."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Output folder (default kontext-lora)."),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Cache folder (default OUTPUT_DIR/cache)."),
+    max_train_steps: Optional[int] = typer.Option(None, "--max-train-steps", help="Optimizer steps."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate."),
+    train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Micro-batch size."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (default 16)."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="attention | attention+ffs | all | a,b,c"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | lion (optimi-lion)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    validation_steps: Optional[int] = typer.Option(None, "--validation-steps", help="Validate every N steps."),
+    validation_samples: Optional[int] = typer.Option(None, "--validation-samples",
+                                                     help="Validate on N training samples when there is no eval "
+                                                          "split."),
+    checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
+    cache_batch_size: Optional[int] = typer.Option(None, "--cache-batch-size", help="Batch of VAE/text encoding."),
+    vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="VAE tiling for caching."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Base model precision: bf16 | fp32."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash images and compare with the manifest first."),
+    download: bool = typer.Option(False, "--download", help="Allow downloading --model from the hub."),
+    set_: List[str] = typer.Option([], "--set", help="Any config key: --set key=value (repeatable). See "
+                                   "docs/train.md for the list."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
+    json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per step/event on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a FLUX.1 Kontext LoRA on MANIFEST and save OUTPUT_DIR/pytorch_lora_weights.safetensors.
+
+    Example: kontext-train manifest.parquet --model ./FLUX.1-Kontext-dev --config config.json
+    """
+    from kontext_trainer.config import ConfigError, parse_set_options, read_config_file, resolve_config
+
+    problems: list[str] = []
+    file_values: dict = {}
+    if config is not None:
+        try:
+            file_values = read_config_file(config)
+        except ConfigError as exc:
+            _fail(f"config {config}", exc.problems, EXIT_USAGE)
+    sets, set_problems = parse_set_options(set_)
+    problems += set_problems
+    overrides: dict = dict(sets)
+    explicit = {
+        "manifest": str(manifest), "model": model, "output_dir": output_dir, "cache_dir": cache_dir,
+        "max_train_steps": max_train_steps, "learning_rate": learning_rate, "train_batch_size": train_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps, "lora_rank": lora_rank,
+        "lora_targets": lora_targets, "optimizer": optimizer, "seed": seed, "validation_steps": validation_steps,
+        "validation_samples": validation_samples, "checkpointing_steps": checkpointing_steps,
+        "resume_from_checkpoint": resume, "cache_batch_size": cache_batch_size, "vae_tiling": vae_tiling,
+        "base_model_precision": precision, "device": device,
+    }
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    if verify:
+        overrides["verify"] = True
+    if download:
+        overrides["download"] = True
+    try:
+        resolved = resolve_config(file_values, overrides, source=str(config) if config else None)
+    except ConfigError as exc:
+        _fail("invalid configuration", problems + exc.problems, EXIT_USAGE)
+    if problems:
+        _fail("invalid configuration", problems, EXIT_USAGE)
+    for w in resolved.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    for n in resolved.notes:
+        err.print(f"[cyan]note:[/cyan] {n}", highlight=False)
+    cfg = resolved.config
+    if print_config:
+        out.print_json(json.dumps(cfg.to_dict()))
+        raise typer.Exit(EXIT_OK)
+
+    from kontext_trainer.recipe import TrainError, train
+
+    _quiet_libraries()
+    reporter = _Reporter(quiet=quiet, json_lines=json_lines)
+    try:
+        result = train(cfg, on_event=reporter)
+    except TrainError as exc:
+        reporter.close()
+        _fail(exc.title, exc.problems, EXIT_PROBLEMS)
+    except KeyboardInterrupt:
+        reporter.close()
+        err.print("interrupted; checkpoints already written are intact (resume with --resume latest)")
+        raise typer.Exit(130)
+    finally:
+        reporter.close()
+    first = result.losses[0][1] if result.losses else float("nan")
+    last_n = [l for _, l in result.losses[-max(1, len(result.losses) // 10):]]
+    summary = {
+        "lora": str(result.lora_path),
+        "config": str(result.config_path),
+        "validation": [str(p) for p in result.validation_dirs],
+        "checkpoints": [str(p) for p in result.checkpoints],
+        "steps": len(result.losses),
+        "first_loss": first,
+        "final_loss_mean_last_10pct": sum(last_n) / len(last_n) if last_n else float("nan"),
+        "seconds_per_step": result.seconds_per_step,
+    }
+    if json_lines:
+        print(json.dumps({"event": "done", **summary}), flush=True)
+    else:
+        out.print(f"LoRA: {result.lora_path}")
+        if result.validation_dirs:
+            out.print(f"Validation strips: {result.validation_dirs[-1]}")
+        out.print(f"Resolved config: {result.config_path}")
+        out.print(f"{len(result.losses)} steps, {result.seconds_per_step:.2f} s/step; loss {first:.4f} -> "
+                  f"{summary['final_loss_mean_last_10pct']:.4f} (mean of the last 10%)")
+
+
+@app.command("make-tiny-model", epilog="Example:\n\n  kontext-train make-tiny-model ./tiny-kontext")
+def make_tiny_model_cmd(
+    out_dir: Path = typer.Argument(..., help="Folder to write the model to (diffusers layout)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+) -> None:
+    """Write a tiny random FLUX.1 Kontext model (real classes, diffusers layout) for tests and the demo.
+
+    Example: kontext-train make-tiny-model ./tiny-kontext
+    """
+    from kontext_trainer.model import make_tiny_model
+
+    path = make_tiny_model(out_dir, seed=seed)
+    out.print(f"Tiny Kontext model: {path}")
+
+
+def main() -> None:
+    """Console entry point: `kontext-train MANIFEST ...` means `kontext-train train MANIFEST ...`."""
+    argv = sys.argv[1:]
+    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+        sys.argv.insert(1, "train")
+    app(prog_name="kontext-train")
+
+
+if __name__ == "__main__":
+    main()

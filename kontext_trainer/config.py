@@ -1,0 +1,463 @@
+"""The training configuration: one frozen, typed dataclass, read from a config file plus overrides.
+
+In: a config file (JSON with // and /* */ comments, TOML or YAML; SimpleTuner's `config.json` keys accepted as
+aliases, with or without their leading `--`) and command-line overrides. Out: `TrainConfig`, every value checked
+up front; all problems raised together in one ConfigError; keys we do not use listed together as one warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from kontext_trainer.model import DEFAULT_MODEL
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. `problems` lists every problem, one message each."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        super().__init__(head + f"{len(self.problems)} configuration problem(s):\n"
+                         + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one `kontext-train` run needs. Each field's metadata['help'] is its documentation."""
+
+    manifest: str = _f("", "Path of the Parquet manifest written by `kontext-data`.")
+    model: str = _f(DEFAULT_MODEL, "Local FLUX.1 Kontext [dev] directory (diffusers layout) or a hub id, looked up "
+                                   "in the local Hugging Face cache.")
+    download: bool = _f(False, "Allow downloading --model from the hub when it is not cached.")
+    output_dir: str = _f("kontext-lora", "Where the LoRA, checkpoints, validation strips and logs go.")
+    cache_dir: str = _f("", "Text-embedding and latent cache (default: OUTPUT_DIR/cache). Shared between runs: "
+                            "entries are keyed by content.")
+    verify: bool = _f(False, "Re-hash every image file and compare with the manifest's hashes before training.")
+
+    base_model_precision: Literal["bf16", "fp32"] = _f("bf16", "Precision of the frozen base model (bf16; fp32 for "
+                                                               "CPU tests). int8-quanto comes with a later release.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    attention_backend: Literal["auto", "default", "flash", "efficient", "math", "cudnn"] = _f(
+        "auto", "SDPA kernels for training: auto = flash/mem-efficient on CUDA (never PyTorch's default cuDNN "
+                "attention, which crashed in backward), default elsewhere.")
+    device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+
+    lora_rank: int = _f(16, "LoRA rank.", min=1)
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank, as SimpleTuner).")
+    lora_dropout: float = _f(0.0, "LoRA dropout probability.", min=0.0, max=1.0)
+    lora_targets: str = _f("attention", "attention (q/k/v/out + add_q/k/v_proj + to_add_out), attention+ffs, all, or "
+                                        "a comma-separated list of module suffixes.")
+
+    learning_rate: float = _f(1e-4, "Peak learning rate (the guide: 1e-5 with Lion, 5e-4 with AdamW).", min=0.0)
+    optimizer: Literal["adamw", "lion"] = _f("adamw", "adamw (torch.optim.AdamW) or lion (torch-optimi Lion; "
+                                                      "SimpleTuner's optimi-lion).")
+    adam_beta1: float = _f(0.9, "AdamW/Lion beta1.")
+    adam_beta2: float = _f(0.999, "AdamW/Lion beta2 (0.99 is usual for Lion).")
+    adam_weight_decay: float = _f(1e-2, "Decoupled weight decay.", min=0.0)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", min=0.0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", min=0.0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _f("constant", "constant, linear or cosine decay after "
+                                                                           "the warmup.")
+    lr_warmup_steps: int = _f(0, "Linear warmup from 0 over this many optimizer steps.", min=0)
+
+    max_train_steps: int = _f(1000, "Optimizer steps to train.", min=1)
+    train_batch_size: int = _f(1, "Samples per micro-batch (all of one bucket and reference count).", min=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
+    seed: int = _f(42, "Seed of shuffling, noise, sigmas and caption choices.")
+
+    timestep_sampling: Literal["logit_normal", "uniform"] = _f("logit_normal", "How sigmas are drawn.")
+    logit_mean: float = _f(0.0, "Mean of the logit-normal.")
+    logit_std: float = _f(1.0, "Scale of the logit-normal.", min=0.0)
+    flow_shift: float = _f(3.0, "Sigma shift s*sigma/(1+(s-1)*sigma) (SimpleTuner's flow_schedule_shift; 1 = off).",
+                           min=0.0)
+    train_guidance: float = _f(1.0, "Guidance embedding value during training (1.0 by consensus).")
+    caption_dropout_probability: float = _f(0.0, "Probability of blanking the instruction (the reference stays).",
+                                            min=0.0, max=1.0)
+
+    validation_steps: int = _f(0, "Validate every N optimizer steps (0: only at the end).", min=0)
+    validation_samples: int = _f(0, "Validate on N training samples when the manifest has no eval split "
+                                    "(0: eval split, else 2 training samples).", min=0)
+    validation_guidance: float = _f(2.5, "Guidance for validation images (2.5 recommended for Kontext).")
+    validation_num_inference_steps: int = _f(28, "Denoising steps for validation images.", min=1)
+    validation_resolution: str = _f("", "WxH (or N for NxN) of validation outputs; empty: each sample's own size.")
+    validation_seed: int = _f(0, "Seed of validation noise.")
+    skip_final_validation: bool = _f(False, "Do not validate at the end of training.")
+
+    checkpointing_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: off).", min=0)
+    checkpoints_total_limit: int = _f(3, "Keep the newest K checkpoints.", min=1)
+    resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to resume from.")
+
+    cache_batch_size: int = _f(1, "Images per VAE encode call and captions per text-encoder call.", min=1)
+    vae_tiling: bool = _f(False, "Encode with VAE tiling (diffusers tiles only above 1024 px).")
+    max_sequence_length: int = _f(512, "T5 tokens (512 for Kontext dev).", min=1, max=512)
+
+    resolution: int = _f(0, "Informational: the manifest fixes the geometry (kontext-data --resolution). A value "
+                            "that differs from the manifest's is reported.", min=0)
+    resolution_type: Literal["", "pixel", "area", "pixel_area"] = _f("", "Informational, as resolution.")
+    report_to: Literal["tensorboard", "none"] = _f("tensorboard", "Where metrics go (OUTPUT_DIR/logs).")
+    logging_steps: int = _f(1, "Log loss/lr/step time every N optimizer steps.", min=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+# SimpleTuner config.json keys -> ours (None: same name). Value translations are in _translate.
+ALIASES: dict[str, str] = {
+    "pretrained_model_name_or_path": "model",
+    "checkpoints_total_limit": "checkpoints_total_limit",
+    "flow_schedule_shift": "flow_shift",
+    "flux_guidance_value": "train_guidance",
+    "vae_batch_size": "cache_batch_size",
+    "vae_enable_tiling": "vae_tiling",
+    "text_encoder_batch_size": "cache_batch_size",
+    "adam_weight_decay": "adam_weight_decay",
+    "weight_decay": "adam_weight_decay",
+    "tokenizer_max_length": "max_sequence_length",
+    "cache_dir_text": "cache_dir",
+    "logit_mean": "logit_mean",
+    "flow_sigmoid_scale": "logit_std",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "lora_targets": "lora_targets",
+    "lora_target": "lora_targets",
+    "attention_mechanism": "attention_backend",
+}
+# keys whose value we check but that map to no field (checked in _translate)
+CHECKED_ONLY = ("model_family", "model_flavour", "model_type", "lora_type", "flow_use_uniform_schedule",
+                "offload_during_startup", "mixed_precision")
+
+OPTIMIZER_ALIASES = {
+    "adamw": ("adamw", None),
+    "adamw_torch": ("adamw", None),
+    "adam": ("adamw", None),
+    "lion": ("lion", None),
+    "optimi-lion": ("lion", None),
+    "optimi_lion": ("lion", None),
+    "adamw_bf16": ("adamw", "optimizer adamw_bf16 (bf16 AdamW with stochastic rounding) is not available here: "
+                            "using torch AdamW with float32 adapter weights and states, its closest equivalent"),
+    "optimi-adamw": ("adamw", "optimizer optimi-adamw: using torch AdamW (same update rule)"),
+    "adamw_schedulefree": None,
+}
+SCHEDULER_ALIASES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
+                     "cosine": "cosine"}
+PRECISION_ALIASES = {"bf16": "bf16", "no_change": "bf16", "fp32": "fp32", "float32": "fp32", "bfloat16": "bf16"}
+NOT_YET_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "int8-torchao", "fp8-quanto", "fp8-torchao",
+                      "fp8uz-quanto", "nf4-bnb", "int4-torchao")
+
+
+@dataclass
+class ResolvedConfig:
+    config: TrainConfig
+    warnings: list[str]
+    notes: list[str]
+
+
+# ------------------------------------------------------------------------------------------ reading files
+
+
+def strip_json_comments(text: str) -> str:
+    """Remove // and /* */ comments and trailing commas outside strings (JSON with comments, as the guide)."""
+    out = []
+    i, n = 0, len(text)
+    in_str = False
+    while i < n:
+        c = text[i]
+        if in_str:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                in_str = False
+            i += 1
+            continue
+        if c == '"':
+            in_str = True
+            out.append(c)
+            i += 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+        else:
+            out.append(c)
+            i += 1
+    cleaned = "".join(out)
+    return re.sub(r",(\s*[}\]])", r"\1", cleaned)
+
+
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """Parse a JSON(C)/TOML/YAML config file into a flat dict. Raises ConfigError with the file name."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"no such config file: {path}"])
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(strip_json_comments(text))
+    except Exception as exc:
+        raise ConfigError([f"cannot parse {path.name} ({type(exc).__name__}: {exc})"], source=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path.name}: the top level must be an object of key: value pairs"], source=str(path))
+    # TOML/YAML tables are flattened one level ([lora] rank = 16 -> lora_rank)
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and suffix != ".json":
+            for k2, v2 in v.items():
+                flat[f"{k}_{k2}"] = v2
+        else:
+            flat[k] = v
+    return flat
+
+
+# ------------------------------------------------------------------------------------------ values
+
+
+def _norm_key(key: str) -> str:
+    return key.lstrip("-").replace("-", "_").strip()
+
+
+def _type_of(name: str):
+    hints = typing.get_type_hints(TrainConfig)
+    return hints[name]
+
+
+def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
+    """Value converted to the field's type, or an error message."""
+    tp = _type_of(name)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    meta = next(f for f in fields(TrainConfig) if f.name == name).metadata
+    optional = type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None, None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if origin is Literal:
+            v = str(value).strip()
+            if v not in args:
+                return None, f"{name}: {value!r} is not one of {', '.join(repr(a) for a in args if a)}"
+            return v, None
+        if tp is bool:
+            if isinstance(value, bool):
+                return value, None
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True, None
+            if s in ("0", "false", "no", "off"):
+                return False, None
+            return None, f"{name}: {value!r} is not a boolean (true/false)"
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            v = int(str(value).strip()) if not isinstance(value, int) else value
+        elif tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+        elif tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            v = str(value)
+        else:  # pragma: no cover - all fields are covered above
+            v = value
+    except (TypeError, ValueError):
+        return None, f"{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}"
+    if "min" in meta and v < meta["min"]:
+        return None, f"{name}: {v} is below the minimum {meta['min']}"
+    if "max" in meta and v > meta["max"]:
+        return None, f"{name}: {v} is above the maximum {meta['max']}"
+    return v, None
+
+
+def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> tuple[str | None, Any]:
+    """Map one (normalized) key and value to our field, checking SimpleTuner values. (None, _) = consumed."""
+    if key == "model_family":
+        if str(value).lower() not in ("flux", "kontext", "flux_kontext"):
+            problems.append(f"model_family: {value!r} is not supported: this tool trains FLUX.1 Kontext "
+                            "(model_family \"flux\" with model_flavour \"kontext\")")
+        return None, None
+    if key in ("model_flavour", "model_flavor"):
+        if str(value).lower() not in ("kontext", "kontext-dev", "kontext_dev"):
+            problems.append(f"model_flavour: {value!r}: only \"kontext\" (FLUX.1 Kontext [dev]) is supported")
+        return None, None
+    if key == "model_type":
+        if str(value).lower() != "lora":
+            problems.append(f"model_type: {value!r}: only \"lora\" training is supported")
+        return None, None
+    if key == "lora_type":
+        v = str(value).lower()
+        if v in ("lycoris", "lokr"):
+            problems.append("lora_type: LyCORIS/LoKr adapters are not available yet (they come with a later "
+                            "trainer release); use lora_type \"standard\"")
+        elif v != "standard":
+            problems.append(f"lora_type: {value!r} is not one of 'standard'")
+        return None, None
+    if key == "flow_use_uniform_schedule":
+        ok, err = _coerce("vae_tiling", value)
+        if err:
+            problems.append(f"flow_use_uniform_schedule: {value!r} is not a boolean")
+            return None, None
+        return "timestep_sampling", "uniform" if ok else "logit_normal"
+    if key == "offload_during_startup":
+        notes.append("offload_during_startup: encoders are always freed after caching here")
+        return None, None
+    if key == "mixed_precision":
+        if str(value).lower() not in ("bf16", "no", "fp32"):
+            problems.append(f"mixed_precision: {value!r} is not supported (bf16)")
+        return None, None
+    if key == "base_model_precision":
+        v = str(value).lower()
+        if v in NOT_YET_PRECISIONS:
+            problems.append(f"base_model_precision: {value!r} is not available yet: quantized bases come with the "
+                            "next trainer release. Use \"bf16\" (needs ~40 GB of GPU memory at 1024 px).")
+            return None, None
+        if v not in PRECISION_ALIASES:
+            problems.append(f"base_model_precision: {value!r} is not one of bf16, fp32 (no_change = bf16)")
+            return None, None
+        return key, PRECISION_ALIASES[v]
+    if key == "optimizer":
+        v = str(value).lower()
+        hit = OPTIMIZER_ALIASES.get(v)
+        if hit is None:
+            problems.append(f"optimizer: {value!r} is not supported; valid: adamw, lion, optimi-lion, adamw_bf16 "
+                            "(-> adamw)")
+            return None, None
+        if hit[1]:
+            notes.append(hit[1])
+        return key, hit[0]
+    if key == "lr_scheduler":
+        v = str(value).lower()
+        if v not in SCHEDULER_ALIASES:
+            problems.append(f"lr_scheduler: {value!r} is not one of {', '.join(SCHEDULER_ALIASES)}")
+            return None, None
+        return key, SCHEDULER_ALIASES[v]
+    if key == "validation_resolution":
+        text = str(value).strip()
+        first = text.split(",")[0].strip()
+        if "," in text:
+            notes.append(f"validation_resolution: several resolutions given; validating at the first, {first}")
+        if first and not re.fullmatch(r"\d+(x\d+)?", first):
+            problems.append(f"validation_resolution: {value!r} is not WxH or N")
+            return None, None
+        if first:
+            w, _, h = first.partition("x")
+            h = h or w
+            if int(w) % 16 or int(h) % 16 or int(w) == 0 or int(h) == 0:
+                problems.append(f"validation_resolution: {first} must be positive multiples of 16")
+                return None, None
+        return key, first
+    if key in ("lora_targets",) and isinstance(value, (list, tuple)):
+        return key, ",".join(str(v) for v in value)
+    if key == "resume_from_checkpoint" and value is None:
+        return key, ""
+    if key == "attention_backend" and str(value) in ("diffusers", "sdpa"):
+        return key, "auto"
+    return ALIASES.get(key, key), value
+
+
+def resolve_config(file_values: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
+                   source: str | None = None) -> ResolvedConfig:
+    """Merge file values (SimpleTuner aliases allowed; unknown keys -> one warning) and overrides (our field names;
+    unknown -> error) into a checked TrainConfig. Raises ConfigError listing every problem."""
+    problems: list[str] = []
+    notes: list[str] = []
+    unknown: list[str] = []
+    values: dict[str, Any] = {}
+    for layer, strict in ((file_values or {}, False), (overrides or {}, True)):
+        for raw_key, raw_value in layer.items():
+            key = _norm_key(raw_key)
+            if key not in FIELD_NAMES and key not in ALIASES and key not in CHECKED_ONLY and key not in (
+                    "model_flavor", "base_model_precision", "optimizer", "lr_scheduler", "validation_resolution"):
+                if strict:
+                    close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+                    problems.append(f"unknown option {raw_key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                else:
+                    unknown.append(raw_key)
+                continue
+            name, value = _translate(key, raw_value, problems, notes)
+            if name is None:
+                continue
+            coerced, err = _coerce(name, value)
+            if err:
+                problems.append(err)
+                continue
+            values[name] = coerced
+    warnings: list[str] = []
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(_norm_key(k), FIELD_NAMES, n=1, cutoff=0.85)
+            if close:
+                hints.append(f"{k!r} (did you mean {close[0]!r}?)")
+        warnings.append(f"{len(unknown)} config key(s) not used by kontext-train (ignored): {', '.join(unknown)}"
+                        + (f". Possible typos: {'; '.join(hints)}" if hints else ""))
+    if not values.get("manifest"):
+        problems.append("manifest: no manifest given (kontext-train MANIFEST.parquet)")
+    if problems:
+        raise ConfigError(problems, source=source)
+    config = TrainConfig(**values)
+    if config.validation_steps and config.validation_steps > config.max_train_steps:
+        notes.append(f"validation_steps {config.validation_steps} > max_train_steps {config.max_train_steps}: "
+                     "validation runs at the end only")
+    return ResolvedConfig(config=config, warnings=warnings, notes=notes)
+
+
+def parse_set_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`--set key=value` items -> dict; malformed items are reported as problems."""
+    out: dict[str, str] = {}
+    problems = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE")
+            continue
+        out[key.strip()] = value
+    return out, problems
+
+
+def field_docs() -> list[tuple[str, str, str, Any]]:
+    """(name, type, help, default) per field, for docs and --help."""
+    hints = typing.get_type_hints(TrainConfig)
+    rows = []
+    for f in fields(TrainConfig):
+        tp = hints[f.name]
+        rows.append((f.name, str(tp).replace("typing.", ""), f.metadata.get("help", ""), f.default))
+    return rows

@@ -1,0 +1,211 @@
+"""The FLUX.1 Kontext flow-matching training step: packing, position ids, sigma sampling, the loss.
+
+In: normalized VAE latents of the target and its references, T5 sequence + CLIP pooled embeddings, a
+transformer (with or without an adapter). Out: the loss on the target tokens only.
+
+The sequence is `[noisy target tokens | reference tokens]`; target position ids are `(0, row, col)`, a reference's
+`(1, row, col)` (the same grid as FluxKontextPipeline builds); extra references are shifted along the column axis
+by the widths of the ones before (the ComfyUI "offset" convention) so they do not overlap. One timestep per
+sample for all tokens, guidance embedding 1.0, the prediction sliced back to the target tokens before the loss.
+
+`kontext_step` is the one function the trainer and benchmarks/gpu_smoke.py call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens of 2x2 patches (FluxKontextPipeline._pack_latents)."""
+    b, c, h, w = z.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height/width must be even to pack 2x2 patches, got {h}x{w}")
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, latent_height: int, latent_width: int) -> torch.Tensor:
+    """Inverse of pack_latents: (B, H/2 * W/2, 4C) -> (B, C, H, W), H/W in latent pixels."""
+    b, n, d = tokens.shape
+    h2, w2 = latent_height // 2, latent_width // 2
+    if n != h2 * w2:
+        raise ValueError(f"{n} tokens do not make a {latent_height}x{latent_width} latent")
+    z = tokens.view(b, h2, w2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return z.reshape(b, d // 4, latent_height, latent_width)
+
+
+def image_ids(latent_height: int, latent_width: int, index: int = 0, row_offset: int = 0, col_offset: int = 0,
+              device=None, dtype=torch.float32) -> torch.Tensor:
+    """Position ids (N, 3) of one packed image: (index, row + row_offset, col + col_offset) per 2x2 token."""
+    h2, w2 = latent_height // 2, latent_width // 2
+    ids = torch.zeros(h2, w2, 3, device=device, dtype=dtype)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(h2, device=device, dtype=dtype)[:, None] + row_offset
+    ids[..., 2] = torch.arange(w2, device=device, dtype=dtype)[None, :] + col_offset
+    return ids.reshape(h2 * w2, 3)
+
+
+def kontext_ids(target_hw: tuple[int, int], reference_hws: list[tuple[int, int]], device=None,
+                dtype=torch.float32) -> torch.Tensor:
+    """Position ids of `[target | ref 1 | ref 2 ...]` for latent sizes (H, W). Refs: channel 0 = 1; the k-th
+    reference is shifted along columns by the packed widths of references 1..k-1 (first one unshifted, exactly
+    as FluxKontextPipeline places its single reference)."""
+    parts = [image_ids(*target_hw, index=0, device=device, dtype=dtype)]
+    col = 0
+    for h, w in reference_hws:
+        parts.append(image_ids(h, w, index=1, col_offset=col, device=device, dtype=dtype))
+        col += w // 2
+    return torch.cat(parts, dim=0)
+
+
+# ------------------------------------------------------------------------------------------ sigmas
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """`s*sigma / (1 + (s-1)*sigma)`: shift > 1 moves samples towards more noise (SimpleTuner default 3.0)."""
+    if shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_sigmas(batch_size: int, generator: torch.Generator, scheme: str = "logit_normal", shift: float = 3.0,
+                  logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """One sigma in (0, 1) per sample: logit-normal (default) or uniform, then shifted. On the CPU, float32."""
+    if scheme == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean)
+    elif scheme == "uniform":
+        u = torch.rand(batch_size, generator=generator)
+    else:
+        raise ValueError(f"unknown sigma sampling {scheme!r}; valid: logit_normal, uniform")
+    u = u.clamp(1e-5, 1 - 1e-5)
+    return shift_sigmas(u, shift)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+@contextlib.contextmanager
+def attention_context(backend: str, device: torch.device | str):
+    """Select the SDPA kernels for forward AND backward (gradient checkpointing recomputes the forward inside
+    backward, so the context must span both).
+
+    `auto`: on CUDA, flash then mem-efficient (never the cuDNN kernel, which crashed in the backward of the full
+    model); elsewhere PyTorch's default. `flash`, `efficient`, `math`, `cudnn` force one; `default` leaves PyTorch's
+    choice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = torch.device(device).type
+    choices = {
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "math": [SDPBackend.MATH],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    }
+    if backend == "default" or (backend == "auto" and dev != "cuda"):
+        yield
+        return
+    if backend == "auto":
+        kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    elif backend in choices:
+        kernels = choices[backend]
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: auto, default, {', '.join(choices)}")
+    if dev != "cuda" and backend in ("flash", "efficient", "cudnn"):
+        kernels = kernels + [SDPBackend.MATH]  # the CPU has no fused kernels of that name; let it fall back
+    with sdpa_kernel(kernels):
+        yield
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+@dataclass
+class KontextBatch:
+    """One bucketed batch: every sample has the same target size and the same number/sizes of references.
+
+    target: (B, C, H, W) normalized latents; references: list of (B, C, h, w); prompt_embeds (B, L, D) T5;
+    pooled (B, P) CLIP."""
+
+    target: torch.Tensor
+    references: list[torch.Tensor]
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    sample_ids: list[str] | None = None
+
+    def to(self, device, dtype) -> "KontextBatch":
+        return KontextBatch(
+            target=self.target.to(device=device, dtype=dtype),
+            references=[r.to(device=device, dtype=dtype) for r in self.references],
+            prompt_embeds=self.prompt_embeds.to(device=device, dtype=dtype),
+            pooled=self.pooled.to(device=device, dtype=dtype),
+            sample_ids=self.sample_ids,
+        )
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    prediction: torch.Tensor  # full model output over [target | references] tokens, (B, N_all, 4C)
+    num_target_tokens: int
+
+
+def kontext_forward(transformer, batch: KontextBatch, sigmas: torch.Tensor, noise: torch.Tensor,
+                    guidance: float = 1.0) -> StepOutput:
+    """Forward of one Kontext training step; returns the loss on the target tokens and the full prediction.
+
+    sigmas: (B,) in (0, 1); noise: like batch.target. Reference tokens are clean latents (no gradient into them).
+    """
+    z = batch.target
+    b, c, h, w = z.shape
+    dtype = z.dtype
+    s = sigmas.to(device=z.device, dtype=torch.float32).view(b, 1, 1, 1)
+    noisy = ((1 - s) * z.float() + s * noise.float()).to(dtype)
+    flow_target = (noise.float() - z.float())  # velocity the model predicts
+    target_tokens = pack_latents(noisy)
+    n_target = target_tokens.shape[1]
+    ref_tokens = [pack_latents(r.detach()) for r in batch.references]
+    hidden = torch.cat([target_tokens] + ref_tokens, dim=1)
+    ids = kontext_ids((h, w), [tuple(r.shape[-2:]) for r in batch.references], device=z.device, dtype=dtype)
+    txt_ids = torch.zeros(batch.prompt_embeds.shape[1], 3, device=z.device, dtype=dtype)
+    guidance_vec = torch.full((b,), float(guidance), device=z.device, dtype=torch.float32)
+    prediction = transformer(
+        hidden_states=hidden,
+        timestep=sigmas.to(device=z.device, dtype=dtype),  # the pipeline passes t/1000 = sigma
+        guidance=guidance_vec,
+        pooled_projections=batch.pooled,
+        encoder_hidden_states=batch.prompt_embeds,
+        txt_ids=txt_ids,
+        img_ids=ids,
+        return_dict=False,
+    )[0]
+    pred_target = prediction[:, :n_target]
+    loss = F.mse_loss(pred_target.float(), pack_latents(flow_target), reduction="mean")
+    return StepOutput(loss=loss, prediction=prediction, num_target_tokens=n_target)
+
+
+def kontext_step(transformer, batch: KontextBatch, generator: torch.Generator, *, scheme: str = "logit_normal",
+                 shift: float = 3.0, logit_mean: float = 0.0, logit_std: float = 1.0, guidance: float = 1.0,
+                 attention_backend: str = "auto", loss_scale: float = 1.0, backward: bool = True) -> float:
+    """One micro-step: sample sigmas and noise (from `generator`, on the CPU, so runs are reproducible on any
+    device), forward, and backward of `loss * loss_scale` under the selected attention kernels. Returns the
+    (unscaled) loss as a float. This is the function the trainer and the GPU benchmark call."""
+    b = batch.target.shape[0]
+    sigmas = sample_sigmas(b, generator, scheme, shift, logit_mean, logit_std)
+    noise = torch.randn(batch.target.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(device=batch.target.device, dtype=batch.target.dtype)
+    with attention_context(attention_backend, batch.target.device):
+        out = kontext_forward(transformer, batch, sigmas, noise, guidance)
+        if backward:
+            (out.loss * loss_scale).backward()
+    value = float(out.loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite loss {value} (sigmas {sigmas.tolist()})")
+    return value

@@ -1,0 +1,461 @@
+"""The Kontext LoRA training recipe: setup / train / save_checkpoint, composed of the component modules.
+
+In: a checked TrainConfig. Out, under output_dir: `pytorch_lora_weights.safetensors` (diffusers format),
+`config.resolved.json`, `metrics.jsonl`, `checkpoints/checkpoint-NNNNNN/` (resumable, newest K kept),
+`validation/step_NNNNNN/*.png` strips and TensorBoard logs in `logs/`.
+
+Order of work (memory): manifest checks (all problems together, before any model loads) -> text encoders load,
+encode missing captions, freed -> VAE loads, encodes missing latents, is moved to the CPU (it comes back to the
+device only for validation) -> the transformer loads with the adapter and trains.
+
+The library never prints: everything a user should see goes through `on_event(kind, data)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kontext_trainer import adapters, model as model_mod
+from kontext_trainer.cache import FeatureCache, ImageEntry, latent_key, text_key
+from kontext_trainer.config import TrainConfig
+from kontext_trainer.data import BLANK_CAPTION, BucketBatchSampler, KeyBook, Sample, choose_caption, load_batch, \
+    samples_from_records
+from kontext_trainer.flow import attention_context, kontext_step
+
+EventFn = Callable[[str, dict], None]
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainError(Exception):
+    """A run cannot start or go on. `problems` lists every problem, one message each."""
+
+    def __init__(self, problems: list[str], title: str = "cannot train"):
+        self.problems = list(problems)
+        self.title = title
+        super().__init__(f"{title}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    config_path: Path
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    validation_dirs: list[Path] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+
+
+def check_records(records: list[dict], verify: bool) -> list[str]:
+    """Every problem of the manifest's rows that would stop training: missing files, hash mismatches."""
+    from kontext_data.imageio import content_hash
+
+    problems: list[str] = []
+    for r in records:
+        files = [(r["target_path"], r["target_hash"], "target")] + [
+            (p, h, f"reference {i + 1}") for i, (p, h) in enumerate(zip(r["reference_paths"], r["reference_hashes"]))]
+        for path, expected, what in files:
+            if not os.path.isfile(path):
+                problems.append(f"{r['sample_id']}: {what} file missing: {path}")
+            elif verify:
+                with open(path, "rb") as fh:
+                    actual = content_hash(fh.read())
+                if actual != expected:
+                    problems.append(f"{r['sample_id']}: {what} {path} changed since the manifest was written "
+                                    f"(hash {actual} != {expected}); re-run `kontext-data pair`")
+        for name in ("bucket_width", "bucket_height"):
+            if int(r[name]) % 16:
+                problems.append(f"{r['sample_id']}: {name} {r[name]} is not a multiple of 16")
+        for i, g in enumerate(r["reference_geometry"]):
+            if int(g["bucket_width"]) % 16 or int(g["bucket_height"]) % 16:
+                problems.append(f"{r['sample_id']}: reference {i + 1} bucket {g['bucket_width']}x{g['bucket_height']}"
+                                " is not a multiple of 16")
+    return problems
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError([f"device {name}: CUDA is not available on this machine (use --device cpu)"])
+    return dev
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "training_state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+class KontextLoRARecipe:
+    """setup() -> train() (calls save_checkpoint / validation on schedule) -> the saved LoRA."""
+
+    def __init__(self, config: TrainConfig, on_event: EventFn | None = None):
+        self.cfg = config
+        self._emit_fn = on_event or (lambda kind, data: None)
+        self.output_dir = Path(config.output_dir)
+        self.cache = FeatureCache(config.resolved_cache_dir)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0
+        self.transformer = None
+        self.vae = None
+        self.scheduler = None
+        self.writer = None
+
+    def emit(self, kind: str, **data) -> None:
+        self._emit_fn(kind, data)
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        from kontext_data.manifest import ManifestError, read_manifest
+
+        cfg = self.cfg
+        try:
+            manifest = read_manifest(cfg.manifest)
+        except ManifestError as exc:
+            raise TrainError(exc.problems, title=f"manifest {cfg.manifest}") from None
+        records = manifest.records()
+        for r in records:
+            r["target_path"] = os.path.abspath(r["target_path"])
+            r["reference_paths"] = [os.path.abspath(p) for p in r["reference_paths"]]
+        problems = check_records(records, cfg.verify)
+        train_records = [r for r in records if r["split"] == "train"]
+        if not train_records:
+            problems.append("the manifest has no rows with split 'train'")
+        if problems:
+            raise TrainError(problems, title=f"manifest {cfg.manifest}")
+        self._check_resolution(manifest.options)
+        self.samples = samples_from_records(train_records)
+        self.val_samples = self._pick_validation(samples_from_records([r for r in records if r["split"] == "eval"]))
+
+        try:
+            self.model_dir = model_mod.resolve_model_dir(cfg.model, allow_download=cfg.download)
+        except model_mod.ModelError as exc:
+            raise TrainError(exc.problems, title=f"model {cfg.model}") from None
+        self.device = _resolve_device(cfg.device)
+        self.dtype = torch.bfloat16 if cfg.base_model_precision == "bf16" else torch.float32
+        self.emit("stage", message=f"model {self.model_dir} on {self.device} ({cfg.base_model_precision}); "
+                                   f"{len(self.samples)} training samples in {self._n_buckets()} bucket(s), "
+                                   f"{len(self.val_samples)} validation sample(s)")
+        self._build_caches()
+        self._build_model()
+        self.sampler = BucketBatchSampler(self.samples, cfg.train_batch_size, cfg.seed)
+        if cfg.resume_from_checkpoint:
+            self._resume(cfg.resume_from_checkpoint)
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.output_dir / "logs"))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.output_dir / "config.resolved.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    def _n_buckets(self) -> int:
+        return len({s.bucket for s in self.samples})
+
+    def _check_resolution(self, options: dict) -> None:
+        geometry = options.get("geometry") or {}
+        cfg = self.cfg
+        if cfg.resolution and geometry.get("resolution") and float(geometry["resolution"]) != float(cfg.resolution):
+            self.emit("warning", message=f"resolution {cfg.resolution} differs from the manifest's "
+                                         f"{geometry['resolution']:g}: the manifest's geometry is used (re-run "
+                                         "`kontext-data pair --resolution` to change it)")
+        if cfg.resolution_type and geometry.get("resolution_type") and geometry["resolution_type"] != cfg.resolution_type:
+            self.emit("warning", message=f"resolution_type {cfg.resolution_type} differs from the manifest's "
+                                         f"{geometry['resolution_type']}: the manifest's geometry is used")
+
+    def _pick_validation(self, eval_samples: list[Sample]) -> list[Sample]:
+        n = self.cfg.validation_samples
+        if eval_samples:
+            chosen = sorted(eval_samples, key=lambda s: s.sample_id)
+            return chosen[:n] if n else chosen
+        ordered = sorted(self.samples, key=lambda s: s.sample_id)
+        return ordered[: (n or 2)]
+
+    # ------------------------------------------------------------------------------------------- caches
+
+    def _build_caches(self) -> None:
+        cfg = self.cfg
+        from kontext_data.manifest import load_image
+
+        all_samples = self.samples + [s for s in self.val_samples if s.split == "eval"]
+        captions = sorted({c for s in all_samples for c in s.captions} | {BLANK_CAPTION})
+        text_fp = model_mod.fingerprint(self.model_dir, "text_encoder") + model_mod.fingerprint(
+            self.model_dir, "text_encoder_2") + model_mod.fingerprint(self.model_dir, "tokenizer") + \
+            model_mod.fingerprint(self.model_dir, "tokenizer_2")
+        text_keys = {c: text_key(text_fp, c, cfg.max_sequence_length) for c in captions}
+        vae_fp = model_mod.fingerprint(self.model_dir, "vae")
+        dtype_name = str(self.dtype).replace("torch.", "")
+        entries = {e for s in all_samples for e in (s.target, *s.references)}
+        latent_keys = {e: latent_key(vae_fp, e, dtype_name) for e in entries}
+        self.keys = KeyBook(text=text_keys, latent=latent_keys)
+
+        def progress(stage, done, total):
+            self.emit("progress", stage=stage, done=done, total=total)
+
+        stats = {"text_total": len(text_keys), "latent_total": len(latent_keys)}
+        missing_text = self.cache.missing_text({k: c for c, k in text_keys.items()})
+        if missing_text:
+            self.emit("stage", message=f"encoding {len(missing_text)} of {len(text_keys)} caption(s)")
+            enc = model_mod.load_text_encoders(self.model_dir, self.dtype, self.device)
+            stats["text_encoded"] = self.cache.encode_text(enc, {k: c for c, k in text_keys.items()}, self.device,
+                                                           cfg.cache_batch_size, cfg.max_sequence_length, progress)
+            model_mod.free(enc.text_encoder, enc.text_encoder_2)
+            del enc
+        self.vae = model_mod.load_vae(self.model_dir, self.dtype, self.device)
+        if cfg.vae_tiling:
+            self.vae.enable_tiling()
+        missing_lat = self.cache.missing_latents({k: e for e, k in latent_keys.items()})
+        if missing_lat:
+            self.emit("stage", message=f"encoding {len(missing_lat)} of {len(latent_keys)} image(s) with the VAE")
+            stats["latent_encoded"] = self.cache.encode_latents(self.vae, {k: e for e, k in latent_keys.items()},
+                                                                self.device, cfg.cache_batch_size, load_image,
+                                                                progress)
+        self.vae.to("cpu")  # back on the device only for validation
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cache_stats = stats
+        self.emit("cache", **stats, cache_dir=str(self.cache.root))
+
+    # ------------------------------------------------------------------------------------------- model
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        self.transformer = model_mod.load_transformer(self.model_dir, self.dtype, self.device)
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        try:
+            self.lora_config = adapters.attach_lora(self.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                                    cfg.lora_targets, init_seed=cfg.seed)
+        except ValueError as exc:
+            raise TrainError([str(exc)], title="lora_targets") from None
+        self.transformer.train()
+        self.params = adapters.trainable_parameters(self.transformer)
+        self.optimizer = build_optimizer(cfg, self.params)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
+        self.scheduler = model_mod.load_scheduler(self.model_dir)
+        n = sum(p.numel() for p in self.params)
+        self.emit("stage", message=f"LoRA rank {cfg.lora_rank} on {len(self.lora_config.target_modules)} modules "
+                                   f"({n:,} trainable parameters), optimizer {cfg.optimizer}")
+
+    # ------------------------------------------------------------------------------------------- train
+
+    def _caption_for(self, sample: Sample, epoch: int) -> str:
+        return choose_caption(sample, self.cfg.seed, epoch, self.cfg.caption_dropout_probability)
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        metrics_path = self.output_dir / "metrics.jsonl"
+        losses: list[tuple[int, float]] = []
+        validation_dirs: list[Path] = []
+        it = self.sampler.iterate(self.epoch, self.position)
+        started = time.perf_counter()
+        first_step = self.step
+        with open(metrics_path, "a", encoding="utf-8") as metrics:
+            while self.step < cfg.max_train_steps:
+                t0 = time.perf_counter()
+                step_loss = 0.0
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro in range(cfg.gradient_accumulation_steps):
+                    epoch, position, idx = next(it)
+                    self.epoch, self.position = epoch, position
+                    batch_samples = [self.samples[i] for i in idx]
+                    captions = [self._caption_for(s, epoch) for s in batch_samples]
+                    batch = load_batch(batch_samples, self.cache, self.keys, captions).to(self.device, self.dtype)
+                    gen = torch.Generator().manual_seed(hash_seed(cfg.seed, self.step, micro))
+                    step_loss += kontext_step(
+                        self.transformer, batch, gen, scheme=cfg.timestep_sampling, shift=cfg.flow_shift,
+                        logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, guidance=cfg.train_guidance,
+                        attention_backend=cfg.attention_backend,
+                        loss_scale=1.0 / cfg.gradient_accumulation_steps,
+                    ) / cfg.gradient_accumulation_steps
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.step += 1
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                lr = self.lr_scheduler.get_last_lr()[0]
+                losses.append((self.step, step_loss))
+                metrics.write(json.dumps({"step": self.step, "loss": step_loss, "lr": lr, "step_time": dt,
+                                          "epoch": self.epoch}) + "\n")
+                if self.writer and self.step % cfg.logging_steps == 0:
+                    self.writer.add_scalar("train/loss", step_loss, self.step)
+                    self.writer.add_scalar("train/lr", lr, self.step)
+                    self.writer.add_scalar("train/step_time_s", dt, self.step)
+                self.emit("step", step=self.step, total=cfg.max_train_steps, loss=step_loss, lr=lr, step_time=dt)
+                last = self.step == cfg.max_train_steps
+                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0 and not last:
+                    self.save_checkpoint()
+                if cfg.validation_steps and self.step % cfg.validation_steps == 0 and not last:
+                    validation_dirs.append(self.validate())
+        if not cfg.skip_final_validation:
+            validation_dirs.append(self.validate())
+        lora_path = self.save_final()
+        if cfg.checkpointing_steps:
+            self.save_checkpoint()
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
+        n_steps = max(1, self.step - first_step)
+        return TrainResult(lora_path=lora_path, config_path=self.output_dir / "config.resolved.json", losses=losses,
+                           validation_dirs=validation_dirs, checkpoints=list_checkpoints(self.output_dir),
+                           seconds_per_step=(time.perf_counter() - started) / n_steps)
+
+    # ------------------------------------------------------------------------------------------- validation
+
+    def validate(self) -> Path:
+        from kontext_data.manifest import load_image
+
+        from kontext_trainer.validate import run_validation
+
+        cfg = self.cfg
+        out_dir = self.output_dir / "validation" / f"step_{self.step:06d}"
+        captions = [s.captions[0] for s in self.val_samples]
+        embeddings = [self.cache.load_text(self.keys.text[c]) for c in captions]
+        self.vae.to(self.device)
+        try:
+            results = run_validation(
+                self.transformer, self.vae, self.scheduler, self.val_samples, captions, embeddings, out_dir,
+                load_image=load_image, guidance=cfg.validation_guidance,
+                num_inference_steps=cfg.validation_num_inference_steps, resolution=cfg.validation_resolution,
+                seed=cfg.validation_seed, device=self.device, dtype=self.dtype,
+                attention_context=lambda: attention_context(cfg.attention_backend, self.device),
+            )
+        finally:
+            self.vae.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if self.writer:
+            import numpy as np
+
+            for r in results:
+                self.writer.add_image(f"validation/{r.sample_id}", np.asarray(r.strip), self.step, dataformats="HWC")
+                self.writer.add_text(f"validation/{r.sample_id}", r.caption or "(blank)", self.step)
+        self.emit("validation", step=self.step, dir=str(out_dir), files=[str(r.strip_path) for r in results])
+        return out_dir
+
+    # ------------------------------------------------------------------------------------------- saving
+
+    def save_final(self) -> Path:
+        path = adapters.save_lora(self.transformer, self.output_dir, training_config=self._training_metadata())
+        self.emit("saved", path=str(path))
+        return path
+
+    def _training_metadata(self) -> dict[str, Any]:
+        d = self.cfg.to_dict()
+        d["step"] = self.step
+        d["model_dir"] = str(self.model_dir)
+        return d
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/checkpoint-NNNNNN atomically (temp folder renamed) and keep the newest K."""
+        root = self.output_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            adapters.save_lora(self.transformer, tmp, training_config=self._training_metadata())
+            torch.save({
+                "step": self.step, "epoch": self.epoch, "position": self.position,
+                "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            }, tmp / "training_state.pt")
+            (tmp / "config.resolved.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in list_checkpoints(self.output_dir)[:-self.cfg.checkpoints_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.emit("checkpoint", path=str(final), step=self.step)
+        return final
+
+    def _resume(self, spec: str) -> None:
+        if spec == "latest":
+            found = list_checkpoints(self.output_dir)
+            if not found:
+                self.emit("warning", message=f"resume_from_checkpoint latest: no checkpoint in "
+                                             f"{self.output_dir / 'checkpoints'}; starting from step 0")
+                return
+            ckpt = found[-1]
+        else:
+            ckpt = Path(spec)
+            if not (ckpt / "training_state.pt").is_file():
+                raise TrainError([f"resume_from_checkpoint {spec}: not a checkpoint folder (no training_state.pt)"])
+        state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=False)
+        try:
+            adapters.load_lora_into(self.transformer, ckpt / adapters.LORA_WEIGHT_NAME)
+        except ValueError as exc:
+            raise TrainError([str(exc) + " (was it trained with other lora_rank / lora_targets?)"]) from None
+        self.params = adapters.trainable_parameters(self.transformer)
+        self.optimizer = build_optimizer(self.cfg, self.params)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.cfg.lr_scheduler, self.cfg.lr_warmup_steps, self.cfg.max_train_steps))
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        self.emit("stage", message=f"resumed from {ckpt} at step {self.step}")
+
+
+def hash_seed(*parts: int) -> int:
+    import xxhash
+
+    return xxhash.xxh64_intdigest(":".join(str(p) for p in parts).encode()) & ((1 << 63) - 1)
+
+
+def build_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "lion":
+        from optimi import Lion
+
+        return Lion(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                    weight_decay=cfg.adam_weight_decay, foreach=False)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def train(config: TrainConfig, on_event: EventFn | None = None) -> TrainResult:
+    """Library entry point: setup + train."""
+    recipe = KontextLoRARecipe(config, on_event)
+    recipe.setup()
+    return recipe.train()

@@ -1,0 +1,121 @@
+"""Validation images: FluxKontextPipeline with the live adapter, one strip per sample.
+
+In: the training transformer (adapter attached), the VAE and scheduler, samples with cached prompt embeddings.
+Out: `validation/step_NNNNNN/<sample>.png` strips: reference(s) | output | target, with the caption below, and
+the same images returned for TensorBoard.
+
+The pipeline encodes the reference itself (VAE mode, minus shift_factor, times scaling_factor), which is the
+normalization the caches use for training: validation sees what training saw. The pipeline takes one reference;
+a sample with several is validated with its first (all are shown in the strip).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kontext_trainer.data import Sample
+
+
+@dataclass
+class ValidationResult:
+    sample_id: str
+    caption: str
+    strip_path: Path
+    strip: object  # PIL.Image
+
+
+def _safe_name(text: str) -> str:
+    text = re.sub(r"\.(png|jpe?g|webp|bmp|tiff?|gif)$", "", text, flags=re.I)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "sample"
+
+
+def make_strip(images: list, caption: str, labels: list[str]):
+    """Images side by side at one height, labels above each, the caption below (wrapped)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height = max(im.height for im in images)
+    scaled = [im if im.height == height else im.resize((max(1, round(im.width * height / im.height)), height))
+              for im in images]
+    font = ImageFont.load_default()
+    pad = 4
+    label_h = 14
+    width = sum(im.width for im in scaled) + pad * (len(scaled) + 1)
+    chars_per_line = max(8, width // 7)
+    words, lines, line = caption.split(), [], ""
+    for w in words:
+        if len(line) + len(w) + 1 > chars_per_line and line:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    text_h = 14 * len(lines) + pad
+    canvas = Image.new("RGB", (width, label_h + height + text_h + pad * 2), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for im, label in zip(scaled, labels):
+        draw.text((x, 1), label, fill=(0, 0, 0), font=font)
+        canvas.paste(im, (x, label_h + pad))
+        x += im.width + pad
+    y = label_h + pad + height + pad
+    for ln in lines:
+        draw.text((pad, y), ln, fill=(0, 0, 0), font=font)
+        y += 14
+    return canvas
+
+
+def parse_resolution(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    w, _, h = text.partition("x")
+    return int(w), int(h or w)
+
+
+def run_validation(transformer, vae, scheduler, samples: list[Sample], captions: list[str],
+                   embeddings: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path, *, load_image,
+                   guidance: float, num_inference_steps: int, resolution: str, seed: int, device, dtype,
+                   attention_context=None) -> list[ValidationResult]:
+    """Generate one edit per sample with the pipeline and save its strip under `out_dir`."""
+    import contextlib
+
+    from diffusers import FluxKontextPipeline
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = transformer.training
+    transformer.eval()
+    pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                               tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    fixed = parse_resolution(resolution)
+    results = []
+    try:
+        for sample, caption, (prompt_embeds, pooled) in zip(samples, captions, embeddings):
+            target_img = load_image(sample.target.path, sample.target.geometry_dict)
+            refs = [load_image(r.path, r.geometry_dict) for r in sample.references]
+            width, height = fixed or sample.target.size
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            ctx = attention_context() if attention_context else contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                out = pipe(
+                    image=refs[0] if refs else None,
+                    prompt_embeds=prompt_embeds[None].to(device=device, dtype=dtype),
+                    pooled_prompt_embeds=pooled[None].to(device=device, dtype=dtype),
+                    height=height, width=width, max_area=height * width, _auto_resize=False,
+                    guidance_scale=guidance, num_inference_steps=num_inference_steps, generator=generator,
+                    output_type="pil",
+                ).images[0]
+            labels = [f"reference {i + 1}" for i in range(len(refs))] + ["output", "target"]
+            strip = make_strip(refs + [out, target_img], caption or "(blank caption)", labels)
+            path = out_dir / f"{_safe_name(sample.sample_id)}.png"
+            tmp = path.with_suffix(".tmp.png")
+            strip.save(tmp)
+            tmp.replace(path)
+            results.append(ValidationResult(sample.sample_id, caption, path, strip))
+    finally:
+        if was_training:
+            transformer.train()
+    return results

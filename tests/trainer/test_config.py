@@ -1,0 +1,95 @@
+"""Config files (JSON with comments, TOML, YAML) + overrides; the SimpleTuner guide's keys; all errors at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from kontext_trainer.config import ConfigError, read_config_file, resolve_config
+
+GUIDE_CONFIG = """{
+  "model_family":   "flux",
+  "model_flavour": "kontext",                       // <-- cambia esto de "dev" a "kontext"
+  "base_model_precision": "bf16",
+  "gradient_checkpointing": true,
+  "fuse_qkv_projections": false,                    // ignored here
+  "lora_rank": 16,
+  "learning_rate": 1e-5,
+  "optimizer": "optimi-lion",
+  "max_train_steps": 10000,
+  "validation_guidance": 2.5,
+  "validation_resolution": "1024x1024",
+  "conditioning_multidataset_sampling": "random",
+  "--output_dir": "out/kontext", /* SimpleTuner also writes keys with dashes */
+  "train_batch_size": 2,
+  "gradient_accumulation_steps": 4,
+  "seed": 7,
+  "lr_scheduler": "constant_with_warmup",
+  "lr_warmup_steps": 100,
+  "validation_steps": 250,
+  "checkpointing_steps": 500,
+  "resolution": 1024,
+  "resolution_type": "pixel_area",
+  "data_backend_config": "config/multidatabackend.json",
+}
+"""
+
+
+def test_guide_config_is_accepted(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(GUIDE_CONFIG)
+    r = resolve_config(read_config_file(path), {"manifest": "m.parquet"})
+    c = r.config
+    assert (c.optimizer, c.learning_rate, c.lora_rank, c.max_train_steps) == ("lion", 1e-5, 16, 10000)
+    assert (c.validation_guidance, c.validation_resolution, c.output_dir) == (2.5, "1024x1024", "out/kontext")
+    assert (c.train_batch_size, c.gradient_accumulation_steps, c.seed) == (2, 4, 7)
+    assert (c.lr_scheduler, c.lr_warmup_steps, c.validation_steps, c.checkpointing_steps) == ("constant", 100, 250, 500)
+    assert (c.resolution, c.resolution_type, c.base_model_precision) == (1024, "pixel_area", "bf16")
+    assert len(r.warnings) == 1  # the unused keys, listed together
+    for key in ("fuse_qkv_projections", "conditioning_multidataset_sampling", "data_backend_config"):
+        assert key in r.warnings[0]
+
+
+def test_overrides_win_and_are_typed():
+    r = resolve_config({"learning_rate": 1e-5, "lora_rank": 16},
+                       {"manifest": "m.parquet", "learning_rate": "3e-4", "lora_rank": "4", "vae_tiling": "true"})
+    assert r.config.learning_rate == 3e-4 and r.config.lora_rank == 4 and r.config.vae_tiling is True
+
+
+def test_every_error_is_reported_together():
+    with pytest.raises(ConfigError) as exc:
+        resolve_config({"model_flavour": "dev", "lora_rank": 0, "optimizer": "sgd", "learning_rate": "fast",
+                        "lr_scheduler": "polynomial", "validation_resolution": "1000x1000"},
+                       {"manifest": "m.parquet", "lora_rnak": 4})
+    text = str(exc.value)
+    assert len(exc.value.problems) == 7
+    for needle in ("model_flavour", "lora_rank", "optimizer", "learning_rate", "lr_scheduler",
+                   "validation_resolution", "did you mean 'lora_rank'"):
+        assert needle in text
+
+
+def test_quantized_base_and_lokr_say_not_yet():
+    with pytest.raises(ConfigError) as exc:
+        resolve_config({"base_model_precision": "int8-quanto", "lora_type": "lycoris"}, {"manifest": "m"})
+    assert "not available yet" in exc.value.problems[0] and "bf16" in exc.value.problems[0]
+    assert "LoKr" in exc.value.problems[1]
+
+
+def test_adamw_bf16_maps_to_adamw_with_a_note():
+    r = resolve_config({"optimizer": "adamw_bf16"}, {"manifest": "m"})
+    assert r.config.optimizer == "adamw" and any("adamw_bf16" in n for n in r.notes)
+
+
+def test_toml_and_yaml(tmp_path):
+    (tmp_path / "c.toml").write_text('learning_rate = 2e-4\n[lora]\nrank = 8\ntargets = "attention+ffs"\n')
+    (tmp_path / "c.yaml").write_text("learning_rate: 2.0e-4\nlora_rank: 8\noptimizer: lion\n")
+    t = resolve_config(read_config_file(tmp_path / "c.toml"), {"manifest": "m"}).config
+    y = resolve_config(read_config_file(tmp_path / "c.yaml"), {"manifest": "m"}).config
+    assert (t.learning_rate, t.lora_rank, t.lora_targets) == (2e-4, 8, "attention+ffs")
+    assert (y.learning_rate, y.lora_rank, y.optimizer) == (2e-4, 8, "lion")
+
+
+def test_unparseable_file_names_the_file(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('{"lora_rank": 16,,}')
+    with pytest.raises(ConfigError, match="bad.json"):
+        read_config_file(p)

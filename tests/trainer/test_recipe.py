@@ -1,0 +1,80 @@
+"""The recipe: manifest problems before any model loads; checkpoints atomic, newest K kept; resume reproduces
+the uninterrupted run exactly."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kontext_data.manifest import read_manifest
+from kontext_trainer.config import TrainConfig
+from kontext_trainer.recipe import KontextLoRARecipe, TrainError, list_checkpoints, train
+
+
+def _cfg(manifest, model, out, **kw):
+    base = dict(manifest=str(manifest), model=str(model), output_dir=str(out), base_model_precision="fp32",
+                max_train_steps=4, lora_rank=4, learning_rate=1e-3, report_to="none", skip_final_validation=True,
+                device="cpu", train_batch_size=2, validation_num_inference_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_manifest_problems_come_together_before_the_model(manifest_copy, tmp_path):
+    recs = read_manifest(manifest_copy).records()
+    os.remove(recs[0]["target_path"])
+    os.remove(recs[1]["reference_paths"][0])
+    with open(recs[2]["target_path"], "ab") as fh:
+        fh.write(b"\0")  # changed since the manifest: found with --verify
+    cfg = _cfg(manifest_copy, tmp_path / "no-such-model", tmp_path / "out", verify=True)
+    with pytest.raises(TrainError) as exc:
+        KontextLoRARecipe(cfg).setup()
+    text = str(exc.value)
+    assert len(exc.value.problems) == 3
+    assert "target file missing" in text and "reference 1 file missing" in text and "changed since" in text
+    assert "no-such-model" not in text  # the model was never looked at
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_model, sample_manifest, tmp_path):
+    full = train(_cfg(sample_manifest, tiny_model, tmp_path / "full", max_train_steps=6))
+    first = train(_cfg(sample_manifest, tiny_model, tmp_path / "split", max_train_steps=3, checkpointing_steps=3))
+    assert [c.name for c in first.checkpoints] == ["checkpoint-000003"]
+    rest = train(_cfg(sample_manifest, tiny_model, tmp_path / "split", max_train_steps=6,
+                      resume_from_checkpoint="latest"))
+    assert [s for s, _ in rest.losses] == [4, 5, 6]
+    assert [l for _, l in rest.losses] == pytest.approx([l for _, l in full.losses[3:]], rel=1e-5)
+    assert [l for _, l in first.losses] == pytest.approx([l for _, l in full.losses[:3]], rel=1e-6)
+
+
+def test_checkpoints_keep_the_newest(tiny_model, sample_manifest, tmp_path):
+    out = tmp_path / "out"
+    result = train(_cfg(sample_manifest, tiny_model, out, max_train_steps=4, checkpointing_steps=1,
+                        checkpoints_total_limit=2))
+    names = [p.name for p in list_checkpoints(out)]
+    assert names == ["checkpoint-000003", "checkpoint-000004"]
+    for p in list_checkpoints(out):
+        assert {"pytorch_lora_weights.safetensors", "training_state.pt", "config.resolved.json"} <= set(os.listdir(p))
+    assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".")]  # no temp folders left
+    assert result.lora_path == out / "pytorch_lora_weights.safetensors" and result.lora_path.is_file()
+
+
+def test_validation_strips_from_the_eval_split(tiny_model, tmp_path):
+    from conftest import write_sample_manifest
+
+    manifest = write_sample_manifest(tmp_path / "data", n=6, eval_ids=2)
+    out = tmp_path / "out"
+    events = []
+    recipe = KontextLoRARecipe(_cfg(manifest, tiny_model, out, max_train_steps=2, validation_steps=1,
+                                    skip_final_validation=False), on_event=lambda k, d: events.append((k, d)))
+    recipe.setup()
+    assert sorted(s.split for s in recipe.val_samples) == ["eval", "eval"]
+    assert all(s.split == "train" for s in recipe.samples)
+    result = recipe.train()
+    assert [p.name for p in result.validation_dirs] == ["step_000001", "step_000002"]
+    strips = sorted((out / "validation" / "step_000002").glob("*.png"))
+    assert len(strips) == 2
+    from PIL import Image
+
+    with Image.open(strips[0]) as im:
+        assert im.width > 3 * 64  # reference | output | target
+    assert sum(k == "validation" for k, _ in events) == 2
