@@ -288,6 +288,16 @@ def import_simpletuner(
     raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
 
 
+def _register_stage_commands() -> None:
+    """Commands whose code lives beside their stage (each module imports its heavy libraries lazily)."""
+    from kontext_data.cli_degrade import degrade
+
+    app.command("degrade")(degrade)
+
+
+_register_stage_commands()
+
+
 def main() -> None:
     app()
 

@@ -40,6 +40,7 @@ __all__ = [
     "chain_hash",
     "chain_output_codec",
     "load_rgb",
+    "decode_source",
     "decode_image_bytes",
     "encode_png",
     "jpeg_quality_for_round",
@@ -107,10 +108,13 @@ def load_rgb(path: str | Path) -> np.ndarray:
     raise ``ValueError`` naming the file. The degrade stage and the on-demand loader both read sources with
     this function, which is what makes their pixels identical.
     """
-    path = Path(path)
-    data = np.fromfile(path, dtype=np.uint8)
+    return decode_source(np.fromfile(Path(path), dtype=np.uint8), str(path))
+
+
+def decode_source(data: np.ndarray, name: str = "image") -> np.ndarray:
+    """:func:`load_rgb` on bytes already read (``data``: uint8 array); ``name`` goes into error messages."""
     if data.size == 0:
-        raise ValueError(f"{path}: empty file")
+        raise ValueError(f"{name}: empty file")
     arr = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB)
     if arr is not None:
         return arr
@@ -122,7 +126,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"))
     except Exception as exc:  # noqa: BLE001 - any decoder error means "corrupt"
-        raise ValueError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{name}: cannot decode image: the file is corrupt, truncated or not an image "
+                         f"({type(exc).__name__}); re-export it or move it out of the folder") from None
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -141,7 +146,7 @@ _SUBSAMPLING = {
 
 
 def _encode_jpeg(image: np.ndarray, quality: int, subsampling: str | None = None,
-                 optimize: bool = False, progressive: bool = False) -> bytes:
+                 optimize: bool = False, progressive: bool = False, bgr: bool = False) -> bytes:
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
     if subsampling is not None:
         params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, _SUBSAMPLING[subsampling]]
@@ -149,7 +154,7 @@ def _encode_jpeg(image: np.ndarray, quality: int, subsampling: str | None = None
         params += [cv2.IMWRITE_JPEG_OPTIMIZE, 1]
     if progressive:
         params += [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
+    ok, buf = cv2.imencode(".jpg", image if bgr else cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise ValueError("JPEG encoding failed")
     return buf.tobytes()
@@ -294,11 +299,12 @@ def _jpeg_impl(image: Any, rng: np.random.Generator, *, encode_last: bool, quali
     else:  # "random": one of quality_list
         base = int(quality_list[int(rng.integers(0, len(quality_list)))])
     data = b""
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # rounds stay in OpenCV's BGR: no conversion per round
     for r in range(compression_rounds):
         if r:
-            img = decode_image_bytes(data)
-        data = _encode_jpeg(img, jpeg_quality_for_round(base, r, round_quality_decay), subsampling,
-                            optimize, progressive)
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        data = _encode_jpeg(bgr, jpeg_quality_for_round(base, r, round_quality_decay), subsampling,
+                            optimize, progressive, bgr=True)
     return (None, data) if encode_last else decode_image_bytes(data)
 
 
