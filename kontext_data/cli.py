@@ -85,7 +85,7 @@ def write_json_atomic(path: Path, data) -> None:
 )
 def pair(
     edited: Path = typer.Argument(..., help="Folder of edited images (the training targets), searched recursively."),
-    references: List[Path] = typer.Argument(..., help="One or more reference folders; files pair by relative path."),
+    references: Optional[List[Path]] = typer.Argument(None, help="Reference folders; files pair by relative path. None: reference-free (text-to-image) samples."),
     out_path: Path = typer.Option(Path("manifest.parquet"), "--out", "-o", help="Manifest to write (replaced atomically)."),
     match: str = typer.Option("exact", help="exact: same name incl. extension (SimpleTuner's rule) | stem: any extension."),
     captions: str = typer.Option("textfile", help="textfile (<stem>.txt beside the image) | filename | instanceprompt | none."),
@@ -128,7 +128,7 @@ def pair(
 
     config = PairConfig(
         edited=edited,
-        references=tuple(references),
+        references=tuple(references or ()),
         out=out_path,
         match=match,
         captions=captions,

@@ -53,7 +53,7 @@ class PairConfig:
     edited: Path
     """Folder of edited images (the loss targets) [instance_data_dir of the edit dataset]."""
     references: tuple[Path, ...]
-    """One folder per reference set, in order [conditioning_data]."""
+    """One folder per reference set, in order [conditioning_data]. None: reference-free (text-to-image) samples."""
     out: Path = Path("manifest.parquet")
     match: str = "exact"
     """exact: same relative path including extension (SimpleTuner's rule); stem: extension may differ."""
@@ -102,8 +102,6 @@ class PairConfig:
             out.append(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
         if self.eval_fraction and self.split == "eval":
             out.append("--split eval and --eval-fraction exclude each other (everything is already eval)")
-        if not self.references:
-            out.append("give at least one REFERENCE folder")
         folders = [self.edited, *self.references]
         for folder in folders:
             if not Path(folder).is_dir():

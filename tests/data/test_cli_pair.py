@@ -65,10 +65,19 @@ def test_problems_exit_1_with_report_and_no_manifest(tmp_path):
     ["pair", "nowhere", "reference"],
     ["pair", "edited", "reference", "--match", "fuzzy"],
     ["pair", "edited", "reference", "--resolution", "big"],
-    ["pair", "edited"],
+    ["pair", "edited", "edited"],
+    ["pair"],
 ])
 def test_usage_errors_exit_2(tmp_path, args):
     pair(tmp_path, "ok.png")
     r = cli(*args, cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip()
+
+
+def test_reference_free_manifest(tmp_path):
+    pair(tmp_path, "a.png")
+    r = cli("pair", "edited", "--out", "free.parquet", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = read_manifest(tmp_path / "free.parquet").records()
+    assert row["reference_paths"] == [] and row["reference_geometry"] == [] and row["caption"] == "make it red"
