@@ -291,8 +291,10 @@ def import_simpletuner(
 def _register_stage_commands() -> None:
     """Commands whose code lives beside their stage (each module imports its heavy libraries lazily)."""
     from kontext_data.cli_degrade import degrade
+    from kontext_data.cli_split import split
 
     app.command("degrade")(degrade)
+    app.command("split")(split)
 
 
 _register_stage_commands()

@@ -45,6 +45,9 @@ SOURCE_KINDS = ("auto", "folder", "parquet", "disk", "hub")
 _NAME_DIGITS = 8  # row-index names: 00000042 (sorts, and is stable across shards)
 _ROLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _MAX_AUTO_GUTTER = 64  # widest separator band auto detection considers, in pixels
+_MIN_RUN = 4  # shortest uniform band that counts as a separator when checking for unequal panels
+_JPEG_TOLERANCE = 32  # JPEG ringing and chroma bleed spread a flat separator by up to ~30 levels
+_RUN_GAP = 2  # non-uniform lines (JPEG ringing) allowed inside one separator band
 
 
 class SplitError(Exception):
@@ -86,7 +89,8 @@ class SplitConfig:
     gutter: int | None = None
     """Separator width in pixels between panels; None detects it per image (0 disables detection)."""
     gutter_tolerance: int = 10
-    """Largest per-channel spread (0-255) of pixels that still counts as one uniform separator colour."""
+    """Largest per-channel spread (0-255) of pixels that still counts as one uniform separator colour
+    (JPEG composites use at least 32: their ringing spreads flat bands)."""
     format: str = "png"
     """Output encoding: ``png`` (lossless, default, also for JPEG composites) or ``jpeg`` (lossy)."""
     quality: int = 95
@@ -102,7 +106,7 @@ class SplitConfig:
     workers: int = 0
     """Worker processes; 0 = one per CPU core; 1 = run in this process."""
     shard: tuple[int, int] | None = None
-    """(K, N), K from 1 to N: process only rows whose index % N == K - 1."""
+    """(K, N), K from 0 to N-1 (as ``degrade``): process only rows whose index % N == K."""
     limit: int | None = None
     """Only the first ``limit`` rows of the source (before sharding); None = all."""
     overwrite: bool = False
@@ -193,12 +197,12 @@ def parse_gutter(text: str | int | None) -> int | None:
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``2/4`` -> (2, 4): the second of four shards (K from 1 to N)."""
+    """``1/4`` -> (1, 4): the second of four shards (K counts from 0, as in ``degrade``)."""
     if text is None or text == "":
         return None
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
-        raise SplitError(f"--shard {text!r}: give K/N with K from 1 to N (e.g. --shard 1/4 ... --shard 4/4)")
+    if not m or not (0 <= int(m.group(1)) < int(m.group(2))):
+        raise SplitError(f"--shard {text!r}: give K/N with 0 <= K < N (K counts from 0: --shard 0/4 ... 3/4)")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -209,6 +213,8 @@ def validate_config(config: SplitConfig) -> None:
     if not config.sources:
         errors.append("no source given")
     for role, index in config.roles:
+        if not _ROLE_RE.match(role):
+            errors.append(f"role {role!r} is not a usable folder name (letters, digits, _ . -)")
         if not 0 <= index < n:
             errors.append(f"role {role!r}: panel index {index} is outside 0..{n - 1} ({config.cols}x{config.rows} panels)")
     role_names = [r for r, _ in config.roles]
@@ -229,12 +235,12 @@ def validate_config(config: SplitConfig) -> None:
         errors.append("--gutter must be 'auto' or >= 0")
     if config.source_kind not in SOURCE_KINDS:
         errors.append(f"source kind {config.source_kind!r} is not one of: {', '.join(SOURCE_KINDS)}")
-    if config.workers < 0:
+    if config.workers is not None and config.workers < 0:
         errors.append("--workers must be >= 0")
     if config.limit is not None and config.limit < 0:
         errors.append("--limit must be >= 0")
-    if config.shard is not None and not 1 <= config.shard[0] <= config.shard[1]:
-        errors.append(f"--shard {config.shard[0]}/{config.shard[1]}: K must be from 1 to N")
+    if config.shard is not None and not 0 <= config.shard[0] < config.shard[1]:
+        errors.append(f"--shard {config.shard[0]}/{config.shard[1]}: need 0 <= K < N (K counts from 0)")
     if errors:
         raise SplitError(errors)
 
@@ -315,11 +321,28 @@ class GeometryError(ValueError):
 
 def _band_uniform(lo, hi, ranges: list[tuple[int, int]], tol: int) -> bool:
     """True when all pixels of the bands ``ranges`` (along the axis) share one colour within ``tol``."""
-    lows = [lo[a:b].min(axis=0) for a, b in ranges]
-    highs = [hi[a:b].max(axis=0) for a, b in ranges]
-    low = lows[0] if len(lows) == 1 else __import__("numpy").minimum.reduce(lows)
-    high = highs[0] if len(highs) == 1 else __import__("numpy").maximum.reduce(highs)
+    low = high = None
+    for a, b in ranges:
+        band_lo, band_hi = lo[a:b].min(axis=0), hi[a:b].max(axis=0)
+        low = band_lo if low is None else low.clip(max=band_lo)
+        high = band_hi if high is None else high.clip(min=band_hi)
     return int((high - low).max()) <= tol
+
+
+def _runs(mask, offset: int = 0) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a 1-D mask, merging runs separated by at most _RUN_GAP False."""
+    runs: list[list[int]] = []
+    start = None
+    for pos, value in enumerate(list(mask) + [False]):
+        if value and start is None:
+            start = pos
+        elif not value and start is not None:
+            if runs and start - runs[-1][1] <= _RUN_GAP:
+                runs[-1][1] = pos
+            else:
+                runs.append([start, pos])
+            start = None
+    return [(s + offset, e + offset) for s, e in runs]
 
 
 def plan_axis(lo, hi, n: int, gutter: int | None, tol: int, axis: str = "x") -> AxisPlan:
@@ -334,8 +357,6 @@ def plan_axis(lo, hi, n: int, gutter: int | None, tol: int, axis: str = "x") -> 
     uniform. A uniform full-length band near a panel boundary that equal panels would cut through raises
     :class:`GeometryError` (the panels are of unequal size). An explicit gutter must be uniform too.
     """
-    import numpy as np
-
     length = int(lo.shape[0])
     if n == 1:
         return AxisPlan((0,), length, 0, 0, "")
@@ -368,8 +389,9 @@ def plan_axis(lo, hi, n: int, gutter: int | None, tol: int, axis: str = "x") -> 
             raise GeometryError(f"{axis}: {length} px is too small for {n} panels with a {gutter} px gutter")
         if gutter == 0:
             return finish(0, remainder_offsets(r)[0])
+        edge = 2 if gutter > 4 else 0  # JPEG ringing may blur the outermost lines of a given band
         for offset in remainder_offsets(r):
-            if _band_uniform(lo, hi, layout(gutter, offset)[2], tol):
+            if _band_uniform(lo, hi, [(a + edge, b - edge) for a, b in layout(gutter, offset)[2]], tol):
                 return finish(gutter, offset)
         bands = ", ".join(f"{a}-{b - 1}" for a, b in layout(gutter, remainder_offsets(r)[0])[2])
         raise GeometryError(
@@ -388,28 +410,22 @@ def plan_axis(lo, hi, n: int, gutter: int | None, tol: int, axis: str = "x") -> 
     plan = finish(*chosen)
 
     # A separator that equal panels would not use: a full-length uniform band near a boundary that
-    # neither touches the boundary nor the chosen gutter means the panels have unequal sizes.
-    line_uniform = (hi.astype(np.int16) - lo.astype(np.int16)).max(axis=1) <= tol
+    # neither touches the boundary nor the chosen gutter means the panels have unequal sizes. Runs
+    # split by JPEG ringing (gaps up to _RUN_GAP lines) count as one; shorter than _MIN_RUN is noise.
+    line_uniform = (hi - lo).max(axis=1) <= tol
     window = max(1, plan.size // 4)
     for k in range(1, n):
         cut_a = plan.starts[k] - plan.gutter  # first position of the gutter (== boundary when g == 0)
         cut_b = plan.starts[k]  # first position of the next panel
         a, b = max(0, cut_a - window), min(length, cut_b + window)
-        run_start = None
-        for pos in range(a, b + 1):
-            inside = pos < b and bool(line_uniform[pos])
-            if inside and run_start is None:
-                run_start = pos
-            elif not inside and run_start is not None:
-                run_end = pos  # run is [run_start, run_end)
-                touches = run_start <= cut_b and run_end >= cut_a
-                if run_end - run_start >= 2 and not touches and run_start > a and run_end < b:
-                    raise GeometryError(
-                        f"{axis}: a uniform separator at {axis}={run_start}-{run_end - 1} is not where "
-                        f"{n} equal panels are cut ({axis}={cut_a}): the panels have unequal sizes; "
-                        "not cut (crop these composites yourself, or force an even cut with --gutter 0)"
-                    )
-                run_start = None
+        for run_start, run_end in _runs(line_uniform[a:b], offset=a):
+            touches = run_start <= cut_b and run_end >= cut_a
+            if run_end - run_start >= _MIN_RUN and not touches and run_start > a and run_end < b:
+                raise GeometryError(
+                    f"{axis}: a uniform separator at {axis}={run_start}-{run_end - 1} is not where "
+                    f"{n} equal panels are cut ({axis}={cut_a}): the panels have unequal sizes; "
+                    "not cut (crop these composites yourself, or force an even cut with --gutter 0)"
+                )
     return plan
 
 
@@ -422,9 +438,12 @@ def plan_panels(image, cols: int, rows: int, gutter: int | None, tol: int) -> tu
         a = (a >> 8).astype(np.uint8) if a.dtype == np.uint16 else a.astype(np.uint8)
     if a.shape[2] == 4:  # ignore alpha for separators
         a = a[:, :, :3]
-    a = a.astype(np.int16)
-    x = plan_axis(a.min(axis=0), a.max(axis=0), cols, gutter, tol, "x") if cols > 1 else AxisPlan((0,), a.shape[1], 0, 0, "")
-    y = plan_axis(a.min(axis=1), a.max(axis=1), rows, gutter, tol, "y") if rows > 1 else AxisPlan((0,), a.shape[0], 0, 0, "")
+
+    def stats(axis: int):  # reduce on uint8 (fast), widen only the small per-line results
+        return a.min(axis=axis).astype(np.int16), a.max(axis=axis).astype(np.int16)
+
+    x = plan_axis(*stats(0), cols, gutter, tol, "x") if cols > 1 else AxisPlan((0,), a.shape[1], 0, 0, "")
+    y = plan_axis(*stats(1), rows, gutter, tol, "y") if rows > 1 else AxisPlan((0,), a.shape[0], 0, 0, "")
     return x, y
 
 
@@ -503,6 +522,7 @@ class _Task:
     captions: tuple[tuple[str, str | None], ...]
     base_dir: str
     error: str | None = None  # a problem found while reading the row (reported, nothing written)
+    skip: bool = False  # outputs exist already (resume): nothing to do
 
 
 @dataclass(frozen=True)
@@ -511,7 +531,7 @@ class RowOutcome:
 
     row: int
     name: str
-    status: str  # "written", "failed"
+    status: str  # "written", "failed" or "skipped" (already done)
     message: str = ""
     gutter_x: int = 0
     gutter_y: int = 0
@@ -596,13 +616,16 @@ class SplitWorker:
         return buf.tobytes()
 
     def _run(self, task: _Task) -> RowOutcome:
+        if task.skip:
+            return RowOutcome(task.row, task.name, "skipped")
         if task.error:
             return RowOutcome(task.row, task.name, "failed", task.error)
         if not self._ready:
             self._setup()
         image, lossy = self._decode(task)
         try:
-            xplan, yplan = plan_panels(image, self.cols, self.rows, self.gutter, self.tol)
+            tol = max(self.tol, _JPEG_TOLERANCE) if lossy else self.tol
+            xplan, yplan = plan_panels(image, self.cols, self.rows, self.gutter, tol)
         except GeometryError as exc:
             h, w = image.shape[:2]
             return RowOutcome(task.row, task.name, "failed", f"{w}x{h} composite: {exc}", lossy_source=lossy)
@@ -771,7 +794,8 @@ def _open_parquet(config: SplitConfig) -> _Source:
     handles = []
     for f in files:
         try:
-            handles.append(pq.ParquetFile(f))
+            # no pre-buffering: it holds whole row groups of image bytes (~180 MiB more at 100 rows)
+            handles.append(pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20))
         except Exception as exc:  # pyarrow raises several types for a damaged file
             errors.append(f"{f}: not a readable Parquet file ({exc}); re-download it")
     if errors:
@@ -819,7 +843,9 @@ def _iter_datasets(ds, needed: list[str], base: str) -> Iterator[tuple[int, dict
 def _prepare_dataset(ds, config: SplitConfig, where: str):
     from datasets import Image
 
-    names = list(ds.column_names or ds.features.keys())
+    names = list(ds.column_names or (ds.features or {}).keys())
+    if not names:  # a streamed dataset without declared features: look at the first row
+        names = list(next(iter(ds.take(1)), {}).keys())
     needed = _needed_columns(config, names, where)
     ds = ds.select_columns(needed)
     feature = ds.features.get(config.image_column) if ds.features else None
@@ -937,7 +963,7 @@ def open_source(config: SplitConfig) -> _Source:
 
 
 def _in_shard(row: int, shard: tuple[int, int] | None) -> bool:
-    return shard is None or row % shard[1] == shard[0] - 1
+    return shard is None or row % shard[1] == shard[0]
 
 
 def _shard_total(total: int | None, config: SplitConfig) -> int | None:
@@ -948,7 +974,7 @@ def _shard_total(total: int | None, config: SplitConfig) -> int | None:
     if config.shard is None:
         return total
     k, n = config.shard
-    return len(range(k - 1, total, n))
+    return len(range(k, total, n))
 
 
 def _row_done(config: SplitConfig, dirs: dict[str, Path], name: str) -> bool:
@@ -970,8 +996,7 @@ def _worker_environment():
                 os.environ.pop(k, None)
 
 
-def _tasks(config: SplitConfig, source: _Source, result: SplitResult, dirs: dict[str, Path],
-           on_skip: Callable[[], None]) -> Iterator[_Task]:
+def _tasks(config: SplitConfig, source: _Source, dirs: dict[str, Path]) -> Iterator[_Task]:
     """Rows of the shard as tasks; done rows are skipped, name clashes and bad values become problems."""
     used: dict[str, int] = {}
     folder = source.folder_names is not None
@@ -982,7 +1007,6 @@ def _tasks(config: SplitConfig, source: _Source, result: SplitResult, dirs: dict
             break
         if not _in_shard(row, config.shard):
             continue
-        result.rows_seen += 1
         name = f"{row:0{_NAME_DIGITS}d}"
         if error or values is None:
             yield _Task(row, name, None, (), base, error or "row could not be read")
@@ -1008,15 +1032,23 @@ def _tasks(config: SplitConfig, source: _Source, result: SplitResult, dirs: dict
                 payload = _image_payload(get_path(values, config.image_column))
                 for role, path in config.caption_columns:
                     captions.append((role, _caption_text(get_path(values, path))))
-        except (KeyError, ValueError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        except Exception as exc:  # this runs in the pool's feeder thread: report, never raise
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else f"{exc}"
+            if not isinstance(exc, (KeyError, ValueError)):
+                msg = f"{type(exc).__name__}: {msg}"
             yield _Task(row, name, None, (), base, str(msg))
             continue
         if not config.overwrite and _row_done(config, dirs, name):
-            result.skipped_done += 1
-            on_skip()
+            yield _Task(row, name, None, (), base, skip=True)
             continue
         yield _Task(row, name, payload, tuple(captions), base)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _bounded(items: Iterator[_Task], slots: threading.Semaphore) -> Iterator[_Task]:
@@ -1055,7 +1087,10 @@ def split_composites(
         progress(0, total)
 
     def record(outcome: RowOutcome) -> None:
-        if outcome.status == "written":
+        result.rows_seen += 1
+        if outcome.status == "skipped":
+            result.skipped_done += 1
+        elif outcome.status == "written":
             result.written += 1
             if outcome.gutter_x:
                 result.gutters[f"x:{outcome.gutter_x}"] += 1
@@ -1073,8 +1108,10 @@ def split_composites(
         tick()
 
     worker = SplitWorker(config)
-    tasks = _tasks(config, source, result, dirs, tick)
-    workers = config.workers or os.cpu_count() or 1
+    tasks = _tasks(config, source, dirs)
+    workers = config.workers or _usable_cpus()
+    if total is not None:
+        workers = max(1, min(workers, total))  # no idle processes for a handful of rows
     if workers == 1:
         for task in tasks:
             record(worker(task))
