@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Benchmark of the Kontext LoRA training step: the project's step with its speed levers vs a plain eager baseline.
+
+The model is the full-size FLUX.1 Kontext transformer (19 double + 38 single blocks, 3072 wide) with RANDOM bf16
+weights built directly on the GPU (no download). Each row times optimizer steps (batch 1, one reference, 512 T5
+tokens) and reports the median s/step of the timed steps after warm-up, the peak GPU memory, and the achieved
+TFLOP/s (FLOPs counted once per resolution with torch's FlopCounterMode).
+
+- baseline: a plain eager step in the style of the diffusers example, written here on purpose (not the project's
+  code): peft LoRA rank 16 on to_q/to_k/to_v/to_out.0, SDPA forced to flash, gradient checkpointing, AdamW.
+- ours: `kontext_trainer.flow.kontext_step` (what `kontext-train` runs), LoRA rank 16 on the `attention` preset
+  (q/k/v/out + the text stream's add_*/to_add_out), with the levers of kontext_trainer/speed.py: attention backend
+  (flash, or cuDNN with the contiguous-gradient fix), the fraction of blocks checkpointed, regional torch.compile,
+  and an int8-quanto base.
+- check: before timing cuDNN, one step with cuDNN and one with flash on the same batch, noise and sigma: the losses
+  and the LoRA gradients must agree within bf16 tolerance.
+
+Results go to benchmarks/results/bench_train_step-<gpu>-<date>.json (and --out), the summary to stdout.
+
+GPU:  python benchmarks/bench_train_step.py --deadline 300
+CPU:  python benchmarks/bench_train_step.py --tiny --device cpu --resolutions 64 --steps 2 --warmup 1   (what CI runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
+from kontext_trainer import adapters, speed  # noqa: E402
+from kontext_trainer.flow import attention_context, kontext_step, pack_latents  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def baseline_step(model, batch, gen) -> torch.Tensor:
+    """Diffusers-example style: pack, concatenate, forward, MSE on the target tokens, backward (flash SDPA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    z = batch.target
+    b, c, h, w = z.shape
+    sigma = torch.rand(b, generator=gen).to(z.device)
+    noise = torch.randn(z.shape, generator=gen).to(z.device, z.dtype)
+    s = sigma.view(b, 1, 1, 1).to(z.dtype)
+    noisy = (1 - s) * z + s * noise
+    tokens = torch.cat([pack_latents(noisy), pack_latents(batch.references[0])], dim=1)
+    ids = []
+    for index, (hh, ww) in enumerate([(h, w), tuple(batch.references[0].shape[-2:])]):
+        grid = torch.zeros(hh // 2, ww // 2, 3, device=z.device)
+        grid[..., 0] = index
+        grid[..., 1] = torch.arange(hh // 2, device=z.device)[:, None]
+        grid[..., 2] = torch.arange(ww // 2, device=z.device)[None, :]
+        ids.append(grid.reshape(-1, 3))
+    img_ids = torch.cat(ids).to(z.dtype)
+    txt_ids = torch.zeros(batch.prompt_embeds.shape[1], 3, device=z.device, dtype=z.dtype)
+    kernels = [SDPBackend.FLASH_ATTENTION] if z.device.type == "cuda" else [SDPBackend.MATH]
+    with sdpa_kernel(kernels):
+        pred = model(hidden_states=tokens, timestep=sigma.to(z.dtype), guidance=torch.ones(b, device=z.device),
+                     pooled_projections=batch.pooled, encoder_hidden_states=batch.prompt_embeds, txt_ids=txt_ids,
+                     img_ids=img_ids, return_dict=False)[0]
+        n = h * w // 4
+        loss = torch.nn.functional.mse_loss(pred[:, :n].float(), pack_latents(noise - z).float())
+        loss.backward()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------- runner
+
+
+class Bench:
+    def __init__(self, args, device, arch):
+        self.args, self.device, self.arch = args, device, arch
+        self.t0 = time.perf_counter()
+        self.rows: list[dict] = []
+        self.flops: dict[int, float] = {}
+        self.checks: list[dict] = []
+        self.info = machine_info(device)
+        self.model = build_transformer(arch, device, torch.bfloat16)
+        self.adapter = None
+
+    def left(self) -> float:
+        return self.args.deadline - (time.perf_counter() - self.t0)
+
+    def use_adapter(self, targets: str) -> list:
+        if self.adapter != targets:
+            if self.adapter is not None:
+                self.model.unload_lora()
+            adapters.attach_lora(self.model, rank=16, alpha=None, dropout=0.0, targets=targets)
+            self.adapter = targets
+        return adapters.trainable_parameters(self.model)
+
+    def count_flops(self, res: int, batch) -> float:
+        if res not in self.flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            speed.set_activation_checkpointing(self.model, 0.0)
+            with FlopCounterMode(display=False) as counter:
+                kontext_step(self.model, batch, torch.Generator().manual_seed(0), attention_backend="math"
+                             if self.device.type == "cpu" else "flash")
+            self.model.zero_grad(set_to_none=True)
+            self.flops[res] = float(counter.get_total_flops())
+        return self.flops[res]
+
+    def run(self, name: str, res: int, fn, params, need_s: float) -> dict | None:
+        """Time fn() (one micro-step incl. backward) + the optimizer step; skip when the deadline is near."""
+        if self.left() < need_s:
+            print(f"  skip {name} {res}px: {self.left():.0f} s left", flush=True)
+            self.rows.append({"name": name, "resolution": res, "skipped": "deadline"})
+            return None
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        times, losses = [], []
+        try:
+            for i in range(self.args.warmup + self.args.steps):
+                sync(self.device)
+                t = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(fn(i)))
+                opt.step()
+                sync(self.device)
+                times.append(time.perf_counter() - t)
+        except Exception as exc:  # an OOM or a kernel failure is a result too
+            row = {"name": name, "resolution": res, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"  {name} {res}px: ERROR {row['error']}", flush=True)
+            self.rows.append(row)
+            opt.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return row
+        timed = times[self.args.warmup:]
+        s = statistics.median(timed)
+        row = {"name": name, "resolution": res, "s_per_step": round(s, 4), "first_step_s": round(times[0], 2),
+               "losses": [round(v, 5) for v in losses], "finite": all(math.isfinite(v) for v in losses)}
+        if res in self.flops:
+            row["tflops"] = round(self.flops[res] / s / 1e12, 1)
+        if self.device.type == "cuda":
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        print(f"  {name:<44} {res:>5}px {s:7.3f} s/step  peak {row.get('peak_gib', '-')} GiB  "
+              f"{row.get('tflops', '-')} TFLOP/s", flush=True)
+        self.rows.append(row)
+        self.save()
+        return row
+
+    def check_cudnn(self, batch) -> dict:
+        """Same batch, noise, sigma: loss and LoRA gradients with cuDNN (+contiguous grads) vs flash."""
+        out = {}
+        grads = {}
+        for backend in ("flash", "cudnn"):
+            self.model.zero_grad(set_to_none=True)
+            loss = kontext_step(self.model, batch, torch.Generator().manual_seed(7), attention_backend=backend)
+            sync(self.device)
+            grads[backend] = torch.cat([p.grad.float().flatten() for p in adapters.trainable_parameters(self.model)
+                                        if p.grad is not None])
+            out[f"loss_{backend}"] = loss
+        self.model.zero_grad(set_to_none=True)
+        a, b = grads["flash"], grads["cudnn"]
+        out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        out["grad_rel_diff"] = float((a - b).norm() / a.norm().clamp_min(1e-12))
+        out["loss_rel_diff"] = abs(out["loss_flash"] - out["loss_cudnn"]) / max(abs(out["loss_flash"]), 1e-12)
+        out["ok"] = out["grad_cosine"] > 0.99 and out["loss_rel_diff"] < 2e-2
+        self.checks.append(out)
+        print(f"  check cuDNN vs flash: loss {out['loss_flash']:.5f} vs {out['loss_cudnn']:.5f}, grad cosine "
+              f"{out['grad_cosine']:.5f} -> {'ok' if out['ok'] else 'MISMATCH'}", flush=True)
+        self.save()
+        return out
+
+    def save(self) -> None:
+        result = {"machine": self.info, "arch": "tiny" if self.args.tiny else "FLUX.1 Kontext full (random bf16)",
+                  "date": datetime.date.today().isoformat(), "steps": self.args.steps, "warmup": self.args.warmup,
+                  "flops_per_step": self.flops, "checks": self.checks, "rows": self.rows}
+        for path in self.outputs():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+
+    def outputs(self) -> list[Path]:
+        gpu = self.info.get("gpu", "cpu").replace(" ", "_")
+        out = [ROOT / "benchmarks" / "results" / f"bench_train_step-{gpu}-{datetime.date.today()}.json"]
+        if self.args.out:
+            out.append(self.args.out)
+        return out if not self.args.tiny else out[1:]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny architecture (CPU run that keeps this script working)")
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[1024, 512])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--deadline", type=float, default=1e9, help="seconds; later rows are skipped, not started")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --tiny --device cpu", file=sys.stderr)
+        return 2
+    arch = TINY if args.tiny else FULL
+    bench = Bench(args, device, arch)
+    print(json.dumps(bench.info), flush=True)
+    full = not args.tiny
+    step_s = {1024: 2.0, 512: 0.8}
+    cudnn = "cudnn" if device.type == "cuda" else "math"
+    flash = "flash" if device.type == "cuda" else "math"
+    batches = {res: make_batch(arch, res, device, torch.bfloat16) for res in args.resolutions}
+
+    def need(res, factor=1.0):
+        return (args.warmup + args.steps) * step_s.get(res, 0.05) * factor + 5
+
+    # 1. baseline rows
+    params = bench.use_adapter("to_q,to_k,to_v,to_out.0")
+    for res in args.resolutions:
+        bench.model.enable_gradient_checkpointing()
+        gen = torch.Generator().manual_seed(0)
+        bench.run("baseline (eager, flash, ckpt, LoRA qkvo)", res, lambda i: baseline_step(bench.model, batches[res], gen),
+                  params, need(res))
+    # 2. ours
+    params = bench.use_adapter("attention")
+    for res in args.resolutions:
+        bench.count_flops(res, batches[res])
+    if full and device.type == "cuda":
+        bench.check_cudnn(batches[args.resolutions[0]])
+
+    def ours(res, backend):
+        gen = torch.Generator().manual_seed(0)
+        return lambda i: kontext_step(bench.model, batches[res], gen, attention_backend=backend)
+
+    plan = [(1.0, flash), (1.0, cudnn), (0.0, cudnn), (0.5, cudnn)]
+    for res in args.resolutions:
+        for fraction, backend in plan if res == args.resolutions[0] else [(0.0, cudnn), (1.0, cudnn)]:
+            speed.set_activation_checkpointing(bench.model, fraction)
+            bench.run(f"ours ({backend}, ckpt {fraction:.0%})", res, ours(res, backend), params, need(res))
+    # 3. regional compile (no recompiles across the two sizes: dynamic=False compiles once per shape)
+    if not args.no_compile:
+        speed.set_activation_checkpointing(bench.model, 0.0)
+        if bench.left() > need(args.resolutions[0]) + 120:
+            t = time.perf_counter()
+            speed.compile_blocks(bench.model)
+            for res in args.resolutions:
+                bench.run(f"ours ({cudnn}, ckpt 0%, compiled)", res, ours(res, cudnn), params, need(res) + 60)
+            bench.rows.append({"name": "compile (incl. first steps)", "seconds": round(time.perf_counter() - t, 1)})
+    # 4. int8-quanto base
+    if not args.no_int8 and bench.left() > need(args.resolutions[0]) + 60:
+        from optimum.quanto import freeze, qint8, quantize
+
+        # a fresh, uncompiled model (quanto's tensor subclasses do not go through the compiled blocks)
+        bench.model = None
+        bench.adapter = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        bench.model = build_transformer(arch, device, torch.bfloat16)
+        t = time.perf_counter()
+        quantize(bench.model, weights=qint8, exclude=["*.norm", "*.norm1", "*.norm2", "*.norm2_context", "proj_out",
+                                                      "x_embedder", "norm_out", "context_embedder"])
+        freeze(bench.model)
+        bench.rows.append({"name": "int8 quantize+freeze", "seconds": round(time.perf_counter() - t, 1)})
+        params = bench.use_adapter("attention")
+        for res in args.resolutions:
+            for fraction in (1.0, 0.0) if res == args.resolutions[0] else (1.0,):
+                speed.set_activation_checkpointing(bench.model, fraction)
+                bench.run(f"ours int8 ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params, need(res, 1.3))
+    bench.save()
+    base = {r["resolution"]: r["s_per_step"] for r in bench.rows if r.get("name", "").startswith("baseline")
+            and "s_per_step" in r}
+    print("\nsummary (median s/step; ratio = baseline / row):")
+    for r in bench.rows:
+        if "s_per_step" in r:
+            ratio = base.get(r["resolution"], float("nan")) / r["s_per_step"]
+            print(f"  {r['name']:<44} {r['resolution']:>5}px {r['s_per_step']:7.3f} s  x{ratio:4.2f}  "
+                  f"peak {r.get('peak_gib', '-')} GiB  {r.get('tflops', '-')} TFLOP/s")
+        elif "error" in r:
+            print(f"  {r['name']:<44} {r['resolution']:>5}px ERROR {r['error'][:120]}")
+    ok = all(r.get("finite", True) for r in bench.rows) and all(c["ok"] for c in bench.checks)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Speed levers keep the step's numbers: contiguous attention gradients, partial checkpointing, memory plan."""
+
+from __future__ import annotations
+
+import torch
+
+from kontext_trainer import speed
+from kontext_trainer.flow import KontextBatch, kontext_step
+
+
+def test_contiguous_attention_grads_change_nothing_but_layout():
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    k = torch.randn(1, 2, 8, 4, requires_grad=True)
+    torch.nn.functional.scaled_dot_product_attention(q, k, k).permute(0, 2, 1, 3).square().sum().backward()
+    expected = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    with speed.contiguous_attention_grads():
+        torch.nn.functional.scaled_dot_product_attention(q, k, k).permute(0, 2, 1, 3).square().sum().backward()
+    assert torch.equal(q.grad, expected[0]) and torch.equal(k.grad, expected[1])
+    assert torch.nn.functional.scaled_dot_product_attention is speed._SDPA  # restored
+
+
+def _batch(g):
+    return KontextBatch(target=torch.randn(1, 4, 8, 8, generator=g), references=[torch.randn(1, 4, 8, 8, generator=g)],
+                        prompt_embeds=torch.randn(1, 8, 32, generator=g), pooled=torch.randn(1, 32, generator=g))
+
+
+def test_partial_checkpointing_selects_blocks_and_keeps_gradients(tiny_model):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    batch = _batch(torch.Generator().manual_seed(0))
+    grads = {}
+    for fraction in (0.0, 0.5, 1.0):
+        n = speed.set_activation_checkpointing(model, fraction)
+        assert n == round(fraction * len(speed.transformer_blocks(model)))
+        model.zero_grad(set_to_none=True)
+        kontext_step(model, batch, torch.Generator().manual_seed(1))
+        grads[fraction] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(grads[0.0], grads[0.5], atol=1e-6) and torch.allclose(grads[0.0], grads[1.0], atol=1e-6)
+    assert not model.gradient_checkpointing or speed.set_activation_checkpointing(model, 0.0) == 0
+
+
+def test_memory_plan_matches_the_h100_measurements_and_fits_smaller_cards():
+    tokens_1024 = speed.sample_tokens((1024, 1024), [(1024, 1024)])
+    assert tokens_1024 == 8704
+    # measured on an H100: 26.8 / 49.3 / 74.6 GiB at fractions 1 / 0.5 / 0 (1024 px); int8 15.9 at 1
+    for fraction, measured in ((1.0, 26.84), (0.5, 49.29), (0.0, 74.56)):
+        assert abs(speed.predict_peak_gib(fraction, tokens_1024) - measured) / measured < 0.05
+    assert abs(speed.predict_peak_gib(1.0, tokens_1024, "int8-quanto") - 15.91) < 0.8
+    assert speed.plan_memory(79.2, tokens_1024).fraction == 0.0  # an 80 GB card: no checkpointing
+    small = speed.plan_memory(32.0, tokens_1024)
+    assert 0.0 < small.fraction <= 1.0 and small.peak_gib <= 29.0
+    assert "int8" in speed.plan_memory(24.0, tokens_1024).reason  # bf16 does not fit 24 GB at 1024 px
+    assert speed.plan_memory(24.0, tokens_1024, "int8-quanto").peak_gib <= 21.0
