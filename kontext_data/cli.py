@@ -115,6 +115,7 @@ def pair(
     report: Optional[Path] = typer.Option(None, help="Write the JSON report (problems, warnings, counts) here."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout instead of the summary."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    check_content: bool = typer.Option(False, "--check-content", help="Also compare each pair's pixels (kontext-data check): flags identical, unrelated and misaligned pairs and adds the pair_similarity column."),
 ) -> None:
     """Check that EDITED and REFERENCE folders pair 1-to-1 and write the training manifest.
 
@@ -157,12 +158,25 @@ def pair(
         raise typer.Exit(EXIT_USAGE)
     result = run_with_progress("Reading images", lambda cb: pair_folders(config, cb), quiet=quiet or as_json)
     data = result.report()
+    if check_content and result.manifest:
+        from kontext_data.check import CheckConfig, check_manifest, write_manifest_with_similarity
+
+        checked = run_with_progress("Comparing pairs", lambda cb: check_manifest(
+            result.manifest, CheckConfig(workers=workers), cb), quiet=quiet or as_json)
+        write_manifest_with_similarity(result.manifest, checked, result.manifest)
+        data["content_check"] = {"flag_counts": checked.counts(),
+                                 "flagged": [{"sample_id": s.sample_id, "flags": list(s.flags)}
+                                             for s in checked.flagged]}
     if report:
         write_json_atomic(report, data)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     else:
         print_pair_summary(result, report)
+        if "content_check" in data:
+            counts = ", ".join(f"{k}: {v}" for k, v in data["content_check"]["flag_counts"].items())
+            out.print(f"Content check ({counts}); see `kontext-data preview {result.manifest} --out preview.html "
+                      f"--sort worst` and `kontext-data check` for details.")
     raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
 
 
@@ -291,10 +305,14 @@ def import_simpletuner(
 def _register_stage_commands() -> None:
     """Commands whose code lives beside their stage (each module imports its heavy libraries lazily)."""
     from kontext_data.cli_degrade import degrade
+    from kontext_data.cli_inspect import check, inspect as inspect_cmd, preview
     from kontext_data.cli_split import split
 
     app.command("degrade")(degrade)
     app.command("split")(split)
+    app.command("inspect")(inspect_cmd)
+    app.command("preview")(preview)
+    app.command("check")(check)
 
 
 _register_stage_commands()

@@ -1,10 +1,18 @@
-"""LoRA adapters (peft) on the Flux transformer: target presets, attaching, saving in diffusers format.
+"""LoRA and LoKr adapters (peft) on the Flux transformer: target presets, attaching, saving in diffusers format.
 
 In: a FluxTransformer2DModel and the LoRA settings. Out: the transformer with a trainable peft adapter named
 "default", and `pytorch_lora_weights.safetensors` whose keys are `transformer.<module>.lora_A.weight` /
 `.lora_B.weight` (what `FluxKontextPipeline.load_lora_weights` reads). The LoRA config (rank, alpha, targets)
 is stored in the safetensors metadata under `lora_adapter_metadata`, as diffusers writes it, so alpha != rank
 loads with the right scale; the training config goes under `kontext_training_config`.
+
+LoKr (`adapter lokr`, peft's LoKrConfig, LyCORIS' Kronecker adapter): factor 16 on attention modules and 8 on
+feed-forward modules, factors as full matrices (SimpleTuner's defaults). Saved in the same file name with keys
+`transformer.<module>.lokr_w1` / `.lokr_w2` (`_a`/`_b` when decomposed). diffusers 0.42 reads such a file with
+`pipe.transformer.load_lora_adapter(dir, prefix="transformer", weight_name=...)` (`load_adapter` here does it), but
+not with `FluxKontextPipeline.load_lora_weights`, which rejects keys without "lora"; diffusers infers one
+decomposition factor per file, so a file with two factors (attention+ffs, 16/8) loads through our loader, the
+ComfyUI export (`kontext-train export --format comfyui`) and merging, not through diffusers.
 """
 
 from __future__ import annotations
@@ -56,6 +64,195 @@ def target_modules(transformer, targets: str | list[str] | tuple[str, ...]) -> l
     return sorted(set(chosen))
 
 
+ADAPTER_MARKERS = ("lora_", "lokr_")  # names of adapter parameters contain one of these
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(m in name for m in ADAPTER_MARKERS)
+
+
+def _train_adapter_params(transformer, dtype: torch.dtype = torch.float32) -> None:
+    for name, p in transformer.named_parameters():
+        if _is_adapter_param(name):
+            p.data = p.data.to(dtype)
+            p.requires_grad_(True)
+
+
+def is_feed_forward(module_name: str) -> bool:
+    return any(module_name == s or module_name.endswith("." + s) for s in FEED_FORWARD)
+
+
+def attach_lokr(transformer, targets, factor: int = 16, factor_ff: int = 8, full_matrix: bool = True,
+                decompose_both: bool = False, rank: int = 16, alpha: float | None = None, init_seed: int = 0):
+    """Add a trainable LoKr adapter (peft LoKrConfig): `factor` on attention modules, `factor_ff` on feed-forward
+    ones. full_matrix: both Kronecker factors are full matrices (rank/alpha unused, scale 1); else the second factor
+    (and the first with decompose_both) is decomposed with `rank`, scaled alpha/rank. Returns the LoKrConfig."""
+    import dataclasses
+
+    from peft import LoKrConfig
+
+    modules = target_modules(transformer, targets)
+    if full_matrix:
+        linears = [transformer.get_submodule(n) for n in modules]
+        r = max(max(m.in_features, m.out_features) for m in linears)
+        a = float(r)
+    else:
+        r, a = rank, float(alpha if alpha is not None else rank)
+    config = LoKrConfig(r=r, alpha=a, decompose_factor=factor, decompose_both=decompose_both and not full_matrix,
+                        target_modules=modules, init_weights=True)
+    transformer.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+        if factor_ff != factor:
+            ff_config = dataclasses.replace(config, decompose_factor=factor_ff)
+            for name in modules:
+                if not is_feed_forward(name):
+                    continue
+                layer = transformer.get_submodule(name)
+                for params in (layer.lokr_w1, layer.lokr_w1_a, layer.lokr_w1_b, layer.lokr_w2, layer.lokr_w2_a,
+                               layer.lokr_w2_b, layer.lokr_t2):
+                    if ADAPTER_NAME in params:
+                        del params[ADAPTER_NAME]
+                layer.update_layer(ADAPTER_NAME, r, a, config=ff_config)
+    _train_adapter_params(transformer)
+    transformer._kontext_lokr_factors = {"attention": factor, "feed_forward": factor_ff}
+    return config
+
+
+def attach_from_config(transformer, cfg, init_seed: int | None = None):
+    """LoRA or LoKr as `cfg.adapter` says (a TrainConfig). Returns the peft config used."""
+    seed = cfg.seed if init_seed is None else init_seed
+    if getattr(cfg, "adapter", "lora") == "lokr":
+        return attach_lokr(transformer, cfg.lora_targets, factor=cfg.lokr_factor, factor_ff=cfg.lokr_factor_ff,
+                           full_matrix=cfg.lokr_full_matrix, decompose_both=cfg.lokr_decompose_both,
+                           rank=cfg.lora_rank, alpha=cfg.lora_alpha, init_seed=seed)
+    return attach_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, init_seed=seed)
+
+
+def is_lokr_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    return any(".lokr_" in k for k in state_dict)
+
+
+def load_adapter(pipe, path: Path | str, adapter_name: str | None = None) -> None:
+    """Load a LoRA or LoKr file saved by this trainer (a folder or the .safetensors file) into a diffusers Flux
+    pipeline: LoRA through `pipe.load_lora_weights`, LoKr through `pipe.transformer.load_lora_adapter` (which
+    diffusers 0.42's `FluxKontextPipeline.load_lora_weights` does not route LoKr files to)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    folder, weight_name = (path, LORA_WEIGHT_NAME) if path.is_dir() else (path.parent, path.name)
+    with safe_open(str(folder / weight_name), "pt") as fh:
+        keys = list(fh.keys())
+        meta = fh.metadata() or {}
+        lokr = any(".lokr_" in k for k in keys)
+        factors = json.loads(meta.get("kontext.lokr_factors", "{}"))
+        if lokr and len(set(factors.values())) > 1:
+            # two factors: diffusers cannot build this; attach the same LoKr ourselves and load the weights
+            sd = {k[len("transformer."):]: fh.get_tensor(k) for k in keys if k.startswith("transformer.")}
+    if lokr and len(set(factors.values())) > 1:
+        from peft.utils import set_peft_model_state_dict
+
+        modules = sorted({k.rpartition(".lokr_")[0] for k in sd})
+        decomposed = [k for k in sd if k.endswith(("_a", "_b"))]
+        rank = next((v.shape[1] for k, v in sd.items() if k.endswith(("lokr_w2_a", "lokr_w1_a"))), 16)
+        alpha = float(meta.get("kontext.alpha", rank)) if decomposed else None
+        attach_lokr(pipe.transformer, modules, factor=factors["attention"], factor_ff=factors["feed_forward"],
+                    full_matrix=not decomposed, decompose_both=any("lokr_w1_a" in k for k in decomposed),
+                    rank=rank, alpha=alpha)
+        result = set_peft_model_state_dict(pipe.transformer, sd, adapter_name=ADAPTER_NAME)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder / weight_name}: keys that fit no module, e.g. {result.unexpected_keys[:3]}")
+        pipe.transformer.requires_grad_(False)
+    elif lokr:
+        pipe.transformer.load_lora_adapter(str(folder), prefix="transformer", weight_name=weight_name,
+                                           adapter_name=adapter_name)
+    else:
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+
+
+LYCORIS_KEYS = ("algo", "factor", "full_matrix", "decompose_both", "linear_dim", "linear_alpha", "apply_preset",
+                "multiplier")
+LYCORIS_FULL_DIM = 10000  # LyCORIS/SimpleTuner: a linear_dim this large means full-matrix factors
+
+
+def read_lycoris_config(path: str | Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Map a SimpleTuner/LyCORIS `lycoris_config.json` to our fields. Returns (values, warnings, problems): values
+    for adapter, lokr_factor, lokr_factor_ff, lokr_full_matrix, lokr_decompose_both, lora_rank, lora_alpha,
+    lora_targets; keys we cannot honour are listed in one warning."""
+    path = Path(path)
+    values: dict[str, Any] = {"adapter": "lokr"}
+    problems: list[str] = []
+    unsupported: list[str] = []
+    if not path.is_file():
+        return values, [], [f"lycoris_config: no such file {path}"]
+    try:
+        from kontext_trainer.config import strip_json_comments
+
+        data = json.loads(strip_json_comments(path.read_text(encoding="utf-8")))
+    except Exception as exc:
+        return values, [], [f"lycoris_config {path}: cannot parse ({type(exc).__name__}: {exc})"]
+    if not isinstance(data, dict):
+        return values, [], [f"lycoris_config {path}: the top level must be an object"]
+    algo = str(data.get("algo", "lokr")).lower()
+    if algo != "lokr":
+        problems.append(f"lycoris_config {path}: algo {algo!r} is not supported; only \"lokr\" is")
+    for key, value in data.items():
+        if key not in LYCORIS_KEYS:
+            unsupported.append(key)
+    if "factor" in data:
+        values["lokr_factor"] = values["lokr_factor_ff"] = int(data["factor"])
+    if "linear_dim" in data:
+        dim = int(data["linear_dim"])
+        if dim >= LYCORIS_FULL_DIM:
+            values["lokr_full_matrix"] = True
+        else:
+            values["lokr_full_matrix"] = False
+            values["lora_rank"] = dim
+    if "linear_alpha" in data and not values.get("lokr_full_matrix", True):
+        values["lora_alpha"] = float(data["linear_alpha"])
+    if "full_matrix" in data:
+        values["lokr_full_matrix"] = bool(data["full_matrix"])
+    if "decompose_both" in data:
+        values["lokr_decompose_both"] = bool(data["decompose_both"])
+    if float(data.get("multiplier", 1.0)) != 1.0:
+        unsupported.append("multiplier")
+    preset = data.get("apply_preset") or {}
+    if not isinstance(preset, dict):
+        problems.append(f"lycoris_config {path}: apply_preset must be an object")
+        preset = {}
+    for key in preset:
+        if key not in ("target_module", "module_algo_map"):
+            unsupported.append(f"apply_preset.{key}")
+    kinds = {"Attention": "attention", "FeedForward": "ffs"}
+    chosen = []
+    for name in preset.get("target_module") or []:
+        if name in kinds:
+            chosen.append(kinds[name])
+        else:
+            unsupported.append(f"apply_preset.target_module {name!r}")
+    if chosen:
+        values["lora_targets"] = "attention+ffs" if "ffs" in chosen else "attention"
+        if chosen == ["ffs"]:
+            values["lora_targets"] = ",".join(FEED_FORWARD)
+    for name, algo_map in (preset.get("module_algo_map") or {}).items():
+        if name not in kinds or not isinstance(algo_map, dict):
+            unsupported.append(f"apply_preset.module_algo_map {name!r}")
+            continue
+        for k, v in algo_map.items():
+            if k == "factor":
+                values["lokr_factor" if name == "Attention" else "lokr_factor_ff"] = int(v)
+            elif k == "algo" and str(v).lower() == "lokr":
+                continue
+            else:
+                unsupported.append(f"apply_preset.module_algo_map.{name}.{k}")
+    warnings = []
+    if unsupported:
+        warnings.append(f"lycoris_config {path.name}: {len(unsupported)} key(s) not supported here (ignored): "
+                        + ", ".join(unsupported))
+    return values, warnings, problems
+
+
 def attach_lora(transformer, rank: int, alpha: float | None, dropout: float, targets, init_seed: int = 0):
     """Add a trainable LoRA adapter; base weights stay frozen. Returns the LoraConfig used."""
     from peft import LoraConfig
@@ -68,10 +265,7 @@ def attach_lora(transformer, rank: int, alpha: float | None, dropout: float, tar
         torch.manual_seed(init_seed)
         transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
     # adapter weights train in float32 even on a bf16 base
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-            p.requires_grad_(True)
+    _train_adapter_params(transformer)
     return config
 
 
@@ -84,7 +278,8 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     sd = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
-    return {f"transformer.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    # full precision on disk whatever the training dtype (quantized base, adamw_bf16)
+    return {f"transformer.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
 def lora_metadata(transformer, training_config: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -95,8 +290,16 @@ def lora_metadata(transformer, training_config: Mapping[str, Any] | None = None)
         "format": "pt",
         "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, default=str),
         "kontext.rank": str(cfg.get("r")),
-        "kontext.alpha": str(cfg.get("lora_alpha")),
+        "kontext.alpha": str(cfg.get("lora_alpha", cfg.get("alpha"))),
     }
+    factors = getattr(transformer, "_kontext_lokr_factors", None)
+    if str(cfg.get("peft_type", "")).upper().endswith("LOKR"):
+        meta["kontext.adapter"] = "lokr"
+        if factors:
+            meta["kontext.lokr_factors"] = json.dumps(factors, sort_keys=True)
+            if len(set(factors.values())) > 1 and any(is_feed_forward(m) for m in cfg.get("target_modules") or []):
+                # one LoKrConfig cannot describe two factors: leave diffusers nothing wrong to read
+                del meta["lora_adapter_metadata"]
     if training_config is not None:
         meta["kontext_training_config"] = json.dumps(dict(training_config), sort_keys=True, default=str)
     return meta
@@ -133,7 +336,4 @@ def load_lora_into(transformer, path: Path | str) -> None:
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
         raise ValueError(f"{path}: {len(unexpected)} adapter key(s) do not fit this model, e.g. {unexpected[:3]}")
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-            p.requires_grad_(True)
+    _train_adapter_params(transformer)

@@ -8,6 +8,9 @@ Keys:
 - text:   xxh3_128 of (CLIP + T5 fingerprints, max_sequence_length, the caption text);
 - latent: xxh3_128 of (VAE fingerprint, the file's manifest hash, its size and mtime, the six geometry fields,
   the dtype). A changed file (even without a new manifest), crop or VAE re-encodes that entry only.
+  An on-demand reference (`kontext-data degrade --on-demand`: no file, synthesized from its source with the
+  record's seed) adds the record's `params_hash` and `seed` to the key of its source file: the record fixes
+  every random draw, so its pixels are the same on every call and its latent is cached like any other.
 Reshuffling, resuming or editing the manifest cannot pair a caption with the wrong image: a sample looks its
 entries up by its own content keys. Files are written to a temp name and renamed (atomic).
 
@@ -49,10 +52,20 @@ class ImageEntry:
     path: str
     file_hash: str
     geometry: tuple[int, ...]  # GEOMETRY_FIELDS, in that order
+    synth: str = ""  # on-demand degradation record (canonical JSON); empty for an ordinary file
 
     @staticmethod
-    def from_geometry(path: str, file_hash: str, geometry: Mapping[str, Any]) -> "ImageEntry":
-        return ImageEntry(path=str(path), file_hash=file_hash, geometry=tuple(int(geometry[k]) for k in GEOMETRY_FIELDS))
+    def from_geometry(path: str, file_hash: str, geometry: Mapping[str, Any], synth: str = "") -> "ImageEntry":
+        return ImageEntry(path=str(path), file_hash=file_hash,
+                          geometry=tuple(int(geometry[k]) for k in GEOMETRY_FIELDS), synth=synth)
+
+    @property
+    def on_demand(self) -> bool:
+        return bool(self.synth)
+
+    @property
+    def synth_record(self) -> dict:
+        return json.loads(self.synth) if self.synth else {}
 
     @property
     def geometry_dict(self) -> dict[str, int]:
@@ -71,8 +84,35 @@ def latent_key(vae_fingerprint: str, entry: ImageEntry, dtype: str) -> str:
         stamp = (st.st_size, st.st_mtime_ns)
     except OSError:
         stamp = None
-    return _hash({"v": CACHE_FORMAT, "kind": "latent", "fp": vae_fingerprint, "hash": entry.file_hash,
-                  "stat": stamp, "geometry": entry.geometry, "dtype": dtype})
+    key = {"v": CACHE_FORMAT, "kind": "latent", "fp": vae_fingerprint, "hash": entry.file_hash,
+           "stat": stamp, "geometry": entry.geometry, "dtype": dtype}
+    if entry.synth:
+        rec = entry.synth_record
+        key["synth"] = {"params_hash": rec.get("params_hash"), "seed": rec.get("seed")}
+    return _hash(key)
+
+
+def load_entry_image(entry: ImageEntry, load_image: Callable | None = None):
+    """The PIL image of one entry: the file through `load_image(path, geometry)` (default
+    kontext_data.manifest.load_image), or for an on-demand reference the pixels synthesized from its source with
+    the record's seed (EXIF orientation applied by the synthesis), then the recorded geometry."""
+    if entry.synth:
+        from PIL import Image
+
+        from kontext_data.degrade import synthesize_reference
+        from kontext_data.geometry import apply_geometry
+
+        return apply_geometry(Image.fromarray(synthesize_reference(entry.path, entry.synth_record)),
+                              entry.geometry_dict)
+    if load_image is None:
+        from kontext_data.manifest import load_image
+    return load_image(entry.path, entry.geometry_dict)
+
+
+def shard_of(keys, rank: int, world_size: int) -> list:
+    """This rank's disjoint share of `keys` (sorted, every world_size-th; keys are content hashes, so the shares
+    are balanced): the ranks together cover every key exactly once."""
+    return sorted(keys)[rank::world_size] if world_size > 1 else sorted(keys)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -122,16 +162,21 @@ class FeatureCache:
 
     # ----------------------------------------------------------------------------------- text
 
-    def missing_text(self, keyed_captions: Mapping[str, str]) -> dict[str, str]:
-        return {k: c for k, c in keyed_captions.items() if not self.text_path(k).is_file()}
+    def missing_text(self, keyed_captions: Mapping[str, str], rank: int = 0, world_size: int = 1) -> dict[str, str]:
+        """Captions without a cache file, among this rank's share of the keys (`shard_of`: the shares are
+        disjoint, so no other rank writes them and the answer cannot race)."""
+        return {k: keyed_captions[k] for k in shard_of(keyed_captions, rank, world_size)
+                if not self.text_path(k).is_file()}
 
     def encode_text(self, encoders, keyed_captions: Mapping[str, str], device, batch_size: int,
-                    max_sequence_length: int, progress: ProgressFn | None = None) -> int:
+                    max_sequence_length: int, progress: ProgressFn | None = None, rank: int = 0,
+                    world_size: int = 1) -> int:
         """Encode and store every caption (key -> text) whose file is missing, exactly as FluxKontextPipeline
-        encodes a prompt (its own encode_prompt). Returns how many were encoded."""
+        encodes a prompt (its own encode_prompt). Returns how many were encoded. With world_size > 1 this rank
+        encodes only its share (`shard_of`); the caller puts a barrier after it."""
         from diffusers import FluxKontextPipeline
 
-        todo = sorted(self.missing_text(keyed_captions).items())
+        todo = sorted(self.missing_text(keyed_captions, rank, world_size).items())
         if not todo:
             return 0
         pipe = FluxKontextPipeline(scheduler=None, vae=None, text_encoder=encoders.text_encoder,
@@ -156,13 +201,19 @@ class FeatureCache:
 
     # ----------------------------------------------------------------------------------- latents
 
-    def missing_latents(self, keyed_entries: Mapping[str, ImageEntry]) -> dict[str, ImageEntry]:
-        return {k: e for k, e in keyed_entries.items() if not self.latent_path(k).is_file()}
+    def missing_latents(self, keyed_entries: Mapping[str, ImageEntry], rank: int = 0,
+                        world_size: int = 1) -> dict[str, ImageEntry]:
+        """Entries without a cache file, among this rank's share of the keys (as `missing_text`)."""
+        return {k: keyed_entries[k] for k in shard_of(keyed_entries, rank, world_size)
+                if not self.latent_path(k).is_file()}
 
     def encode_latents(self, vae, keyed_entries: Mapping[str, ImageEntry], device, batch_size: int,
-                       load_image: Callable, progress: ProgressFn | None = None) -> int:
-        """VAE-encode every missing entry (grouped by size, `batch_size` per call) and store it normalized."""
-        todo = self.missing_latents(keyed_entries)
+                       load_image: Callable | None = None, progress: ProgressFn | None = None, rank: int = 0,
+                       world_size: int = 1) -> int:
+        """VAE-encode every missing entry (grouped by size, `batch_size` per call) and store it normalized.
+        On-demand references are synthesized (`load_entry_image`). With world_size > 1 this rank encodes the
+        missing entries of its share of the keys (`shard_of`); the caller puts a barrier after it."""
+        todo = self.missing_latents(keyed_entries, rank, world_size)
         if not todo:
             return 0
         by_size: dict[tuple[int, int], list[tuple[str, ImageEntry]]] = {}
@@ -174,11 +225,11 @@ class FeatureCache:
         for items in by_size.values():
             for i in range(0, len(items), batch_size):
                 chunk = items[i:i + batch_size]
-                images = [load_image(e.path, e.geometry_dict) for _, e in chunk]
+                images = [load_entry_image(e, load_image) for _, e in chunk]
                 latents = encode_images(vae, images, device)
                 for j, (key, entry) in enumerate(chunk):
                     _atomic_save({"latent": latents[j]}, self.latent_path(key),
-                                 {"path": entry.path, "hash": entry.file_hash})
+                                 {"path": entry.path, "hash": entry.file_hash, "synth": entry.synth})
                 done += len(chunk)
                 if progress:
                     progress("latents", done, len(todo))

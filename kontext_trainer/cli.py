@@ -29,7 +29,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = ("train", "make-tiny-model")
+SUBCOMMANDS = ("train", "make-tiny-model", "export")
 
 
 @app.callback()
@@ -133,7 +133,14 @@ class _Reporter:
     "  kontext-train manifest.parquet --config config.json --set lora_targets=attention+ffs --set optimizer=lion",
 )
 def train_cmd(
-    manifest: Path = typer.Argument(..., help="Parquet manifest written by `kontext-data pair`."),
+    manifest: List[Path] = typer.Argument(..., help="Parquet manifest(s) written by `kontext-data pair`; several "
+                                          "are trained as one (sample ids must be unique across them)."),
+    reference_sampling: Optional[str] = typer.Option(None, "--reference-sampling", help="Samples with several "
+                                                     "references: combined (all, every step) | random (one per "
+                                                     "sample per step, seeded)."),
+    num_processes: int = typer.Option(1, "--num-processes", min=1, help="Data-parallel processes on this machine "
+                                      "(one per GPU; gloo on the CPU). Same as `accelerate launch --multi_gpu "
+                                      "--num_processes N -m kontext_trainer ...`."),
     model: Optional[str] = typer.Option(None, "--model", help="FLUX.1 Kontext [dev] folder (diffusers layout) or hub "
                                         "id; default black-forest-labs/FLUX.1-Kontext-dev from the local HF cache."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file: JSON (comments allowed), TOML "
@@ -146,7 +153,8 @@ def train_cmd(
     gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (default 16)."),
     lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="attention | attention+ffs | all | a,b,c"),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | lion (optimi-lion)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | optimi-adamw | lion (optimi-lion) | "
+                                            "adamw_bf16 (bf16 weights, Kahan summation)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     validation_steps: Optional[int] = typer.Option(None, "--validation-steps", help="Validate every N steps."),
     validation_samples: Optional[int] = typer.Option(None, "--validation-samples",
@@ -156,7 +164,14 @@ def train_cmd(
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
     cache_batch_size: Optional[int] = typer.Option(None, "--cache-batch-size", help="Batch of VAE/text encoding."),
     vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="VAE tiling for caching."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Base model precision: bf16 | fp32."),
+    precision: Optional[str] = typer.Option(None, "--base-precision", "--precision",
+                                            help="Base model precision: bf16 | fp32 | int8-quanto | fp8-quanto."),
+    # --- model side (issue 6) ---
+    quantize_on: Optional[str] = typer.Option(None, "--quantize-on", help="Quantize on the gpu (training device) "
+                                              "or in cpu RAM (the guide's quantize_via)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="lora (default) | lokr."),
+    lycoris_config: Optional[Path] = typer.Option(None, "--lycoris-config", help="SimpleTuner lycoris_config.json "
+                                                  "(algo lokr); implies --adapter lokr."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash images and compare with the manifest first."),
     download: bool = typer.Option(False, "--download", help="Allow downloading --model from the hub."),
@@ -183,13 +198,15 @@ def train_cmd(
     problems += set_problems
     overrides: dict = dict(sets)
     explicit = {
-        "manifest": str(manifest), "model": model, "output_dir": output_dir, "cache_dir": cache_dir,
+        "manifest": os.pathsep.join(str(m) for m in manifest), "model": model, "output_dir": output_dir, "cache_dir": cache_dir,
         "max_train_steps": max_train_steps, "learning_rate": learning_rate, "train_batch_size": train_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps, "lora_rank": lora_rank,
         "lora_targets": lora_targets, "optimizer": optimizer, "seed": seed, "validation_steps": validation_steps,
         "validation_samples": validation_samples, "checkpointing_steps": checkpointing_steps,
         "resume_from_checkpoint": resume, "cache_batch_size": cache_batch_size, "vae_tiling": vae_tiling,
-        "base_model_precision": precision, "device": device,
+        "base_model_precision": precision, "device": device, "reference_sampling": reference_sampling,
+        "quantize_on": quantize_on, "adapter": adapter,
+        "lycoris_config": str(lycoris_config) if lycoris_config else None,
     }
     overrides.update({k: v for k, v in explicit.items() if v is not None})
     if verify:
@@ -211,9 +228,25 @@ def train_cmd(
         out.print_json(json.dumps(cfg.to_dict()))
         raise typer.Exit(EXIT_OK)
 
+    from kontext_trainer.distributed import launch, world_size_from_env
+
+    if num_processes > 1 and world_size_from_env() <= 1:
+        argv, skip = [], False
+        for a in sys.argv[1:]:  # the same command without --num-processes, in N processes
+            if skip:
+                skip = False
+            elif a == "--num-processes":
+                skip = True
+            elif not a.startswith("--num-processes="):
+                argv.append(a)
+        raise typer.Exit(launch(num_processes, argv))
+
     from kontext_trainer.recipe import TrainError, train
 
     _quiet_libraries()
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank > 0:  # rank 0 reports for the group
+        quiet, json_lines = True, False
     reporter = _Reporter(quiet=quiet, json_lines=json_lines)
     try:
         result = train(cfg, on_event=reporter)
@@ -226,6 +259,8 @@ def train_cmd(
         raise typer.Exit(130)
     finally:
         reporter.close()
+    if rank > 0:
+        raise typer.Exit(EXIT_OK)
     first = result.losses[0][1] if result.losses else float("nan")
     last_n = [l for _, l in result.losses[-max(1, len(result.losses) // 10):]]
     summary = {
@@ -262,6 +297,44 @@ def make_tiny_model_cmd(
 
     path = make_tiny_model(out_dir, seed=seed)
     out.print(f"Tiny Kontext model: {path}")
+
+
+@app.command("export", epilog="Examples:\n\n"
+             "  kontext-train export kontext-lora --format comfyui\n\n"
+             "  kontext-train export my_lora_comfyui.safetensors --format diffusers --out converted/")
+def export_cmd(
+    adapter: Path = typer.Argument(..., help="An output folder (its pytorch_lora_weights.safetensors) or an adapter "
+                                   ".safetensors file (diffusers, Kohya or LyCORIS keys)."),
+    format_: str = typer.Option(..., "--format", "-f", help="comfyui (Kohya keys on BFL names for LoRA, LyCORIS "
+                                "keys for LoKr) | diffusers."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the input; "
+                                            "diffusers: a diffusers/ folder that load_lora_weights reads)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON line."),
+) -> None:
+    """Convert an adapter between the diffusers and ComfyUI/Kohya formats.
+
+    Example: kontext-train export kontext-lora --format comfyui
+    """
+    from kontext_trainer.export import FORMATS, ExportError, export_adapter
+
+    if format_ not in FORMATS:
+        _fail("export", [f"--format {format_!r} is not one of {', '.join(FORMATS)}"], EXIT_USAGE)
+    target = out_path
+    if target is not None and (target.is_dir() or str(target).endswith(("/", os.sep))):
+        target = target / "pytorch_lora_weights.safetensors"
+    try:
+        result = export_adapter(adapter, format_, target)
+    except ExportError as exc:
+        _fail(f"export {adapter}", exc.problems, EXIT_PROBLEMS)
+    info = {"path": str(result.path), "from": result.source_format, "to": result.target_format,
+            "adapter": result.adapter, "modules": result.modules_in, "keys": result.keys_out, "notes": result.notes}
+    if json_out:
+        print(json.dumps(info), flush=True)
+    else:
+        for n in result.notes:
+            err.print(f"[cyan]note:[/cyan] {n}", highlight=False)
+        out.print(f"{result.adapter} adapter ({result.source_format} -> {result.target_format}, {result.modules_in} "
+                  f"modules): {result.path}")
 
 
 def main() -> None:

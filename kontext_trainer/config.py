@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from kontext_data.jsonc import strip_jsonc
 from kontext_trainer.model import DEFAULT_MODEL
 
 
@@ -38,7 +39,9 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     """Everything one `kontext-train` run needs. Each field's metadata['help'] is its documentation."""
 
-    manifest: str = _f("", "Path of the Parquet manifest written by `kontext-data`.")
+    manifest: str = _f("", "Path of the Parquet manifest written by `kontext-data`; several manifests (rows "
+                           "concatenated, sample ids unique across them) are joined with the OS path separator "
+                           "(':' on Linux), or given as a list in a config file / several CLI arguments.")
     model: str = _f(DEFAULT_MODEL, "Local FLUX.1 Kontext [dev] directory (diffusers layout) or a hub id, looked up "
                                    "in the local Hugging Face cache.")
     download: bool = _f(False, "Allow downloading --model from the hub when it is not cached.")
@@ -47,12 +50,18 @@ class TrainConfig:
                             "entries are keyed by content.")
     verify: bool = _f(False, "Re-hash every image file and compare with the manifest's hashes before training.")
 
-    base_model_precision: Literal["bf16", "fp32"] = _f("bf16", "Precision of the frozen base model (bf16; fp32 for "
-                                                               "CPU tests). int8-quanto comes with a later release.")
+    base_model_precision: Literal["bf16", "fp32", "int8-quanto", "fp8-quanto"] = _f(
+        "bf16", "Precision of the frozen base model: bf16; fp32 (CPU tests); int8-quanto / fp8-quanto (optimum-quanto "
+                "qint8 / qfloat8 weights, bf16 compute, the adapter in float32). Infer at the precision you trained.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    checkpoint_fraction: float | None = _f(
+        None, "Fraction of the transformer blocks whose activations are recomputed (1.0 = all, 0 = none; only with "
+              "gradient_checkpointing). Default: on CUDA the fastest that fits the card's memory (measured model, "
+              "see docs/performance.md), said at start-up; 1.0 elsewhere.", min=0.0, max=1.0)
     attention_backend: Literal["auto", "default", "flash", "efficient", "math", "cudnn"] = _f(
-        "auto", "SDPA kernels for training: auto = flash/mem-efficient on CUDA (never PyTorch's default cuDNN "
-                "attention, which crashed in backward), default elsewhere.")
+        "auto", "SDPA kernels for training: auto = on CUDA cuDNN attention with a contiguous gradient (the fix for "
+                "its backward crash; ~1.2x faster steps than flash at 1024 px), falling back to flash/mem-efficient; "
+                "PyTorch's default elsewhere.")
     device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
 
     lora_rank: int = _f(16, "LoRA rank.", min=1)
@@ -62,8 +71,10 @@ class TrainConfig:
                                         "a comma-separated list of module suffixes.")
 
     learning_rate: float = _f(1e-4, "Peak learning rate (the guide: 1e-5 with Lion, 5e-4 with AdamW).", min=0.0)
-    optimizer: Literal["adamw", "lion"] = _f("adamw", "adamw (torch.optim.AdamW) or lion (torch-optimi Lion; "
-                                                      "SimpleTuner's optimi-lion).")
+    optimizer: Literal["adamw", "lion", "optimi-adamw", "adamw_bf16"] = _f(
+        "adamw", "adamw (torch.optim.AdamW), lion (torch-optimi Lion; the guide's optimi-lion), optimi-adamw "
+                 "(torch-optimi AdamW) or adamw_bf16 (adapter weights in bf16, torch-optimi AdamW with Kahan "
+                 "summation).")
     adam_beta1: float = _f(0.9, "AdamW/Lion beta1.")
     adam_beta2: float = _f(0.999, "AdamW/Lion beta2 (0.99 is usual for Lion).")
     adam_weight_decay: float = _f(1e-2, "Decoupled weight decay.", min=0.0)
@@ -110,8 +121,37 @@ class TrainConfig:
     report_to: Literal["tensorboard", "none"] = _f("tensorboard", "Where metrics go (OUTPUT_DIR/logs).")
     logging_steps: int = _f(1, "Log loss/lr/step time every N optimizer steps.", min=1)
 
+    # --- data side (issue 6) ---
+    reference_sampling: Literal["combined", "random"] = _f(
+        "combined", "Samples with several references: combined = all references in every step; random = one "
+                    "reference per sample per step, drawn from (seed, sample id, epoch) (SimpleTuner's "
+                    "conditioning_multidataset_sampling).")
+
+    # --- model side (issue 6) ---
+    quantize_on: Literal["gpu", "cpu"] = _f("gpu", "Where int8/fp8-quanto quantizes the base (the guide's "
+                                                   "quantize_via): gpu = on the training device (fast, needs the bf16 "
+                                                   "model's memory there), cpu = in RAM first (~50 GB for the full "
+                                                   "model), then moved.")
+    adapter: Literal["lora", "lokr"] = _f("lora", "lora (peft LoRA) or lokr (peft LoKr, LyCORIS' Kronecker adapter).")
+    lokr_factor: int = _f(16, "LoKr decomposition factor on attention modules (SimpleTuner default 16; -1 = "
+                              "near-square).", min=-1)
+    lokr_factor_ff: int = _f(8, "LoKr factor on feed-forward modules (default 8). diffusers loads one factor per "
+                                "file: set it equal to lokr_factor to load an attention+ffs LoKr in diffusers.", min=-1)
+    lokr_full_matrix: bool = _f(True, "LoKr factors as full matrices (SimpleTuner's full dimension); false: the second "
+                                      "factor is decomposed with rank lora_rank.")
+    lokr_decompose_both: bool = _f(False, "LoKr: also decompose the first factor (rank lora_rank).")
+    lycoris_config: str = _f("", "A SimpleTuner/LyCORIS lycoris_config.json (algo lokr): its factor, full_matrix, "
+                                 "linear_dim/alpha and apply_preset are mapped to the lokr_* keys.")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def manifest_paths(self) -> list[str]:
+        """The manifest(s): `manifest` split on the OS path separator."""
+        import os
+
+        return [p for p in self.manifest.split(os.pathsep) if p]
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -140,6 +180,8 @@ ALIASES: dict[str, str] = {
     "lora_targets": "lora_targets",
     "lora_target": "lora_targets",
     "attention_mechanism": "attention_backend",
+    "conditioning_multidataset_sampling": "reference_sampling",
+    "quantize_via": "quantize_on",
 }
 # keys whose value we check but that map to no field (checked in _translate)
 CHECKED_ONLY = ("model_family", "model_flavour", "model_type", "lora_type", "flow_use_uniform_schedule",
@@ -152,15 +194,16 @@ OPTIMIZER_ALIASES = {
     "lion": ("lion", None),
     "optimi-lion": ("lion", None),
     "optimi_lion": ("lion", None),
-    "adamw_bf16": ("adamw", "optimizer adamw_bf16 (bf16 AdamW with stochastic rounding) is not available here: "
-                            "using torch AdamW with float32 adapter weights and states, its closest equivalent"),
-    "optimi-adamw": ("adamw", "optimizer optimi-adamw: using torch AdamW (same update rule)"),
+    "adamw_bf16": ("adamw_bf16", None),
+    "optimi-adamw": ("optimi-adamw", None),
+    "optimi_adamw": ("optimi-adamw", None),
     "adamw_schedulefree": None,
 }
 SCHEDULER_ALIASES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
                      "cosine": "cosine"}
 PRECISION_ALIASES = {"bf16": "bf16", "no_change": "bf16", "fp32": "fp32", "float32": "fp32", "bfloat16": "bf16"}
-NOT_YET_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "int8-torchao", "fp8-quanto", "fp8-torchao",
+PRECISION_ALIASES.update({"int8-quanto": "int8-quanto", "fp8-quanto": "fp8-quanto"})  # model side (issue 6)
+NOT_YET_PRECISIONS = ("int4-quanto", "int2-quanto", "int8-torchao", "fp8-torchao",
                       "fp8uz-quanto", "nf4-bnb", "int4-torchao")
 
 
@@ -176,36 +219,7 @@ class ResolvedConfig:
 
 def strip_json_comments(text: str) -> str:
     """Remove // and /* */ comments and trailing commas outside strings (JSON with comments, as the guide)."""
-    out = []
-    i, n = 0, len(text)
-    in_str = False
-    while i < n:
-        c = text[i]
-        if in_str:
-            out.append(c)
-            if c == "\\" and i + 1 < n:
-                out.append(text[i + 1])
-                i += 2
-                continue
-            if c == '"':
-                in_str = False
-            i += 1
-            continue
-        if c == '"':
-            in_str = True
-            out.append(c)
-            i += 1
-        elif text.startswith("//", i):
-            j = text.find("\n", i)
-            i = n if j < 0 else j
-        elif text.startswith("/*", i):
-            j = text.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-        else:
-            out.append(c)
-            i += 1
-    cleaned = "".join(out)
-    return re.sub(r",(\s*[}\]])", r"\1", cleaned)
+    return strip_jsonc(text)
 
 
 def read_config_file(path: Path | str) -> dict[str, Any]:
@@ -325,11 +339,11 @@ def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> t
     if key == "lora_type":
         v = str(value).lower()
         if v in ("lycoris", "lokr"):
-            problems.append("lora_type: LyCORIS/LoKr adapters are not available yet (they come with a later "
-                            "trainer release); use lora_type \"standard\"")
-        elif v != "standard":
-            problems.append(f"lora_type: {value!r} is not one of 'standard'")
-        return None, None
+            return "adapter", "lokr"
+        if v != "standard":
+            problems.append(f"lora_type: {value!r} is not one of 'standard', 'lycoris'")
+            return None, None
+        return "adapter", "lora"
     if key == "flow_use_uniform_schedule":
         ok, err = _coerce("vae_tiling", value)
         if err:
@@ -346,19 +360,20 @@ def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> t
     if key == "base_model_precision":
         v = str(value).lower()
         if v in NOT_YET_PRECISIONS:
-            problems.append(f"base_model_precision: {value!r} is not available yet: quantized bases come with the "
-                            "next trainer release. Use \"bf16\" (needs ~40 GB of GPU memory at 1024 px).")
+            problems.append(f"base_model_precision: {value!r} is not available: use int8-quanto (the guide's "
+                            "choice, ~24 GB at 1024 px), fp8-quanto, bf16 or fp32")
             return None, None
         if v not in PRECISION_ALIASES:
-            problems.append(f"base_model_precision: {value!r} is not one of bf16, fp32 (no_change = bf16)")
+            problems.append(f"base_model_precision: {value!r} is not one of bf16, fp32, int8-quanto, fp8-quanto "
+                            "(no_change = bf16)")
             return None, None
         return key, PRECISION_ALIASES[v]
     if key == "optimizer":
         v = str(value).lower()
         hit = OPTIMIZER_ALIASES.get(v)
         if hit is None:
-            problems.append(f"optimizer: {value!r} is not supported; valid: adamw, lion, optimi-lion, adamw_bf16 "
-                            "(-> adamw)")
+            problems.append(f"optimizer: {value!r} is not supported; valid: adamw, lion, optimi-lion, "
+                            "optimi-adamw, adamw_bf16")
             return None, None
         if hit[1]:
             notes.append(hit[1])
@@ -386,10 +401,17 @@ def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> t
         return key, first
     if key in ("lora_targets",) and isinstance(value, (list, tuple)):
         return key, ",".join(str(v) for v in value)
+    if key == "manifest" and isinstance(value, (list, tuple)):
+        import os
+
+        return key, os.pathsep.join(str(v) for v in value)
     if key == "resume_from_checkpoint" and value is None:
         return key, ""
     if key == "attention_backend" and str(value) in ("diffusers", "sdpa"):
         return key, "auto"
+    if key == "quantize_via":  # model side (issue 6): SimpleTuner's accelerator|cpu
+        v = str(value).strip().lower()
+        return "quantize_on", {"accelerator": "gpu", "cuda": "gpu", "gpu": "gpu", "cpu": "cpu"}.get(v, v)
     return ALIASES.get(key, key), value
 
 
@@ -431,6 +453,17 @@ def resolve_config(file_values: Mapping[str, Any] | None = None, overrides: Mapp
                         + (f". Possible typos: {'; '.join(hints)}" if hints else ""))
     if not values.get("manifest"):
         problems.append("manifest: no manifest given (kontext-train MANIFEST.parquet)")
+    if values.get("lycoris_config") and not problems:  # model side (issue 6): keys set explicitly win
+        from kontext_trainer.adapters import read_lycoris_config
+
+        explicit = {ALIASES.get(_norm_key(k), _norm_key(k)) for layer in (file_values or {}, overrides or {})
+                    for k in layer}
+        lyc_values, lyc_warnings, lyc_problems = read_lycoris_config(values["lycoris_config"])
+        problems += lyc_problems
+        warnings += lyc_warnings
+        for name, value in lyc_values.items():
+            if name not in explicit or name == "adapter":
+                values[name] = value
     if problems:
         raise ConfigError(problems, source=source)
     config = TrainConfig(**values)

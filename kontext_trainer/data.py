@@ -6,14 +6,21 @@ and resumable from (epoch, position); `load_batch` stacking cached tensors into 
 
 Captions: each sample's alternatives are all cached; which one a step sees, and whether caption dropout blanks
 it, is drawn from (run seed, sample seed, epoch), so it does not depend on batch order.
+
+Also here: several manifests read as one (`read_manifests`), on-demand references (`kontext-data degrade
+--on-demand`: `ImageEntry.synth` holds the record, the pixels are synthesized when the latent is cached),
+reference-free samples (no references: plain text-to-image steps, in buckets of their own), and the choice of
+references per step for samples with several (`reference_sampling` combined | random).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -39,6 +46,76 @@ class Sample:
         return (self.target.size, tuple(r.size for r in self.references))
 
 
+def on_demand_record(text: str | None) -> dict | None:
+    """The degradation record of one reference when it is synthesized on demand, else None (ordinary file).
+    Raises ValueError for text that is not a JSON object."""
+    if not text:
+        return None
+    rec = json.loads(text)
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    return rec if rec.get("on_demand") else None
+
+
+def record_problems(records: list[Mapping[str, Any]]) -> list[str]:
+    """Problems of the rows' on-demand references (unreadable record, missing seed/chain, unknown degradation),
+    all listed; checked before any model loads."""
+    from kontext_data import degradations as D
+
+    problems = []
+    for r in records:
+        for i, text in enumerate(r.get("reference_degradations") or []):
+            where = f"{r['sample_id']}: reference {i + 1}"
+            try:
+                rec = on_demand_record(text)
+            except ValueError as exc:
+                problems.append(f"{where}: reference_degradations is not a JSON record ({exc}); re-run "
+                                "`kontext-data pair`")
+                continue
+            if rec is None:
+                continue
+            missing = [k for k in ("chain", "seed", "params_hash") if k not in rec]
+            if missing:
+                problems.append(f"{where}: on-demand record lacks {', '.join(missing)}; re-run `kontext-data "
+                                "degrade --on-demand` and `kontext-data pair`")
+                continue
+            try:
+                D.chain_from_json(rec["chain"])
+            except Exception as exc:  # noqa: BLE001 - any failure to rebuild the chain is a record problem
+                problems.append(f"{where}: on-demand degradation chain cannot be rebuilt ({exc}); re-run "
+                                "`kontext-data degrade --on-demand` with this kontext-data version")
+    return problems
+
+
+def read_manifests(paths: Sequence[str | os.PathLike]) -> tuple[list[dict], list[dict], list[str]]:
+    """Rows of one or more manifests concatenated (paths resolved against each manifest's folder), their
+    `kontext.options`, and every problem (unreadable manifests, sample ids repeated across manifests)."""
+    from kontext_data.manifest import ManifestError, read_manifest
+
+    records: list[dict] = []
+    options: list[dict] = []
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        try:
+            m = read_manifest(path)
+        except ManifestError as exc:
+            problems.extend(f"{path}: {p}" for p in exc.problems)
+            continue
+        options.append(m.options)
+        for r in m.records():
+            sid = r["sample_id"]
+            if sid in seen:
+                problems.append(f"sample_id {sid!r} is in both {seen[sid]} and {path}: sample ids must be unique "
+                                "across manifests (give one of them another --dataset-id in `kontext-data pair`)")
+                continue
+            seen[sid] = str(path)
+            r["target_path"] = os.path.abspath(r["target_path"])
+            r["reference_paths"] = [os.path.abspath(p) for p in r["reference_paths"]]
+            records.append(r)
+    return records, options, problems
+
+
 def samples_from_records(records: list[Mapping[str, Any]]) -> list[Sample]:
     out = []
     for r in records:
@@ -46,8 +123,14 @@ def samples_from_records(records: list[Mapping[str, Any]]) -> list[Sample]:
         if not captions:
             captions = [r["caption"]] if r.get("caption") else [BLANK_CAPTION]
         target = ImageEntry.from_geometry(os.path.abspath(r["target_path"]), r["target_hash"], r)
-        refs = tuple(ImageEntry.from_geometry(os.path.abspath(p), h, g)
-                     for p, h, g in zip(r["reference_paths"], r["reference_hashes"], r["reference_geometry"]))
+        degradations = list(r.get("reference_degradations") or [])
+        degradations += [None] * (len(r["reference_paths"]) - len(degradations))
+        refs = []
+        for p, h, g, d in zip(r["reference_paths"], r["reference_hashes"], r["reference_geometry"], degradations):
+            rec = on_demand_record(d)
+            synth = json.dumps(rec, sort_keys=True) if rec is not None else ""
+            refs.append(ImageEntry.from_geometry(os.path.abspath(p), h, g, synth=synth))
+        refs = tuple(refs)
         out.append(Sample(sample_id=r["sample_id"], split=r["split"], captions=tuple(captions), target=target,
                           references=refs, seed=int(r["seed"]), record=dict(r)))
     return out
@@ -103,6 +186,61 @@ def choose_caption(sample: Sample, run_seed: int, epoch: int, dropout: float) ->
     return text
 
 
+REFERENCE_SAMPLING = ("combined", "random")
+
+
+def choose_references(samples: list[Sample], mode: str, run_seed: int, epoch: int) -> list[tuple[int, ...]]:
+    """Which references each sample of one batch uses this step (indices into `sample.references`).
+
+    combined: all of them (SimpleTuner's conditioning_multidataset_sampling=combined). random: one per sample,
+    drawn from a generator keyed by (run seed, sample id, epoch) — a sample is seen once per epoch, so this is one
+    draw per step, independent of batch order and exact on resume. When a sample's references differ in size
+    (reference_loose), the batch must stay stackable: every sample of the batch takes the index drawn for the
+    batch's first sample id. Samples with 0 or 1 reference are unaffected."""
+    if mode not in REFERENCE_SAMPLING:
+        raise ValueError(f"unknown reference_sampling {mode!r}; valid: {', '.join(REFERENCE_SAMPLING)}")
+    if mode == "combined" or not samples or len(samples[0].references) <= 1:
+        return [tuple(range(len(s.references))) for s in samples]
+
+    def draw(s: Sample) -> int:
+        return random.Random(f"{run_seed}:{s.sample_id}:{epoch}:reference").randrange(len(s.references))
+
+    sizes = samples[0].bucket[1]
+    if len(set(sizes)) == 1:
+        return [(draw(s),) for s in samples]
+    k = draw(min(samples, key=lambda s: s.sample_id))
+    return [(k,) for _ in samples]
+
+
+def materialize_on_demand(samples: list[Sample], folder: Path | str) -> list[Sample]:
+    """Samples whose on-demand references are replaced by lossless PNGs of the synthesized (full-size) pixels
+    under `folder` (named by content), for consumers that open files, such as validation. Others unchanged."""
+    from PIL import Image
+
+    from kontext_data.degrade import synthesize_reference
+
+    folder = Path(folder)
+    out = []
+    for s in samples:
+        refs = []
+        for e in s.references:
+            if not e.on_demand:
+                refs.append(e)
+                continue
+            import xxhash
+
+            name = xxhash.xxh3_64_hexdigest(f"{e.file_hash}:{e.synth}".encode()) + ".png"
+            path = folder / name
+            if not path.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{name}.tmp.png"
+                Image.fromarray(synthesize_reference(e.path, e.synth_record)).save(tmp, compress_level=1)
+                os.replace(tmp, path)
+            refs.append(ImageEntry(path=str(path), file_hash=e.file_hash, geometry=e.geometry))
+        out.append(replace(s, references=tuple(refs)))
+    return out
+
+
 @dataclass
 class KeyBook:
     """Content keys of every cached entry a sample needs."""
@@ -111,14 +249,19 @@ class KeyBook:
     latent: Mapping[ImageEntry, str]  # entry -> latent key
 
 
-def load_batch(samples: list[Sample], cache: FeatureCache, keys: KeyBook, captions: list[str]) -> KontextBatch:
-    """Stack the cached tensors of `samples` (one bucket) with the given per-sample captions."""
+def load_batch(samples: list[Sample], cache: FeatureCache, keys: KeyBook, captions: list[str],
+               reference_indices: list[tuple[int, ...]] | None = None) -> KontextBatch:
+    """Stack the cached tensors of `samples` (one bucket) with the given per-sample captions; `reference_indices`
+    (from `choose_references`) picks each sample's references, default all."""
     buckets = {s.bucket for s in samples}
     if len(buckets) != 1:
         raise ValueError(f"a batch mixes buckets {sorted(map(repr, buckets))}")
+    if reference_indices is None:
+        reference_indices = [tuple(range(len(s.references))) for s in samples]
     target = torch.stack([cache.load_latent(keys.latent[s.target]) for s in samples])
-    n_refs = len(samples[0].references)
-    refs = [torch.stack([cache.load_latent(keys.latent[s.references[k]]) for s in samples]) for k in range(n_refs)]
+    n_refs = len(reference_indices[0])
+    refs = [torch.stack([cache.load_latent(keys.latent[s.references[ix[k]]]) for s, ix in zip(samples, reference_indices)])
+            for k in range(n_refs)]
     texts = [cache.load_text(keys.text[c]) for c in captions]
     prompt = torch.stack([t[0] for t in texts])
     pooled = torch.stack([t[1] for t in texts])

@@ -25,12 +25,14 @@ from typing import Any, Callable
 
 import torch
 
-from kontext_trainer import adapters, model as model_mod
+from kontext_trainer import adapters, model as model_mod, optim as optim_mod, quantize as quantize_mod, speed
 from kontext_trainer.cache import FeatureCache, ImageEntry, latent_key, text_key
 from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import BLANK_CAPTION, BucketBatchSampler, KeyBook, Sample, choose_caption, load_batch, \
     samples_from_records
-from kontext_trainer.flow import attention_context, kontext_step
+from kontext_trainer.data import choose_references, materialize_on_demand, read_manifests, record_problems
+from kontext_trainer.distributed import Dist, init_distributed, shard_indices
+from kontext_trainer.flow import attention_context, kontext_step, sample_sigmas
 
 EventFn = Callable[[str, dict], None]
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -137,6 +139,7 @@ class KontextLoRARecipe:
         self.vae = None
         self.scheduler = None
         self.writer = None
+        self.dist = Dist()
 
     def emit(self, kind: str, **data) -> None:
         self._emit_fn(kind, data)
@@ -147,21 +150,21 @@ class KontextLoRARecipe:
         from kontext_data.manifest import ManifestError, read_manifest
 
         cfg = self.cfg
-        try:
-            manifest = read_manifest(cfg.manifest)
-        except ManifestError as exc:
-            raise TrainError(exc.problems, title=f"manifest {cfg.manifest}") from None
-        records = manifest.records()
-        for r in records:
-            r["target_path"] = os.path.abspath(r["target_path"])
-            r["reference_paths"] = [os.path.abspath(p) for p in r["reference_paths"]]
-        problems = check_records(records, cfg.verify)
+        paths = cfg.manifest_paths
+        records, options, problems = read_manifests(paths)
+        if len(paths) == 1 and problems:
+            try:
+                read_manifest(paths[0])
+            except ManifestError as exc:
+                raise TrainError(exc.problems, title=f"manifest {cfg.manifest}") from None
+        problems += check_records(records, cfg.verify) + record_problems(records)
         train_records = [r for r in records if r["split"] == "train"]
-        if not train_records:
+        if not train_records and records:
             problems.append("the manifest has no rows with split 'train'")
         if problems:
-            raise TrainError(problems, title=f"manifest {cfg.manifest}")
-        self._check_resolution(manifest.options)
+            raise TrainError(problems, title=f"manifest {', '.join(paths)}")
+        for opts in options:
+            self._check_resolution(opts)
         self.samples = samples_from_records(train_records)
         self.val_samples = self._pick_validation(samples_from_records([r for r in records if r["split"] == "eval"]))
 
@@ -169,8 +172,11 @@ class KontextLoRARecipe:
             self.model_dir = model_mod.resolve_model_dir(cfg.model, allow_download=cfg.download)
         except model_mod.ModelError as exc:
             raise TrainError(exc.problems, title=f"model {cfg.model}") from None
-        self.device = _resolve_device(cfg.device)
-        self.dtype = torch.bfloat16 if cfg.base_model_precision == "bf16" else torch.float32
+        self.dist, dist_device = init_distributed(cfg.device)
+        self.device = dist_device if dist_device is not None and cfg.device == "auto" else _resolve_device(cfg.device)
+        if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.dtype = quantize_mod.compute_dtype(cfg.base_model_precision)  # bf16 for quantized bases
         self.emit("stage", message=f"model {self.model_dir} on {self.device} ({cfg.base_model_precision}); "
                                    f"{len(self.samples)} training samples in {self._n_buckets()} bucket(s), "
                                    f"{len(self.val_samples)} validation sample(s)")
@@ -179,12 +185,13 @@ class KontextLoRARecipe:
         self.sampler = BucketBatchSampler(self.samples, cfg.train_batch_size, cfg.seed)
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
-        if cfg.report_to == "tensorboard":
+        if cfg.report_to == "tensorboard" and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(self.output_dir / "logs"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.output_dir / "config.resolved.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if self.dist.is_main:
+            _atomic_write_text(self.output_dir / "config.resolved.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     def _n_buckets(self) -> int:
         return len({s.bucket for s in self.samples})
@@ -230,23 +237,29 @@ class KontextLoRARecipe:
             self.emit("progress", stage=stage, done=done, total=total)
 
         stats = {"text_total": len(text_keys), "latent_total": len(latent_keys)}
-        missing_text = self.cache.missing_text({k: c for c, k in text_keys.items()})
+        missing_text = self.cache.missing_text({k: c for c, k in text_keys.items()}, self.dist.rank,
+                                               self.dist.world_size)
         if missing_text:
             self.emit("stage", message=f"encoding {len(missing_text)} of {len(text_keys)} caption(s)")
             enc = model_mod.load_text_encoders(self.model_dir, self.dtype, self.device)
             stats["text_encoded"] = self.cache.encode_text(enc, {k: c for c, k in text_keys.items()}, self.device,
-                                                           cfg.cache_batch_size, cfg.max_sequence_length, progress)
+                                                           cfg.cache_batch_size, cfg.max_sequence_length, progress,
+                                                           rank=self.dist.rank, world_size=self.dist.world_size)
             model_mod.free(enc.text_encoder, enc.text_encoder_2)
             del enc
+        self.dist.barrier()  # every rank's share of the captions is written
         self.vae = model_mod.load_vae(self.model_dir, self.dtype, self.device)
         if cfg.vae_tiling:
             self.vae.enable_tiling()
-        missing_lat = self.cache.missing_latents({k: e for e, k in latent_keys.items()})
+        missing_lat = self.cache.missing_latents({k: e for e, k in latent_keys.items()}, self.dist.rank,
+                                                 self.dist.world_size)
         if missing_lat:
             self.emit("stage", message=f"encoding {len(missing_lat)} of {len(latent_keys)} image(s) with the VAE")
             stats["latent_encoded"] = self.cache.encode_latents(self.vae, {k: e for e, k in latent_keys.items()},
                                                                 self.device, cfg.cache_batch_size, load_image,
-                                                                progress)
+                                                                progress, rank=self.dist.rank,
+                                                                world_size=self.dist.world_size)
+        self.dist.barrier()  # every rank's share of the latents is written
         self.vae.to("cpu")  # back on the device only for validation
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -257,12 +270,20 @@ class KontextLoRARecipe:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        self.transformer = model_mod.load_transformer(self.model_dir, self.dtype, self.device)
+        # model side (issue 6): quantized (int8/fp8-quanto) and frozen before the adapter is attached
+        self.transformer, self.quantize_report = quantize_mod.load_transformer(
+            self.model_dir, cfg.base_model_precision, self.device, cfg.quantize_on)
+        if self.quantize_report is not None:
+            r = self.quantize_report
+            self.emit("stage", message=f"{r.precision}: {len(r.quantized)} Linear modules quantized, "
+                                       f"{len(r.kept)} kept in bf16 ({', '.join(r.kept[:4])}...); weights "
+                                       f"{r.bytes_before / 2**30:.2f} -> {r.bytes_after / 2**30:.2f} GiB")
         if cfg.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+            plan = self._checkpoint_plan()
+            speed.set_activation_checkpointing(self.transformer, plan.fraction)
+            self.emit("stage", message=f"memory: {plan.reason}")
         try:
-            self.lora_config = adapters.attach_lora(self.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                                    cfg.lora_targets, init_seed=cfg.seed)
+            self.lora_config = adapters.attach_from_config(self.transformer, cfg)
         except ValueError as exc:
             raise TrainError([str(exc)], title="lora_targets") from None
         self.transformer.train()
@@ -272,8 +293,31 @@ class KontextLoRARecipe:
             self.optimizer, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
         self.scheduler = model_mod.load_scheduler(self.model_dir)
         n = sum(p.numel() for p in self.params)
-        self.emit("stage", message=f"LoRA rank {cfg.lora_rank} on {len(self.lora_config.target_modules)} modules "
+        if cfg.adapter == "lokr" and cfg.lokr_factor != cfg.lokr_factor_ff and any(
+                adapters.is_feed_forward(m) for m in self.lora_config.target_modules):
+            self.emit("warning", message=f"LoKr with two factors ({cfg.lokr_factor} attention, {cfg.lokr_factor_ff} "
+                                         "feed-forward): diffusers' own loader reads one factor per file; load it "
+                                         "with kontext_trainer.adapters.load_adapter or export it for ComfyUI "
+                                         "(set lokr_factor_ff = lokr_factor for plain diffusers)")
+        kind = (f"LoKr factor {cfg.lokr_factor}/{cfg.lokr_factor_ff} (attention/ffs)"
+                + (" full matrix" if cfg.lokr_full_matrix else f" rank {cfg.lora_rank}")
+                if cfg.adapter == "lokr" else f"LoRA rank {cfg.lora_rank}")
+        self.emit("stage", message=f"{kind} on {len(self.lora_config.target_modules)} modules "
                                    f"({n:,} trainable parameters), optimizer {cfg.optimizer}")
+
+    def _checkpoint_plan(self) -> "speed.MemoryPlan":
+        """The checkpointed fraction: the config's, else on CUDA the fastest that fits the card, else all."""
+        cfg = self.cfg
+        tokens = max((speed.sample_tokens(s.target.size, [r.size for r in s.references]) for s in self.samples),
+                     default=0)
+        if cfg.checkpoint_fraction is not None:
+            return speed.MemoryPlan(cfg.checkpoint_fraction, speed.predict_peak_gib(
+                cfg.checkpoint_fraction, tokens, cfg.base_model_precision, cfg.train_batch_size),
+                f"checkpointing {cfg.checkpoint_fraction:.0%} of the blocks (checkpoint_fraction)")
+        if self.device.type != "cuda":
+            return speed.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        return speed.plan_memory(total, tokens, cfg.base_model_precision, cfg.train_batch_size)
 
     # ------------------------------------------------------------------------------------------- train
 
@@ -288,26 +332,46 @@ class KontextLoRARecipe:
         it = self.sampler.iterate(self.epoch, self.position)
         started = time.perf_counter()
         first_step = self.step
+        if not self.dist.is_main:
+            metrics_path = Path(os.devnull)  # rank 0 alone writes outputs
         with open(metrics_path, "a", encoding="utf-8") as metrics:
             while self.step < cfg.max_train_steps:
                 t0 = time.perf_counter()
                 step_loss = 0.0
+                failure = None
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in range(cfg.gradient_accumulation_steps):
                     epoch, position, idx = next(it)
                     self.epoch, self.position = epoch, position
-                    batch_samples = [self.samples[i] for i in idx]
+                    # this rank's shard of the global batch (all of it in one process)
+                    shard = shard_indices(idx, self.dist.rank, self.dist.world_size)
+                    if not shard:
+                        continue  # contributes zero gradients to the all-reduce
+                    batch_samples = [self.samples[i] for i in shard]
                     captions = [self._caption_for(s, epoch) for s in batch_samples]
-                    batch = load_batch(batch_samples, self.cache, self.keys, captions).to(self.device, self.dtype)
-                    gen = torch.Generator().manual_seed(hash_seed(cfg.seed, self.step, micro))
-                    step_loss += kontext_step(
-                        self.transformer, batch, gen, scheme=cfg.timestep_sampling, shift=cfg.flow_shift,
-                        logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, guidance=cfg.train_guidance,
-                        attention_backend=cfg.attention_backend,
-                        loss_scale=1.0 / cfg.gradient_accumulation_steps,
-                    ) / cfg.gradient_accumulation_steps
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    chosen = choose_references(batch_samples, cfg.reference_sampling, cfg.seed, epoch)
+                    batch = load_batch(batch_samples, self.cache, self.keys, captions, chosen).to(self.device,
+                                                                                                  self.dtype)
+                    sigmas, noise = self._sigmas_and_noise(batch_samples, batch, micro)
+                    weight = len(shard) / len(idx) / cfg.gradient_accumulation_steps
+                    try:
+                        step_loss += kontext_step(
+                            self.transformer, batch, None, scheme=cfg.timestep_sampling, shift=cfg.flow_shift,
+                            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, guidance=cfg.train_guidance,
+                            attention_backend=cfg.attention_backend, loss_scale=weight, sigmas=sigmas, noise=noise,
+                        ) * weight
+                    except FloatingPointError as exc:
+                        failure = str(exc)
+                        break
+                # every rank learns of a non-finite loss on any rank before the gradient all-reduce (no hang)
+                if self.dist.sum_scalar(1.0 if failure else 0.0, self.device) > 0:
+                    raise self._diverged(failure or "a non-finite loss on another process")
+                self.dist.all_reduce_grads(self.params)
+                step_loss = self.dist.sum_scalar(step_loss, self.device)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+                if not math.isfinite(grad_norm):  # model side (issue 6): never step on inf/NaN gradients
+                    raise self._diverged(f"non-finite gradient norm {grad_norm} (loss {step_loss})")
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.step += 1
@@ -330,6 +394,7 @@ class KontextLoRARecipe:
                     validation_dirs.append(self.validate())
         if not cfg.skip_final_validation:
             validation_dirs.append(self.validate())
+        self.dist.barrier()
         lora_path = self.save_final()
         if cfg.checkpointing_steps:
             self.save_checkpoint()
@@ -343,7 +408,29 @@ class KontextLoRARecipe:
 
     # ------------------------------------------------------------------------------------------- validation
 
+    def _sigmas_and_noise(self, samples: list[Sample], batch, micro: int):
+        """Sigma and noise of each sample, from a generator keyed by (seed, step, micro-batch, sample id): the
+        same whichever process or batch position holds the sample."""
+        cfg = self.cfg
+        sigmas, noise = [], []
+        for s, z in zip(samples, batch.target):
+            gen = torch.Generator().manual_seed(hash_seed(cfg.seed, self.step, micro, s.sample_id))
+            sigmas.append(sample_sigmas(1, gen, cfg.timestep_sampling, cfg.flow_shift, cfg.logit_mean,
+                                        cfg.logit_std))
+            noise.append(torch.randn(tuple(z.shape), generator=gen, dtype=torch.float32))
+        return torch.cat(sigmas), torch.stack(noise)
+
     def validate(self) -> Path:
+        out_dir = self.output_dir / "validation" / f"step_{self.step:06d}"
+        if not self.dist.is_main:  # rank 0 validates; the others wait
+            self.dist.barrier()
+            return out_dir
+        try:
+            return self._validate()
+        finally:
+            self.dist.barrier()
+
+    def _validate(self) -> Path:
         from kontext_data.manifest import load_image
 
         from kontext_trainer.validate import run_validation
@@ -355,7 +442,8 @@ class KontextLoRARecipe:
         self.vae.to(self.device)
         try:
             results = run_validation(
-                self.transformer, self.vae, self.scheduler, self.val_samples, captions, embeddings, out_dir,
+                self.transformer, self.vae, self.scheduler,
+                materialize_on_demand(self.val_samples, self.cache.root / "on-demand"), captions, embeddings, out_dir,
                 load_image=load_image, guidance=cfg.validation_guidance,
                 num_inference_steps=cfg.validation_num_inference_steps, resolution=cfg.validation_resolution,
                 seed=cfg.validation_seed, device=self.device, dtype=self.dtype,
@@ -377,6 +465,8 @@ class KontextLoRARecipe:
     # ------------------------------------------------------------------------------------------- saving
 
     def save_final(self) -> Path:
+        if not self.dist.is_main:
+            return self.output_dir / adapters.LORA_WEIGHT_NAME
         path = adapters.save_lora(self.transformer, self.output_dir, training_config=self._training_metadata())
         self.emit("saved", path=str(path))
         return path
@@ -388,7 +478,17 @@ class KontextLoRARecipe:
         return d
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/checkpoint-NNNNNN atomically (temp folder renamed) and keep the newest K."""
+        """Write checkpoints/checkpoint-NNNNNN atomically (temp folder renamed) and keep the newest K. Rank 0
+        writes; every rank waits until it is complete."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        try:
+            return self._save_checkpoint()
+        finally:
+            self.dist.barrier()
+
+    def _save_checkpoint(self) -> Path:
         root = self.output_dir / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
@@ -410,6 +510,25 @@ class KontextLoRARecipe:
             shutil.rmtree(old, ignore_errors=True)
         self.emit("checkpoint", path=str(final), step=self.step)
         return final
+
+    def _diverged(self, detail: str) -> TrainError:
+        """The error that stops a run whose loss or gradients became NaN/Inf: nothing of this step is saved (no
+        optimizer step, no checkpoint, no final adapter); it names the step and the checkpoint to resume from."""
+        failed = self.step + 1
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+        found = list_checkpoints(self.output_dir)
+        problems = [f"step {failed}: {detail}. Training stopped; nothing of step {failed} was saved."]
+        if found:
+            problems.append(f"last good checkpoint: {found[-1]} (step {int(found[-1].name[len(CHECKPOINT_PREFIX):])}); "
+                            f"resume with `--resume {found[-1]}` (or `--resume latest`) and a lower learning rate "
+                            f"(now {self.cfg.learning_rate:g})")
+        else:
+            problems.append("no checkpoint was written before it (set checkpointing_steps to keep resumable "
+                            f"checkpoints); lower the learning rate (now {self.cfg.learning_rate:g}) and start again")
+        return TrainError(problems, title="training diverged (NaN/Inf)")
 
     def _resume(self, spec: str) -> None:
         if spec == "latest":
@@ -444,14 +563,7 @@ def hash_seed(*parts: int) -> int:
     return xxhash.xxh64_intdigest(":".join(str(p) for p in parts).encode()) & ((1 << 63) - 1)
 
 
-def build_optimizer(cfg: TrainConfig, params):
-    if cfg.optimizer == "lion":
-        from optimi import Lion
-
-        return Lion(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                    weight_decay=cfg.adam_weight_decay, foreach=False)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+build_optimizer = optim_mod.build_optimizer  # re-export (model side, issue 6: moved to kontext_trainer/optim.py)
 
 
 def train(config: TrainConfig, on_event: EventFn | None = None) -> TrainResult:

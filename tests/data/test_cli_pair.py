@@ -81,3 +81,19 @@ def test_reference_free_manifest(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     (row,) = read_manifest(tmp_path / "free.parquet").records()
     assert row["reference_paths"] == [] and row["reference_geometry"] == [] and row["caption"] == "make it red"
+
+
+def test_check_content_adds_similarity_and_flags_an_identical_pair(tmp_path):
+    import pyarrow.parquet as pq
+
+    for i in range(4):
+        pair(tmp_path, f"a{i}.png", seed=i)
+    same = tmp_path / "edited" / "a0.png"
+    (tmp_path / "reference" / "a0.png").write_bytes(same.read_bytes())  # no edit at all
+    r = cli("pair", "edited", "reference", "--check-content", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(r.stdout)
+    flagged = {f["sample_id"]: f["flags"] for f in data["content_check"]["flagged"]}
+    assert "identical" in flagged["edited:a0.png"]
+    table = pq.read_table(tmp_path / "manifest.parquet")
+    assert "pair_similarity" in table.column_names and len(read_manifest(tmp_path / "manifest.parquet")) == 4

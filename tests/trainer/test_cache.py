@@ -111,3 +111,21 @@ def test_changed_caption_encodes_only_the_new_caption(tiny_model, manifest_copy,
     write_manifest(rows, manifest_copy, options=m.options)
     _, s = _setup(_config(manifest_copy, tiny_model, out))
     assert s.get("text_encoded", 0) == 1 and s.get("latent_encoded", 0) == 0
+
+
+def test_ranks_encode_disjoint_shares_that_make_the_whole(tiny_pipeline, sample_manifest, tmp_path):
+    """Distributed caching: each rank encodes the missing entries of its own share of the keys; together they
+    write every entry exactly once, with the same tensors one process writes."""
+    from kontext_trainer.cache import FeatureCache
+    from kontext_trainer.data import samples_from_records
+
+    samples = samples_from_records(read_manifest(sample_manifest).records())
+    entries = {e for s in samples for e in (s.target, *s.references)}
+    keyed = {latent_key("vae", e, "float32"): e for e in entries}
+    split, whole = FeatureCache(tmp_path / "split"), FeatureCache(tmp_path / "whole")
+    counts = [split.encode_latents(tiny_pipeline.vae, keyed, "cpu", 4, rank=r, world_size=2) for r in (0, 1)]
+    assert sum(counts) == len(keyed) == 16 and min(counts) > 0
+    assert split.missing_latents(keyed) == {}
+    assert whole.encode_latents(tiny_pipeline.vae, keyed, "cpu", 4) == 16
+    for k in keyed:
+        assert torch.allclose(split.load_latent(k), whole.load_latent(k), atol=1e-6)

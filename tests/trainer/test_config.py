@@ -45,8 +45,9 @@ def test_guide_config_is_accepted(tmp_path):
     assert (c.lr_scheduler, c.lr_warmup_steps, c.validation_steps, c.checkpointing_steps) == ("constant", 100, 250, 500)
     assert (c.resolution, c.resolution_type, c.base_model_precision) == (1024, "pixel_area", "bf16")
     assert len(r.warnings) == 1  # the unused keys, listed together
-    for key in ("fuse_qkv_projections", "conditioning_multidataset_sampling", "data_backend_config"):
+    for key in ("fuse_qkv_projections", "data_backend_config"):
         assert key in r.warnings[0]
+    assert c.reference_sampling == "random"  # conditioning_multidataset_sampling is used (data side, issue 6)
 
 
 def test_overrides_win_and_are_typed():
@@ -67,16 +68,17 @@ def test_every_error_is_reported_together():
         assert needle in text
 
 
-def test_quantized_base_and_lokr_say_not_yet():
+def test_guide_precisions_adapters_and_optimizers_resolve():
+    r = resolve_config({"base_model_precision": "int8-quanto", "lora_type": "lycoris", "quantize_via": "cpu",
+                        "optimizer": "optimi-lion"}, {"manifest": "m"})
+    c = r.config
+    assert (c.base_model_precision, c.adapter, c.quantize_on, c.optimizer) == ("int8-quanto", "lokr", "cpu", "lion")
+    r2 = resolve_config({"optimizer": "adamw_bf16", "quantize_via": "accelerator", "lora_type": "standard"},
+                        {"manifest": "m"}).config
+    assert (r2.optimizer, r2.quantize_on, r2.adapter) == ("adamw_bf16", "gpu", "lora")
     with pytest.raises(ConfigError) as exc:
-        resolve_config({"base_model_precision": "int8-quanto", "lora_type": "lycoris"}, {"manifest": "m"})
-    assert "not available yet" in exc.value.problems[0] and "bf16" in exc.value.problems[0]
-    assert "LoKr" in exc.value.problems[1]
-
-
-def test_adamw_bf16_maps_to_adamw_with_a_note():
-    r = resolve_config({"optimizer": "adamw_bf16"}, {"manifest": "m"})
-    assert r.config.optimizer == "adamw" and any("adamw_bf16" in n for n in r.notes)
+        resolve_config({"base_model_precision": "nf4-bnb", "lora_type": "loha"}, {"manifest": "m"})
+    assert "int8-quanto" in exc.value.problems[0] and "lycoris" in exc.value.problems[1]
 
 
 def test_toml_and_yaml(tmp_path):

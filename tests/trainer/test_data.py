@@ -55,3 +55,36 @@ def test_caption_choice_and_dropout_are_per_sample(sample_manifest):
     drops = [choose_caption(s, 0, e, 0.3) == BLANK_CAPTION for e in range(2000)]
     assert 0.25 < sum(drops) / len(drops) < 0.35
     assert choose_caption(s, 0, 0, 1.0) == BLANK_CAPTION  # only the caption is blanked; references are untouched
+
+
+def test_random_reference_choice_keeps_loose_batches_stackable(sample_manifest):
+    """reference_loose references of different sizes: the batch takes one index (drawn for its first sample id),
+    so the chosen references of a batch always have one size."""
+    import dataclasses
+
+    from kontext_trainer.cache import ImageEntry
+    from kontext_trainer.data import choose_references
+
+    base = _samples(sample_manifest)[:3]
+    small = dict(intermediary_width=32, intermediary_height=32, crop_left=0, crop_top=0, bucket_width=32,
+                 bucket_height=32)
+    samples = [dataclasses.replace(s, target=base[0].target,
+                                   references=(s.references[0], ImageEntry.from_geometry(s.references[0].path, "h",
+                                                                                         small)))
+               for s in base]
+    assert len({s.bucket for s in samples}) == 1
+    for epoch in range(10):
+        chosen = choose_references(samples, "random", 0, epoch)
+        assert len(set(chosen)) == 1
+        assert chosen == choose_references(list(reversed(samples)), "random", 0, epoch)
+
+
+def test_read_manifests_lists_every_problem(sample_manifest, tmp_path):
+    from kontext_trainer.data import read_manifests
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    records, options, problems = read_manifests([sample_manifest, sample_manifest, bad])
+    assert len(records) == 8 and len(options) == 2
+    assert sum("unique across manifests" in p for p in problems) == 8
+    assert any(str(bad) in p for p in problems)

@@ -1,0 +1,110 @@
+"""Quantized base models with optimum-quanto: int8-quanto (qint8 weights) and fp8-quanto (qfloat8 weights).
+
+In: a FluxTransformer2DModel loaded in bf16 and `base_model_precision`. Out: the same model with its Linear weights
+quantized and frozen (`optimum.quanto.quantize` + `freeze`), before any adapter is attached, so the adapter (LoRA
+or LoKr) stays a float32 module on top of the frozen quantized base. The adapter file holds only the adapter's
+full-precision weights: it loads into an unquantized pipeline as is. The guide's advice stands: infer at the
+precision you trained (an int8-trained adapter is best used on an int8 base).
+
+Excluded from quantization, as SimpleTuner does (the patterns are fnmatch patterns over module names, so they name
+the modules themselves): `*.norm, *.norm1, *.norm2, *.norm2_context, proj_out, x_embedder, norm_out,
+context_embedder`. In practice this keeps the input/output projections (x_embedder, context_embedder, the final
+proj_out) in bf16; the adaLN modulation Linear inside a norm (`norm1.linear`, `norm_out.linear`) is quantized, as in
+SimpleTuner: these hold ~3 B of the 12 B parameters and keeping them in bf16 would cost ~6 GB.
+
+`quantize_on`: "gpu" moves the bf16 model to the training device first and quantizes there (fast; needs the bf16
+model's memory on the device, ~24 GB); "cpu" quantizes in RAM (~50 GB for the full model, the guide's
+`quantize_via=cpu`) and moves only the quantized model to the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+QUANTO_EXCLUDE = ("*.norm", "*.norm1", "*.norm2", "*.norm2_context", "proj_out", "x_embedder", "norm_out",
+                  "context_embedder")
+QUANTIZED_PRECISIONS = {"int8-quanto": "qint8", "fp8-quanto": "qfloat8"}
+PRECISIONS = ("bf16", "fp32", *QUANTIZED_PRECISIONS)
+
+
+@dataclass
+class QuantizeReport:
+    precision: str
+    quantized: list[str] = field(default_factory=list)  # Linear modules whose weights are now quantized
+    kept: list[str] = field(default_factory=list)  # Linear modules left in the compute dtype (excluded)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def is_quantized(precision: str) -> bool:
+    return precision in QUANTIZED_PRECISIONS
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype activations, the non-quantized modules and the cached latents use for a base precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"base_model_precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def _weights_qtype(precision: str):
+    from optimum.quanto import qfloat8, qint8
+
+    return {"qint8": qint8, "qfloat8": qfloat8}[QUANTIZED_PRECISIONS[precision]]
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        data = getattr(t, "_data", None)  # quanto tensors: int8/fp8 data + float scale
+        if data is not None:
+            total += data.numel() * data.element_size()
+            scale = getattr(t, "_scale", None)
+            if scale is not None:
+                total += scale.numel() * scale.element_size()
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quantize_transformer(transformer: torch.nn.Module, precision: str,
+                         exclude: tuple[str, ...] = QUANTO_EXCLUDE) -> QuantizeReport:
+    """Quantize the Linear weights of `transformer` in place (optimum-quanto), then freeze them. Call it before
+    attaching an adapter. Raises ValueError for a precision that is not quantized."""
+    if not is_quantized(precision):
+        raise ValueError(f"{precision!r} is not a quantized precision ({', '.join(QUANTIZED_PRECISIONS)})")
+    from optimum.quanto import QLinear, freeze, quantize
+
+    transformer.requires_grad_(False)
+    report = QuantizeReport(precision=precision, bytes_before=_param_bytes(transformer))
+    quantize(transformer, weights=_weights_qtype(precision), exclude=list(exclude))
+    freeze(transformer)
+    transformer.requires_grad_(False)  # freeze() makes new Parameters that would otherwise require grad
+    for name, module in transformer.named_modules():
+        if isinstance(module, QLinear):
+            report.quantized.append(name)
+        elif isinstance(module, torch.nn.Linear):
+            report.kept.append(name)
+    report.bytes_after = _param_bytes(transformer)
+    return report
+
+
+def load_transformer(model_dir: Path | str, precision: str, device: torch.device | str,
+                     quantize_on: str = "gpu"):
+    """The frozen base transformer at `precision` on `device`: bf16/fp32 as stored, or quantized (see the module
+    docstring for `quantize_on`). Returns (transformer, QuantizeReport or None)."""
+    from kontext_trainer import model as model_mod
+
+    dtype = compute_dtype(precision)
+    if not is_quantized(precision):
+        return model_mod.load_transformer(model_dir, dtype, device), None
+    if quantize_on not in ("gpu", "cpu"):
+        raise ValueError(f"quantize_on {quantize_on!r} is not one of gpu, cpu")
+    first = device if quantize_on == "gpu" else "cpu"
+    transformer = model_mod.load_transformer(model_dir, dtype, first)
+    report = quantize_transformer(transformer, precision)
+    transformer.to(device)
+    return transformer, report
