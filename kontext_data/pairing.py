@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -184,7 +185,8 @@ class _Pairing:
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
         self.bad: set[tuple[int, str]] = set()  # (folder index, rel) of files that cannot be used
-        self.broken_captions: set[str] = set()
+        self.broken_captions: set[tuple[int, str]] = set()  # (folder index, caption rel) reported as broken
+        self.prefetched: dict[tuple[int, str], bytes] = {}  # caption bytes read while the pool probes images
         # degrade provenance per reference folder (output rel -> record), and on-demand outputs -> source rel
         self.provenance: list[dict[str, dict]] = [{} for _ in listings]
         self.virtual: list[dict[str, str]] = [{} for _ in listings]
@@ -196,6 +198,23 @@ class _Pairing:
 
     def path(self, folder: int, rel: str) -> str:
         return os.path.join(self.roots[folder], rel)
+
+    def prefetch(self) -> None:
+        """Read every caption file (and import pyarrow for the manifest) while the process pool reads images:
+        the main process would only wait otherwise. Unreadable files are left for _read_caption to report."""
+        for folder, lst in enumerate(self.listings):
+            for rel in lst.captions:
+                try:
+                    with open(self.path(folder, rel), "rb") as fh:
+                        self.prefetched[(folder, rel)] = fh.read()
+                except OSError:
+                    pass
+        import pyarrow.parquet  # noqa: F401
+
+        try:  # pyarrow's list-to-array conversion imports pandas when installed (~0.2 s): pay for it here
+            import pandas  # noqa: F401
+        except ImportError:
+            pass
 
     # -- degrade provenance ------------------------------------------------------------------------------
     def attach_provenance(self) -> None:
@@ -333,26 +352,30 @@ class _Pairing:
 
     # -- captions --------------------------------------------------------------------------------------
     def _read_caption(self, folder: int, rel: str) -> tuple[list[str] | None, str]:
-        """Caption lines of <stem>.txt beside the image. None: no file, or a broken one (problem recorded)."""
+        """Caption lines of <stem>.txt beside the image, and that caption file's relative path. None: no file,
+        or a broken one (problem recorded)."""
         txt = _stem_key(rel) + ".txt"
         if txt not in self.listings[folder].captions:
-            return None, self.path(folder, txt)
+            return None, txt
+        raw = self.prefetched.pop((folder, txt), None)
         p = self.path(folder, txt)
         try:
-            with open(p, "rb") as fh:
-                text = fh.read().decode("utf-8-sig")
+            if raw is None:
+                with open(p, "rb") as fh:
+                    raw = fh.read()
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            self.broken_captions.add(p)
+            self.broken_captions.add((folder, txt))
             self.add("caption_not_utf8", [p],
                      f"{p}: not UTF-8 text (byte {exc.start}). Fix: re-save it as UTF-8, e.g. "
                      f"`iconv -f latin1 -t utf-8`.", [(folder, rel)])
-            return None, p
+            return None, txt
         except OSError as exc:
-            self.broken_captions.add(p)
+            self.broken_captions.add((folder, txt))
             self.add("caption_not_utf8", [p], f"{p}: cannot be read ({exc}). Fix: check its permissions.",
                      [(folder, rel)])
-            return None, p
-        return [line.strip() for line in text.splitlines() if line.strip()], p
+            return None, txt
+        return [line.strip() for line in text.splitlines() if line.strip()], txt
 
     def captions_for(self, rel: str, refs: list[str]) -> tuple[list[str], str]:
         if self.c.captions == "none":
@@ -367,11 +390,11 @@ class _Pairing:
                 lines, _ = self._read_caption(i, ref)
                 if lines:
                     return lines, "reference_textfile"
-        lines, p = self._read_caption(0, rel)
+        lines, txt = self._read_caption(0, rel)
         if lines:
             return lines, "textfile"
-        if p not in self.broken_captions:  # a broken caption file was reported already
-            e = self.path(0, rel)
+        if (0, txt) not in self.broken_captions:  # a broken caption file was reported already
+            e, p = self.path(0, rel), self.path(0, txt)
             what = "is empty" if lines is not None else "does not exist"
             self.add("missing_caption", [p],
                      f"{p} {what} (caption of {e}). Fix: write the edit instruction into it, or use "
@@ -526,7 +549,10 @@ def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | N
     workers = config.workers or os.cpu_count() or 1
     real = [FolderListing(lst.root, {r: e for r, e in lst.images.items() if r not in v}, lst.captions)
             for lst, v in zip(listings, p.virtual)]
+    prefetch = threading.Thread(target=p.prefetch, daemon=True)
+    prefetch.start()
     infos, stats = probe_all(real, config.cache_dir, workers, config.verify_decode, on_progress)
+    prefetch.join()
     for i, virtual in enumerate(p.virtual):  # on-demand references share their source's probe
         infos[i].update({out_rel: infos[0][source] for out_rel, source in virtual.items() if source in infos[0]})
     p.infos = infos
