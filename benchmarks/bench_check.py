@@ -33,45 +33,21 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
-import platform
 import shutil
 import socket
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from machine import machine_info as base_machine_info, package_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "hostname": socket.gethostname(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "libraries": {d: version(d) for d in ("numpy", "pillow", "opencv-python-headless", "pyarrow")},
-    }
+    return {**base_machine_info(),
+            "libraries": {d: package_version(d) for d in ("numpy", "pillow", "opencv-python-headless", "pyarrow")}}
 
 
 def make_dataset(work: Path, n: int, size: int, jpeg: bool, resolution: int) -> tuple[Path, set[str]]:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 import cv2
 import numpy as np
 import PIL
@@ -46,14 +48,6 @@ BLUR_SIGMA = 3.0
 NOISE = 0.02
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_images(folder: Path, n: int) -> list[Path]:

@@ -35,20 +35,19 @@ import datetime
 import io
 import json
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import xxhash
 from PIL import Image
 from rich.console import Console
+
+from machine import machine_info as base_machine_info, package_version
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -102,33 +101,12 @@ def progress(unit: str) -> Progress:
 
 # --------------------------------------------------------------------------------------------- machine
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    version = package_version
     return {
-        "hostname": socket.gethostname(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
+        **base_machine_info(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
         if hasattr(os, "sysconf")
         else None,
-        "os": platform.platform(),
-        "python": platform.python_version(),
         "pillow": version("pillow"),
         "pyarrow": version("pyarrow"),
         "xxhash": version("xxhash"),

@@ -30,17 +30,11 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _tree_rss_kib(pid: int) -> int:
@@ -169,7 +163,7 @@ def main() -> None:
         t0 = time.perf_counter()
         avg = generate(src, args.rows, args.source_format)
         gen_s = time.perf_counter() - t0
-        print(f"machine: {_cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+        print(f"machine: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
               f"numpy {numpy.__version__}, opencv {cv2.__version__}, pyarrow {pyarrow.__version__}")
         print(f"data: {args.rows} rows of 1024x512 {args.source_format} composites (~{avg // 1024} KiB each), "
               f"Parquet {src.stat().st_size / 2**20:.0f} MiB, generated in {gen_s:.1f} s; output PNG (level 1)")
@@ -194,7 +188,7 @@ def main() -> None:
               f"peak RSS {rss:6d} MiB  {out.strip()}")
         figures.append({"run": "resume", "seconds": round(seconds, 2), "peak_rss_mib": rss, "output": out.strip()})
         if args.json:
-            args.json.write_text(json.dumps({"cpu": _cpu_model(), "cores": os.cpu_count(), "rows": args.rows,
+            args.json.write_text(json.dumps({"cpu": cpu_model(), "cores": os.cpu_count(), "rows": args.rows,
                                              "source_format": args.source_format, "runs": figures}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

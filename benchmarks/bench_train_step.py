@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
 from kontext_trainer import adapters, speed  # noqa: E402
-from kontext_trainer.flow import attention_context, kontext_step, pack_latents  # noqa: E402
+from kontext_trainer.flow import kontext_step, pack_latents  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- baseline

@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kontext_trainer import adapters  # noqa: E402
-from kontext_trainer.flow import KontextBatch, attention_context, kontext_step  # noqa: E402
+from machine import cpu_model  # noqa: E402
+from kontext_trainer.flow import KontextBatch, kontext_step  # noqa: E402
 
 FULL = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -45,15 +47,7 @@ def machine_info(device: torch.device) -> dict:
     import peft
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "peft": peft.__version__, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+            "peft": peft.__version__, "cpu": cpu_model(), "cores": os.cpu_count()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)

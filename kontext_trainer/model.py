@@ -12,7 +12,6 @@ so tests and the demo run the same loading code on the CPU in seconds.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from kontext_trainer import adapters, model as model_mod, optim as optim_mod, quantize as quantize_mod, speed
-from kontext_trainer.cache import FeatureCache, ImageEntry, latent_key, text_key
+from kontext_trainer.cache import FeatureCache, latent_key, text_key
 from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import BLANK_CAPTION, BucketBatchSampler, KeyBook, Sample, choose_caption, load_batch, \
     samples_from_records

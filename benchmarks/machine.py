@@ -1,0 +1,43 @@
+"""What every benchmark prints and records about the machine it ran on (imported by the scripts beside it)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from importlib import metadata
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def package_version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a Slurm job's or a container's cpuset), not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def machine_info() -> dict:
+    return {
+        "hostname": socket.gethostname(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
