@@ -183,8 +183,9 @@ class _Planner:
             cache_dir=self.cfg.cache_dir, **kw)
 
     def run(self) -> ImportPlan:
-        for entry in self.entries:
-            self.check_keys(entry)
+        for entry in self.entries:  # keys of skipped datasets (disabled, text_embeds) do not matter
+            if not entry.get("disabled") and entry.get("dataset_type") != "text_embeds":
+                self.check_keys(entry)
         referenced = {r for e in self.entries for r in _as_list(e.get("conditioning_data"))}
         sources = {e.get("source_dataset_id") for e in self.entries if e.get("source_dataset_id")}
         for entry in self.entries:
