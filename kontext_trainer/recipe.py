@@ -287,6 +287,9 @@ class KontextLoRARecipe:
         except ValueError as exc:
             raise TrainError([str(exc)], title="lora_targets") from None
         self.transformer.train()
+        if cfg.compile_blocks:
+            speed.compile_blocks(self.transformer)
+            self.emit("stage", message="torch.compile of the transformer blocks: the first steps include compiling")
         self.params = adapters.trainable_parameters(self.transformer)
         self.optimizer = build_optimizer(cfg, self.params)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -53,3 +53,21 @@ def test_memory_plan_matches_the_h100_measurements_and_fits_smaller_cards():
     assert 0.0 < small.fraction <= 1.0 and small.peak_gib <= 29.0
     assert "int8" in speed.plan_memory(24.0, tokens_1024).reason  # bf16 does not fit 24 GB at 1024 px
     assert speed.plan_memory(24.0, tokens_1024, "int8-quanto").peak_gib <= 21.0
+
+
+def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model):
+    from diffusers import FluxTransformer2DModel
+
+    from kontext_trainer import adapters
+
+    model = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    adapters.attach_lora(model, rank=4, alpha=None, dropout=0.0, targets="attention")
+    batch = _batch(torch.Generator().manual_seed(0))
+    eager = kontext_step(model, batch, torch.Generator().manual_seed(1))
+    expected = [p.grad.clone() for p in adapters.trainable_parameters(model)]
+    model.zero_grad(set_to_none=True)
+    speed.compile_blocks(model)
+    compiled = kontext_step(model, batch, torch.Generator().manual_seed(1))
+    got = [p.grad for p in adapters.trainable_parameters(model)]
+    assert abs(compiled - eager) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(expected, got))
