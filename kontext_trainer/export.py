@@ -89,27 +89,26 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------------ names
 
 
+# (diffusers block pattern, BFL prefix, fused modules, one-to-one modules) of the double and single blocks
+_BLOCK_KINDS = (
+    (r"transformer_blocks\.(\d+)\.(.+)", "double_blocks", DOUBLE_FUSED, DOUBLE_SIMPLE),
+    (r"single_transformer_blocks\.(\d+)\.(.+)", "single_blocks", SINGLE_FUSED, SINGLE_SIMPLE),
+)
+
+
 def bfl_name(module: str) -> tuple[str, int | None, int]:
     """diffusers module name -> (BFL module name, part index in a fused module or None, number of parts).
     Raises KeyError for a module with no BFL counterpart."""
-    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)
-    if m:
-        i, rest = m.groups()
-        for fused, parts in DOUBLE_FUSED.items():
-            if rest in parts:
-                return f"double_blocks.{i}.{fused}", parts.index(rest), len(parts)
-        if rest in DOUBLE_SIMPLE:
-            return f"double_blocks.{i}.{DOUBLE_SIMPLE[rest]}", None, 1
-        raise KeyError(module)
-    m = re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module)
-    if m:
-        i, rest = m.groups()
-        for fused, parts in SINGLE_FUSED.items():
-            if rest in parts:
-                return f"single_blocks.{i}.{fused}", parts.index(rest), len(parts)
-        if rest in SINGLE_SIMPLE:
-            return f"single_blocks.{i}.{SINGLE_SIMPLE[rest]}", None, 1
-        raise KeyError(module)
+    for pattern, prefix, fused_modules, simple in _BLOCK_KINDS:
+        m = re.fullmatch(pattern, module)
+        if m:
+            i, rest = m.groups()
+            for fused, parts in fused_modules.items():
+                if rest in parts:
+                    return f"{prefix}.{i}.{fused}", parts.index(rest), len(parts)
+            if rest in simple:
+                return f"{prefix}.{i}.{simple[rest]}", None, 1
+            raise KeyError(module)
     if module in TOP_SIMPLE:
         return TOP_SIMPLE[module], None, 1
     raise KeyError(module)
