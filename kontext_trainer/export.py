@@ -89,18 +89,18 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------------ names
 
 
-# (diffusers block pattern, BFL prefix, fused modules, one-to-one modules) of the double and single blocks
+# (diffusers block prefix, BFL block prefix, fused modules, one-to-one modules) of the double and single blocks
 _BLOCK_KINDS = (
-    (r"transformer_blocks\.(\d+)\.(.+)", "double_blocks", DOUBLE_FUSED, DOUBLE_SIMPLE),
-    (r"single_transformer_blocks\.(\d+)\.(.+)", "single_blocks", SINGLE_FUSED, SINGLE_SIMPLE),
+    ("transformer_blocks", "double_blocks", DOUBLE_FUSED, DOUBLE_SIMPLE),
+    ("single_transformer_blocks", "single_blocks", SINGLE_FUSED, SINGLE_SIMPLE),
 )
 
 
 def bfl_name(module: str) -> tuple[str, int | None, int]:
     """diffusers module name -> (BFL module name, part index in a fused module or None, number of parts).
     Raises KeyError for a module with no BFL counterpart."""
-    for pattern, prefix, fused_modules, simple in _BLOCK_KINDS:
-        m = re.fullmatch(pattern, module)
+    for ours, prefix, fused_modules, simple in _BLOCK_KINDS:
+        m = re.fullmatch(rf"{ours}\.(\d+)\.(.+)", module)
         if m:
             i, rest = m.groups()
             for fused, parts in fused_modules.items():
@@ -116,20 +116,14 @@ def bfl_name(module: str) -> tuple[str, int | None, int]:
 
 def diffusers_parts(bfl: str) -> list[str]:
     """BFL module name -> the diffusers module(s) it holds, in row order. Raises KeyError."""
-    m = re.fullmatch(r"double_blocks\.(\d+)\.(.+)", bfl)
-    if m:
-        i, rest = m.groups()
-        if rest in DOUBLE_FUSED:
-            return [f"transformer_blocks.{i}.{p}" for p in DOUBLE_FUSED[rest]]
-        inv = {v: k for k, v in DOUBLE_SIMPLE.items()}
-        return [f"transformer_blocks.{i}.{inv[rest]}"]
-    m = re.fullmatch(r"single_blocks\.(\d+)\.(.+)", bfl)
-    if m:
-        i, rest = m.groups()
-        if rest in SINGLE_FUSED:
-            return [f"single_transformer_blocks.{i}.{p}" for p in SINGLE_FUSED[rest]]
-        inv = {v: k for k, v in SINGLE_SIMPLE.items()}
-        return [f"single_transformer_blocks.{i}.{inv[rest]}"]
+    for ours, prefix, fused_modules, simple in _BLOCK_KINDS:
+        m = re.fullmatch(rf"{prefix}\.(\d+)\.(.+)", bfl)
+        if m:
+            i, rest = m.groups()
+            if rest in fused_modules:
+                return [f"{ours}.{i}.{p}" for p in fused_modules[rest]]
+            inv = {v: k for k, v in simple.items()}
+            return [f"{ours}.{i}.{inv[rest]}"]
     inv = {v: k for k, v in TOP_SIMPLE.items()}
     return [inv[bfl]]
 

@@ -107,8 +107,9 @@ def test_lokr_trains_and_loads_into_the_pipeline(tiny_model, sample_manifest, tm
     assert not torch.allclose(live, base, atol=1e-3)
 
 
-def test_two_factor_lokr_loads_through_our_loader(tiny_model, tmp_path):
-    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+def _random_two_factor_lokr(tiny_model):
+    """The tiny transformer with a LoKr of factor 16 (attention) / 8 (ffs), random weights, and its output."""
+    from diffusers import FluxTransformer2DModel
 
     tr = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
     attach_lokr(tr, "attention+ffs", factor=16, factor_ff=8)
@@ -117,6 +118,13 @@ def test_two_factor_lokr_loads_through_our_loader(tiny_model, tmp_path):
             if "lokr_" in n:
                 p.normal_(std=0.1)
         live = tr(**_args())[0]
+    return tr, live
+
+
+def test_two_factor_lokr_loads_through_our_loader(tiny_model, tmp_path):
+    from diffusers import FluxKontextPipeline
+
+    tr, live = _random_two_factor_lokr(tiny_model)
     save_lora(tr, tmp_path / "two")
     pipe = FluxKontextPipeline.from_pretrained(tiny_model)
     load_adapter(pipe, tmp_path / "two")
@@ -125,17 +133,11 @@ def test_two_factor_lokr_loads_through_our_loader(tiny_model, tmp_path):
 
 
 def test_two_factor_lokr_survives_a_comfyui_round_trip(tiny_model, tmp_path):
-    from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+    from diffusers import FluxKontextPipeline
 
     from kontext_trainer.export import export_adapter
 
-    tr = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
-    attach_lokr(tr, "attention+ffs", factor=16, factor_ff=8)
-    with torch.no_grad():
-        for n, p in tr.named_parameters():
-            if "lokr_" in n:
-                p.normal_(std=0.1)
-        live = tr(**_args())[0]
+    tr, live = _random_two_factor_lokr(tiny_model)
     save_lora(tr, tmp_path / "two")
     comfy = export_adapter(tmp_path / "two", "comfyui").path
     back = export_adapter(comfy, "diffusers", tmp_path / "back" / "pytorch_lora_weights.safetensors").path
