@@ -118,7 +118,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return (k, n)
 
 
-def _steps_from_entry(entry: dict, where: str, problems: list[str]) -> tuple[list[tuple[str, dict]], list[str]]:
+def steps_from_entry(entry: dict, where: str, problems: list[str]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(steps, captions) of one SimpleTuner `conditioning` entry or one of our chain objects; problems appended."""
     entry = dict(entry)
     captions = entry.pop("captions", None) or []
     if "chain" in entry:
@@ -189,7 +190,7 @@ def load_params_file(path: Path) -> tuple[list[tuple[str, dict]], list[str], int
         if not isinstance(e, dict):
             problems.append(f"--params {path}: a conditioning entry must be an object")
             continue
-        steps, captions = _steps_from_entry(e, f"--params {path}", problems)
+        steps, captions = steps_from_entry(e, f"--params {path}", problems)
     if any(not isinstance(c, str) or not c.strip() for c in captions):
         problems.append(f"--params {path}: 'captions' must be a list of non-empty strings")
     if problems:

@@ -268,7 +268,7 @@ class _Planner:
             self.problem(f"{where}: expected an object")
             return None
         problems: list[str] = []
-        steps, captions = dg._steps_from_entry(gen, where, problems)
+        steps, captions = dg.steps_from_entry(gen, where, problems)
         try:
             chain = dg.build_chain([], None, steps)
         except dg.DegradeError as exc:
