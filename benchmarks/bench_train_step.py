@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
-from kontext_trainer import adapters, speed  # noqa: E402
+from kontext_trainer import adapters, fp8, speed  # noqa: E402
+from kontext_trainer.quantize import QUANTO_EXCLUDE  # noqa: E402
 from kontext_trainer.flow import kontext_step, pack_latents  # noqa: E402
 
 
@@ -80,9 +81,12 @@ def baseline_step(model, batch, gen) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- runner
 
 
+GROUPS_ALL = ("baseline", "bf16", "compile", "fp8", "int8", "lokr")
+
+
 class Bench:
-    def __init__(self, args, device, arch):
-        self.args, self.device, self.arch = args, device, arch
+    def __init__(self, args, device, arch, groups=GROUPS_ALL):
+        self.args, self.device, self.arch, self.groups = args, device, arch, list(groups)
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
         self.flops: dict[int, float] = {}
@@ -179,9 +183,63 @@ class Bench:
         self.save()
         return out
 
+    def _loss_and_grads(self, batch, backend: str) -> tuple[float, torch.Tensor]:
+        self.model.zero_grad(set_to_none=True)
+        loss = kontext_step(self.model, batch, torch.Generator().manual_seed(7), attention_backend=backend)
+        sync(self.device)
+        grads = torch.cat([p.grad.float().flatten() for p in adapters.trainable_parameters(self.model)
+                           if p.grad is not None])
+        self.model.zero_grad(set_to_none=True)
+        return loss, grads
+
+    def check_same(self, what: str, batch, backend: str, change) -> dict:
+        """Loss and adapter gradients before and after change() (e.g. compiling), same weights and batch."""
+        speed.set_activation_checkpointing(self.model, 1.0)
+        loss_a, g_a = self._loss_and_grads(batch, backend)
+        change()
+        loss_b, g_b = self._loss_and_grads(batch, backend)
+        out = {"check": what, "loss_before": loss_a, "loss_after": loss_b,
+               "loss_rel_diff": abs(loss_a - loss_b) / max(abs(loss_a), 1e-12),
+               "grad_cosine": float(torch.nn.functional.cosine_similarity(g_a, g_b, dim=0)),
+               "grad_rel_diff": float((g_a - g_b).norm() / g_a.norm().clamp_min(1e-12))}
+        out["ok"] = out["grad_cosine"] > 0.99 and out["loss_rel_diff"] < 2e-2
+        self.checks.append(out)
+        print(f"  check {what}: loss {loss_a:.5f} vs {loss_b:.5f}, grad cosine {out['grad_cosine']:.5f} -> "
+              f"{'ok' if out['ok'] else 'MISMATCH'}", flush=True)
+        self.save()
+        return out
+
+    def check_fp8(self, batch, backend: str) -> dict:
+        """Same LoRA, batch, noise and sigma: loss and LoRA gradients on the bf16 base, then after converting the
+        base in place to fp8-matmul (which this leaves done)."""
+        speed.set_activation_checkpointing(self.model, 1.0)
+        loss_bf16, g_bf16 = self._loss_and_grads(batch, backend)
+        t = time.perf_counter()
+        report = fp8.convert_base_linears(self.model, exclude=QUANTO_EXCLUDE)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.rows.append({"name": "fp8 convert", "seconds": round(time.perf_counter() - t, 1),
+                          "converted": len(report.converted), "kept": report.kept,
+                          "gib_before": round(report.bytes_before / 2**30, 2),
+                          "gib_after": round(report.bytes_after / 2**30, 2)})
+        loss_fp8, g_fp8 = self._loss_and_grads(batch, backend)
+        out = {"check": "fp8-matmul vs bf16", "loss_bf16": loss_bf16, "loss_fp8": loss_fp8,
+               "loss_rel_diff": abs(loss_bf16 - loss_fp8) / max(abs(loss_bf16), 1e-12),
+               "grad_cosine": float(torch.nn.functional.cosine_similarity(g_bf16, g_fp8, dim=0)),
+               "grad_rel_diff": float((g_bf16 - g_fp8).norm() / g_bf16.norm().clamp_min(1e-12))}
+        # fp8 rounds the base's inputs: looser than cuDNN-vs-flash, but the direction of the update must hold
+        out["ok"] = out["grad_cosine"] > 0.95 and out["loss_rel_diff"] < 3e-2
+        self.checks.append(out)
+        print(f"  check fp8-matmul vs bf16: loss {loss_bf16:.5f} vs {loss_fp8:.5f}, grad cosine "
+              f"{out['grad_cosine']:.5f}, grad rel diff {out['grad_rel_diff']:.4f} -> "
+              f"{'ok' if out['ok'] else 'MISMATCH'}", flush=True)
+        self.save()
+        return out
+
     def save(self) -> None:
         result = {"machine": self.info, "arch": "tiny" if self.args.tiny else "FLUX.1 Kontext full (random bf16)",
-                  "date": datetime.date.today().isoformat(), "steps": self.args.steps, "warmup": self.args.warmup,
+                  "date": datetime.date.today().isoformat(), "groups": self.groups, "steps": self.args.steps,
+                  "warmup": self.args.warmup,
                   "flops_per_step": self.flops, "checks": self.checks, "rows": self.rows}
         for path in self.outputs():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +247,8 @@ class Bench:
 
     def outputs(self) -> list[Path]:
         gpu = self.info.get("gpu", "cpu").replace(" ", "_")
-        out = [ROOT / "benchmarks" / "results" / f"bench_train_step-{gpu}-{datetime.date.today()}.json"]
+        part = "" if set(self.groups) >= set(GROUPS_ALL) else "-" + "+".join(self.groups)
+        out = [ROOT / "benchmarks" / "results" / f"bench_train_step-{gpu}-{datetime.date.today()}{part}.json"]
         if self.args.out:
             out.append(self.args.out)
         return out if not self.args.tiny else out[1:]
@@ -203,78 +262,125 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds; later rows are skipped, not started")
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--groups", nargs="+", choices=GROUPS_ALL, default=list(GROUPS_ALL),
+                    help="which rows: baseline, bf16 (backends, checkpointing), compile (regional torch.compile), "
+                         "fp8 (fp8-matmul base), int8 (int8-quanto base), lokr (LoKr adapters, bf16 and int8)")
+    ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (fp8's too)")
+    ap.add_argument("--no-int8", action="store_true", help="drop the int8 group")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    groups = [g for g in GROUPS_ALL if g in args.groups and not (g == "int8" and args.no_int8)
+              and not (g == "compile" and args.no_compile)]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --tiny --device cpu", file=sys.stderr)
         return 2
     arch = TINY if args.tiny else FULL
-    bench = Bench(args, device, arch)
+    bench = Bench(args, device, arch, groups)
     print(json.dumps(bench.info), flush=True)
     full = not args.tiny
     step_s = {1024: 2.0, 512: 0.8}
     cudnn = "cudnn" if device.type == "cuda" else "math"
     flash = "flash" if device.type == "cuda" else "math"
     batches = {res: make_batch(arch, res, device, torch.bfloat16) for res in args.resolutions}
+    first = args.resolutions[0]
 
     def need(res, factor=1.0):
         return (args.warmup + args.steps) * step_s.get(res, 0.05) * factor + 5
-
-    # 1. baseline rows
-    params = bench.use_adapter("to_q,to_k,to_v,to_out.0")
-    for res in args.resolutions:
-        bench.model.enable_gradient_checkpointing()
-        gen = torch.Generator().manual_seed(0)
-        bench.run("baseline (eager, flash, ckpt, LoRA qkvo)", res, lambda i: baseline_step(bench.model, batches[res], gen),
-                  params, need(res))
-    # 2. ours
-    params = bench.use_adapter("attention")
-    for res in args.resolutions:
-        bench.count_flops(res, batches[res])
-    if full and device.type == "cuda":
-        bench.check_cudnn(batches[args.resolutions[0]])
 
     def ours(res, backend):
         gen = torch.Generator().manual_seed(0)
         return lambda i: kontext_step(bench.model, batches[res], gen, attention_backend=backend)
 
-    plan = [(1.0, flash), (1.0, cudnn), (0.0, cudnn), (0.5, cudnn)]
-    for res in args.resolutions:
-        for fraction, backend in plan if res == args.resolutions[0] else [(0.0, cudnn), (1.0, cudnn)]:
-            speed.set_activation_checkpointing(bench.model, fraction)
-            bench.run(f"ours ({backend}, ckpt {fraction:.0%})", res, ours(res, backend), params, need(res))
-    # 3. regional compile (no recompiles across the two sizes: dynamic=False compiles once per shape)
-    if not args.no_compile:
-        speed.set_activation_checkpointing(bench.model, 0.0)
-        if bench.left() > need(args.resolutions[0]) + 120:
-            t = time.perf_counter()
-            speed.compile_blocks(bench.model)
-            for res in args.resolutions:
-                bench.run(f"ours ({cudnn}, ckpt 0%, compiled)", res, ours(res, cudnn), params, need(res) + 60)
-            bench.rows.append({"name": "compile (incl. first steps)", "seconds": round(time.perf_counter() - t, 1)})
-    # 4. int8-quanto base
-    if not args.no_int8 and bench.left() > need(args.resolutions[0]) + 60:
-        from optimum.quanto import freeze, qint8, quantize
-
-        # a fresh, uncompiled model (quanto's tensor subclasses do not go through the compiled blocks)
+    def fresh_model(quantized: bool = False):
         bench.model = None
         bench.adapter = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
         bench.model = build_transformer(arch, device, torch.bfloat16)
+        if quantized:
+            from optimum.quanto import freeze, qint8, quantize
+
+            t = time.perf_counter()
+            quantize(bench.model, weights=qint8, exclude=list(QUANTO_EXCLUDE))
+            freeze(bench.model)
+            bench.model.requires_grad_(False)
+            bench.rows.append({"name": "int8 quantize+freeze", "seconds": round(time.perf_counter() - t, 1)})
+
+    # 1. baseline rows
+    if "baseline" in groups:
+        params = bench.use_adapter("to_q,to_k,to_v,to_out.0")
+        for res in args.resolutions:
+            bench.model.enable_gradient_checkpointing()
+            gen = torch.Generator().manual_seed(0)
+            bench.run("baseline (eager, flash, ckpt, LoRA qkvo)", res,
+                      lambda i: baseline_step(bench.model, batches[res], gen), params, need(res))
+    params = bench.use_adapter("attention")
+    for res in args.resolutions:
+        bench.count_flops(res, batches[res])
+    # 2. ours, bf16: attention backends and checkpointed fractions
+    if "bf16" in groups:
+        if full and device.type == "cuda":
+            bench.check_cudnn(batches[first])
+        plan = [(1.0, flash), (1.0, cudnn), (0.0, cudnn), (0.5, cudnn)]
+        for res in args.resolutions:
+            for fraction, backend in plan if res == first else [(0.0, cudnn), (1.0, cudnn)]:
+                speed.set_activation_checkpointing(bench.model, fraction)
+                bench.run(f"ours ({backend}, ckpt {fraction:.0%})", res, ours(res, backend), params, need(res))
+    # 3. regional compile (dynamic=False: one compile per shape, no recompiles within a bucket)
+    if "compile" in groups and bench.left() > need(first) + 120:
         t = time.perf_counter()
-        quantize(bench.model, weights=qint8, exclude=["*.norm", "*.norm1", "*.norm2", "*.norm2_context", "proj_out",
-                                                      "x_embedder", "norm_out", "context_embedder"])
-        freeze(bench.model)
-        bench.rows.append({"name": "int8 quantize+freeze", "seconds": round(time.perf_counter() - t, 1)})
+        bench.check_same("compiled vs eager", batches[first], cudnn, lambda: speed.compile_blocks(bench.model))
+        for res, fraction in [(first, 0.0), *[(r, 0.0) for r in args.resolutions[1:]], (first, 1.0)]:
+            speed.set_activation_checkpointing(bench.model, fraction)
+            bench.run(f"ours ({cudnn}, ckpt {fraction:.0%}, compiled)", res, ours(res, cudnn), params,
+                      need(res) + 60)
+        bench.rows.append({"name": "compile (incl. first steps)", "seconds": round(time.perf_counter() - t, 1)})
+    # 4. fp8-matmul base: the same model and LoRA, the base Linear modules converted in place
+    if "fp8" in groups:
+        if "compile" in groups:
+            fresh_model()
+            params = bench.use_adapter("attention")
+        try:
+            bench.check_fp8(batches[first], cudnn)
+        except Exception as exc:  # no fp8 kernels here: a result too
+            bench.rows.append({"name": "fp8 check", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            print(f"  fp8: ERROR {bench.rows[-1]['error']}", flush=True)
+        params = adapters.trainable_parameters(bench.model)
+        for res, fraction in [(first, 0.0), (first, 1.0), (first, 0.5), *[(r, 0.0) for r in args.resolutions[1:]]]:
+            speed.set_activation_checkpointing(bench.model, fraction)
+            bench.run(f"ours fp8-matmul ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params, need(res))
+        if not args.no_compile and bench.left() > need(first) + 120:
+            t = time.perf_counter()
+            bench.check_same("fp8 compiled vs eager", batches[first], cudnn,
+                             lambda: speed.compile_blocks(bench.model))
+            for res, fraction in [(first, 0.0), *[(r, 0.0) for r in args.resolutions[1:]], (first, 0.5),
+                                  (first, 1.0)]:
+                speed.set_activation_checkpointing(bench.model, fraction)
+                bench.run(f"ours fp8-matmul ({cudnn}, ckpt {fraction:.0%}, compiled)", res, ours(res, cudnn), params,
+                          need(res) + 60)
+            bench.rows.append({"name": "fp8 compile (incl. first steps)", "seconds": round(time.perf_counter() - t, 1)})
+    # 5. int8-quanto base (a fresh model: quanto's tensor subclasses do not go through compiled blocks)
+    if "int8" in groups and bench.left() > need(first) + 60:
+        fresh_model(quantized=True)
         params = bench.use_adapter("attention")
         for res in args.resolutions:
-            for fraction in (1.0, 0.0) if res == args.resolutions[0] else (1.0,):
+            for fraction in (1.0, 0.5) if res == first else (1.0,):
                 speed.set_activation_checkpointing(bench.model, fraction)
                 bench.run(f"ours int8 ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params, need(res, 1.3))
+    # 6. LoKr (the guide's lycoris config: factor 16 on attention, 8 on feed-forward, full matrix), bf16 and int8
+    if "lokr" in groups:
+        for quantized in (False, True):
+            if bench.left() < need(first, 1.3) + 60:
+                break
+            fresh_model(quantized=quantized)
+            adapters.attach_lokr(bench.model, "attention+ffs", factor=16, factor_ff=8, full_matrix=True)
+            bench.adapter = "lokr"
+            params = adapters.trainable_parameters(bench.model)
+            for res in args.resolutions:
+                speed.set_activation_checkpointing(bench.model, 1.0)
+                bench.run(f"ours LoKr {'int8' if quantized else 'bf16'} ({cudnn}, ckpt 100%)", res, ours(res, cudnn),
+                          params, need(res, 1.3))
     bench.save()
     base = {r["resolution"]: r["s_per_step"] for r in bench.rows if r.get("name", "").startswith("baseline")
             and "s_per_step" in r}
@@ -282,10 +388,10 @@ def main() -> int:
     for r in bench.rows:
         if "s_per_step" in r:
             ratio = base.get(r["resolution"], float("nan")) / r["s_per_step"]
-            print(f"  {r['name']:<44} {r['resolution']:>5}px {r['s_per_step']:7.3f} s  x{ratio:4.2f}  "
+            print(f"  {r['name']:<50} {r['resolution']:>5}px {r['s_per_step']:7.3f} s  x{ratio:4.2f}  "
                   f"peak {r.get('peak_gib', '-')} GiB  {r.get('tflops', '-')} TFLOP/s")
         elif "error" in r:
-            print(f"  {r['name']:<44} {r['resolution']:>5}px ERROR {r['error'][:120]}")
+            print(f"  {r['name']:<50} {r['resolution']:>5}px ERROR {r['error'][:120]}")
     ok = all(r.get("finite", True) for r in bench.rows) and all(c["ok"] for c in bench.checks)
     return 0 if ok else 1
 

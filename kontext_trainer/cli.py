@@ -96,7 +96,8 @@ class _Reporter:
             self.bar = None
 
     def __call__(self, kind: str, data: dict) -> None:
-        if self.json_lines and kind in ("step", "validation", "checkpoint", "saved", "cache"):
+        if self.json_lines and kind in ("step", "validation", "checkpoint", "saved", "cache", "stage", "warning",
+                                        "note"):
             print(json.dumps({"event": kind, **data}), flush=True)
         if kind == "progress":
             name = {"text": "text embeddings", "latents": "VAE latents"}.get(data["stage"], data["stage"])
@@ -165,7 +166,8 @@ def train_cmd(
     cache_batch_size: Optional[int] = typer.Option(None, "--cache-batch-size", help="Batch of VAE/text encoding."),
     vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="VAE tiling for caching."),
     precision: Optional[str] = typer.Option(None, "--base-precision", "--precision",
-                                            help="Base model precision: bf16 | fp32 | int8-quanto | fp8-quanto."),
+                                            help="Base model precision: bf16 | fp32 | int8-quanto | fp8-quanto | "
+                                                 "fp8-matmul (fp8 tensor-core matmuls, Ada/Hopper)."),
     # --- model side (issue 6) ---
     quantize_on: Optional[str] = typer.Option(None, "--quantize-on", help="Quantize on the gpu (training device) "
                                               "or in cpu RAM (the guide's quantize_via)."),

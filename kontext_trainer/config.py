@@ -50,9 +50,11 @@ class TrainConfig:
                             "entries are keyed by content.")
     verify: bool = _f(False, "Re-hash every image file and compare with the manifest's hashes before training.")
 
-    base_model_precision: Literal["bf16", "fp32", "int8-quanto", "fp8-quanto"] = _f(
+    base_model_precision: Literal["bf16", "fp32", "int8-quanto", "fp8-quanto", "fp8-matmul"] = _f(
         "bf16", "Precision of the frozen base model: bf16; fp32 (CPU tests); int8-quanto / fp8-quanto (optimum-quanto "
-                "qint8 / qfloat8 weights, bf16 compute, the adapter in float32). Infer at the precision you trained.")
+                "qint8 / qfloat8 weights, bf16 compute, the adapter in float32); fp8-matmul (e4m3 weights and fp8 "
+                "tensor-core matmuls both ways, Ada/Hopper; the adapter in float32). Infer at the precision you "
+                "trained.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     checkpoint_fraction: float | None = _f(
         None, "Fraction of the transformer blocks whose activations are recomputed (1.0 = all, 0 = none; only with "
@@ -206,7 +208,9 @@ SCHEDULER_ALIASES = {"constant": "constant", "constant_with_warmup": "constant",
                      "cosine": "cosine"}
 PRECISION_ALIASES = {"bf16": "bf16", "no_change": "bf16", "fp32": "fp32", "float32": "fp32", "bfloat16": "bf16"}
 PRECISION_ALIASES.update({"int8-quanto": "int8-quanto", "fp8-quanto": "fp8-quanto"})  # model side (issue 6)
-NOT_YET_PRECISIONS = ("int4-quanto", "int2-quanto", "int8-torchao", "fp8-torchao",
+# SimpleTuner's fp8-torchao (torchao Float8Linear: fp8 weights, fp8 matmuls) is what fp8-matmul does (issue 7)
+PRECISION_ALIASES.update({"fp8-matmul": "fp8-matmul", "fp8-torchao": "fp8-matmul"})
+NOT_YET_PRECISIONS = ("int4-quanto", "int2-quanto", "int8-torchao",
                       "fp8uz-quanto", "nf4-bnb", "int4-torchao")
 
 
@@ -364,11 +368,11 @@ def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> t
         v = str(value).lower()
         if v in NOT_YET_PRECISIONS:
             problems.append(f"base_model_precision: {value!r} is not available: use int8-quanto (the guide's "
-                            "choice, ~24 GB at 1024 px), fp8-quanto, bf16 or fp32")
+                            "choice, ~24 GB at 1024 px), fp8-quanto, fp8-matmul, bf16 or fp32")
             return None, None
         if v not in PRECISION_ALIASES:
-            problems.append(f"base_model_precision: {value!r} is not one of bf16, fp32, int8-quanto, fp8-quanto "
-                            "(no_change = bf16)")
+            problems.append(f"base_model_precision: {value!r} is not one of bf16, fp32, int8-quanto, fp8-quanto, "
+                            "fp8-matmul (no_change = bf16, fp8-torchao = fp8-matmul)")
             return None, None
         return key, PRECISION_ALIASES[v]
     if key == "optimizer":

@@ -66,6 +66,18 @@ class Dist:
             p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
             offset += n
 
+    def describe(self, device: torch.device) -> str:
+        """'2 processes (nccl) on cuda:0, cuda:1': every rank's device, gathered (a collective: call on all ranks)."""
+        if not self.enabled:
+            return f"1 process on {device}"
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        devices: list = [None] * self.world_size
+        dist.all_gather_object(devices, str(device))
+        return f"{self.world_size} processes ({dist.get_backend()}) on {', '.join(devices)}"
+
     def sum_scalar(self, value: float, device=None) -> float:
         if not self.enabled:
             return value

@@ -27,7 +27,8 @@ import torch
 QUANTO_EXCLUDE = ("*.norm", "*.norm1", "*.norm2", "*.norm2_context", "proj_out", "x_embedder", "norm_out",
                   "context_embedder")
 QUANTIZED_PRECISIONS = {"int8-quanto": "qint8", "fp8-quanto": "qfloat8"}
-PRECISIONS = ("bf16", "fp32", *QUANTIZED_PRECISIONS)
+FP8_MATMUL = "fp8-matmul"  # fp8 weights and fp8 matmuls for the frozen base: kontext_trainer/fp8.py
+PRECISIONS = ("bf16", "fp32", *QUANTIZED_PRECISIONS, FP8_MATMUL)
 
 
 @dataclass
@@ -99,7 +100,7 @@ def load_transformer(model_dir: Path | str, precision: str, device: torch.device
     from kontext_trainer import model as model_mod
 
     dtype = compute_dtype(precision)
-    if not is_quantized(precision):
+    if not is_quantized(precision):  # bf16, fp32, fp8-matmul (converted after the adapter: see to_fp8_matmul)
         return model_mod.load_transformer(model_dir, dtype, device), None
     if quantize_on not in ("gpu", "cpu"):
         raise ValueError(f"quantize_on {quantize_on!r} is not one of gpu, cpu")
@@ -108,3 +109,13 @@ def load_transformer(model_dir: Path | str, precision: str, device: torch.device
     report = quantize_transformer(transformer, precision)
     transformer.to(device)
     return transformer, report
+
+
+def to_fp8_matmul(transformer: torch.nn.Module, device: torch.device | str):
+    """fp8-matmul: after the adapter is attached, the frozen base Linear modules (the guide's exclusions kept in
+    bf16) become fp8 weights with fp8 matmuls (kontext_trainer/fp8.py). Returns its Fp8Report. RuntimeError when
+    the device has no fp8 matmuls."""
+    from kontext_trainer import fp8
+
+    fp8.require_fp8_support(device)
+    return fp8.convert_base_linears(transformer, exclude=QUANTO_EXCLUDE)

@@ -177,6 +177,8 @@ class KontextLoRARecipe:
         if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.dtype = quantize_mod.compute_dtype(cfg.base_model_precision)  # bf16 for quantized bases
+        if self.dist.enabled:
+            self.emit("stage", message=f"data parallel: {self.dist.describe(self.device)}")
         self.emit("stage", message=f"model {self.model_dir} on {self.device} ({cfg.base_model_precision}); "
                                    f"{len(self.samples)} training samples in {self._n_buckets()} bucket(s), "
                                    f"{len(self.val_samples)} validation sample(s)")
@@ -286,6 +288,17 @@ class KontextLoRARecipe:
             self.lora_config = adapters.attach_from_config(self.transformer, cfg)
         except ValueError as exc:
             raise TrainError([str(exc)], title="lora_targets") from None
+        if cfg.base_model_precision == quantize_mod.FP8_MATMUL:  # issue 7: after the adapter, which stays float32
+            try:
+                r = quantize_mod.to_fp8_matmul(self.transformer, self.device)
+            except RuntimeError as exc:
+                raise TrainError([str(exc)], title="base_model_precision") from None
+            self.quantize_report = r
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.emit("stage", message=f"fp8-matmul: {len(r.converted)} base Linear modules on fp8 weights and fp8 "
+                                       f"matmuls, {len(r.kept)} kept in bf16 ({', '.join(r.kept[:4])}...); weights "
+                                       f"{r.bytes_before / 2**30:.2f} -> {r.bytes_after / 2**30:.2f} GiB")
         self.transformer.train()
         if cfg.compile_blocks:
             speed.compile_blocks(self.transformer)

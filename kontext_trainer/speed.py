@@ -92,7 +92,7 @@ class MemoryPlan:
 # + (1 - fraction) * activations, both activation terms linear in the tokens per step (8,704 at 1024 px with one
 # reference, 2,560 at 512 px). Measured: 26.8 / 49.3 / 74.6 GiB at fractions 1 / 0.5 / 0 (1024 px), 23.8 / 37.9
 # (512 px); int8-quanto weights: 15.9 GiB at fraction 1.
-_WEIGHTS_GIB = {"bf16": 22.5, "int8-quanto": 11.6, "fp8-quanto": 11.6, "fp32": 45.0}
+_WEIGHTS_GIB = {"bf16": 22.5, "int8-quanto": 11.6, "fp8-quanto": 11.6, "fp8-matmul": 11.6, "fp32": 45.0}
 _CHECKPOINTED_GIB_PER_TOKEN = 0.000495
 _ACTIVATION_GIB_PER_TOKEN = 0.00549
 

@@ -66,6 +66,8 @@ def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
     cache = [e for e in events if e["event"] == "cache"]
     assert len(cache) == 1 and 0 < cache[0]["latent_encoded"] < cache[0]["latent_total"] == 14
     assert len([e for e in events if e["event"] == "done"]) == 1
+    assert any(e["event"] == "stage" and e["message"] == "data parallel: 2 processes (gloo) on cpu, cpu"
+               for e in events)
     latents = list((out2 / "cache" / "latents").rglob("*.safetensors"))
     assert len(latents) == 14  # every entry encoded, once
     assert (out2 / "pytorch_lora_weights.safetensors").is_file()
