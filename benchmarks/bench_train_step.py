@@ -24,6 +24,7 @@ CPU:  python benchmarks/bench_train_step.py --tiny --device cpu --resolutions 64
 from __future__ import annotations
 
 import argparse
+import gc
 import datetime
 import json
 import math
@@ -267,6 +268,8 @@ def main() -> int:
                          "fp8 (fp8-matmul base), int8 (int8-quanto base), lokr (LoKr adapters, bf16 and int8)")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (fp8's too)")
     ap.add_argument("--no-int8", action="store_true", help="drop the int8 group")
+    ap.add_argument("--extra", nargs="*", default=[], choices=["lokr-peft"],
+                    help="slow reference rows: lokr-peft (peft's own LoKr forward, ~11 s/step at 1024 px on H100)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     groups = [g for g in GROUPS_ALL if g in args.groups and not (g == "int8" and args.no_int8)
@@ -295,6 +298,8 @@ def main() -> int:
     def fresh_model(quantized: bool = False):
         bench.model = None
         bench.adapter = None
+        torch._dynamo.reset()  # compiled blocks hold the old model: without this its weights stay allocated
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         bench.model = build_transformer(arch, device, torch.bfloat16)
@@ -377,18 +382,31 @@ def main() -> int:
             adapters.attach_lokr(bench.model, "attention+ffs", factor=16, factor_ff=8, full_matrix=True)
             bench.adapter = "lokr"
             params = adapters.trainable_parameters(bench.model)
-            for res in args.resolutions:
-                speed.set_activation_checkpointing(bench.model, 1.0)
-                bench.run(f"ours LoKr {'int8' if quantized else 'bf16'} ({cudnn}, ckpt 100%)", res, ours(res, cudnn),
-                          params, need(res, 1.3))
+            if not quantized:  # our Kronecker matmul against peft's full-delta path, then peft's speed once
+                adapters.use_kron_matmul(bench.model, enable=False)
+                bench.check_same("LoKr kron matmul vs peft", batches[first], cudnn,
+                                 lambda: adapters.use_kron_matmul(bench.model, enable=True))
+                if "lokr-peft" in args.extra:
+                    adapters.use_kron_matmul(bench.model, enable=False)
+                    speed.set_activation_checkpointing(bench.model, 1.0)
+                    bench.run(f"peft LoKr bf16 ({cudnn}, ckpt 100%)", first, ours(first, cudnn), params,
+                              need(first, 6))
+                    adapters.use_kron_matmul(bench.model, enable=True)
+            kind = "int8" if quantized else "bf16"
+            plan = [(first, 1.0), (first, 0.0)] if not quantized else [(first, 1.0)]
+            for res, fraction in plan + [(r, 1.0) for r in args.resolutions[1:]]:
+                speed.set_activation_checkpointing(bench.model, fraction)
+                bench.run(f"ours LoKr {kind} ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params,
+                          need(res, 1.3))
     bench.save()
     base = {r["resolution"]: r["s_per_step"] for r in bench.rows if r.get("name", "").startswith("baseline")
             and "s_per_step" in r}
     print("\nsummary (median s/step; ratio = baseline / row):")
     for r in bench.rows:
         if "s_per_step" in r:
-            ratio = base.get(r["resolution"], float("nan")) / r["s_per_step"]
-            print(f"  {r['name']:<50} {r['resolution']:>5}px {r['s_per_step']:7.3f} s  x{ratio:4.2f}  "
+            b = base.get(r["resolution"])
+            ratio = f"x{b / r['s_per_step']:4.2f}" if b else "  -  "
+            print(f"  {r['name']:<50} {r['resolution']:>5}px {r['s_per_step']:7.3f} s  {ratio}  "
                   f"peak {r.get('peak_gib', '-')} GiB  {r.get('tflops', '-')} TFLOP/s")
         elif "error" in r:
             print(f"  {r['name']:<50} {r['resolution']:>5}px ERROR {r['error'][:120]}")
