@@ -267,7 +267,7 @@ def main() -> int:
                     help="which rows: baseline, bf16 (backends, checkpointing), compile (regional torch.compile), "
                          "fp8 (fp8-matmul base), int8 (int8-quanto base), lokr (LoKr adapters, bf16 and int8)")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (fp8's too)")
-    ap.add_argument("--no-int8", action="store_true", help="drop the int8 group")
+    ap.add_argument("--no-int8", action="store_true", help="drop the int8 rows (the int8 group, LoKr on int8)")
     ap.add_argument("--extra", nargs="*", default=[], choices=["lokr-peft"],
                     help="slow reference rows: lokr-peft (peft's own LoKr forward, ~11 s/step at 1024 px on H100)")
     ap.add_argument("--out", type=Path, default=None)
@@ -359,8 +359,9 @@ def main() -> int:
             t = time.perf_counter()
             bench.check_same("fp8 compiled vs eager", batches[first], cudnn,
                              lambda: speed.compile_blocks(bench.model))
+            # 0.6 / 0.85: the fastest fractions expected to fit 32 GB and 24 GB cards at 1024 px
             for res, fraction in [(first, 0.0), *[(r, 0.0) for r in args.resolutions[1:]], (first, 0.5),
-                                  (first, 1.0)]:
+                                  (first, 0.6), (first, 0.85), (first, 1.0)]:
                 speed.set_activation_checkpointing(bench.model, fraction)
                 bench.run(f"ours fp8-matmul ({cudnn}, ckpt {fraction:.0%}, compiled)", res, ours(res, cudnn), params,
                           need(res) + 60)
@@ -375,7 +376,7 @@ def main() -> int:
                 bench.run(f"ours int8 ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params, need(res, 1.3))
     # 6. LoKr (the guide's lycoris config: factor 16 on attention, 8 on feed-forward, full matrix), bf16 and int8
     if "lokr" in groups:
-        for quantized in (False, True):
+        for quantized in (False, True) if not args.no_int8 else (False,):
             if bench.left() < need(first, 1.3) + 60:
                 break
             fresh_model(quantized=quantized)
@@ -393,11 +394,18 @@ def main() -> int:
                               need(first, 6))
                     adapters.use_kron_matmul(bench.model, enable=True)
             kind = "int8" if quantized else "bf16"
-            plan = [(first, 1.0), (first, 0.0)] if not quantized else [(first, 1.0)]
+            plan = [(first, 1.0), (first, 0.5)] if not quantized else [(first, 1.0)]  # no checkpointing: > 80 GB
             for res, fraction in plan + [(r, 1.0) for r in args.resolutions[1:]]:
                 speed.set_activation_checkpointing(bench.model, fraction)
                 bench.run(f"ours LoKr {kind} ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params,
                           need(res, 1.3))
+            if not quantized and not args.no_compile and bench.left() > need(first) + 120:
+                bench.check_same("LoKr compiled vs eager", batches[first], cudnn,
+                                 lambda: speed.compile_blocks(bench.model))
+                for fraction in (1.0, 0.5):
+                    speed.set_activation_checkpointing(bench.model, fraction)
+                    bench.run(f"ours LoKr bf16 ({cudnn}, ckpt {fraction:.0%}, compiled)", first, ours(first, cudnn),
+                              params, need(first) + 60)
     bench.save()
     base = {r["resolution"]: r["s_per_step"] for r in bench.rows if r.get("name", "").startswith("baseline")
             and "s_per_step" in r}
