@@ -137,7 +137,9 @@ def kron_delta_activations(layer, adapter_name: str, x: torch.Tensor, *args, **k
     are cast to the activations' dtype, the activations stay as they are, and the work is ~1/15 of a base matmul
     at factor 16. Falls back to peft's path for rank dropout."""
     if (layer.training and layer.rank_dropout[adapter_name]) or adapter_name in layer.lokr_t2:
-        return type(layer)._get_delta_activations(layer, adapter_name, x, *args, **kwargs)
+        from peft.tuners.lokr.layer import Linear as LoKrLinear
+
+        return LoKrLinear._get_delta_activations(layer, adapter_name, x, *args, **kwargs)
     w1 = _lokr_factor(layer, "w1", adapter_name)
     w2 = _lokr_factor(layer, "w2", adapter_name)
     dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else w2.dtype
@@ -149,20 +151,48 @@ def kron_delta_activations(layer, adapter_name: str, x: torch.Tensor, *args, **k
 
 def use_kron_matmul(transformer, enable: bool = True) -> int:
     """Route every peft LoKr Linear of `transformer` through `kron_delta_activations` (enable=False: back to
-    peft's own full-matrix path, which the benchmark compares against). Returns how many layers changed."""
-    import functools
+    peft's own full-matrix path, which the benchmark compares against). Returns how many layers changed.
 
+    The layers become `KronLoKrLinear`, a subclass of peft's class that differs only in that method: peft's saving,
+    merging and isinstance checks see the same layer, and torch.compile inlines one method for every block (a
+    per-layer bound function made each layer recompile)."""
     from peft.tuners.lokr.layer import Linear as LoKrLinear
 
     n = 0
     for module in transformer.modules():
         if isinstance(module, LoKrLinear):
-            if enable:
-                module._get_delta_activations = functools.partial(kron_delta_activations, module)
-            else:
-                module.__dict__.pop("_get_delta_activations", None)
+            module.__class__ = _kron_class() if enable else LoKrLinear
             n += 1
     return n
+
+
+_KRON_CLASS = None
+
+
+def _kron_class():
+    global _KRON_CLASS
+    if _KRON_CLASS is None:
+        from peft.tuners.lokr.layer import Linear as LoKrLinear
+
+        class KronLoKrLinear(LoKrLinear):
+            """peft's LoKr Linear with the Kronecker-factored delta matmul (`kron_delta_activations`)."""
+
+            def _get_delta_activations(self, adapter_name, input, *args, **kwargs):
+                return kron_delta_activations(self, adapter_name, input, *args, **kwargs)
+
+            def forward(self, x, *args, **kwargs):
+                """peft's forward without its module-dropout coin flip when module dropout is 0 (the flip,
+                `torch.rand(1) > p` in a Python `if`, breaks the torch.compile graph at every layer)."""
+                active = [a for a in self.active_adapters if a in self._available_adapters]
+                if self.disable_adapters or self.merged or any(self.module_dropout[a] for a in active):
+                    return super().forward(x, *args, **kwargs)
+                result = self.base_layer(x, *args, **kwargs)
+                for adapter_name in active:
+                    result = result + self._get_delta_activations(adapter_name, x, *args, **kwargs)
+                return result.to(x.dtype)
+
+        _KRON_CLASS = KronLoKrLinear
+    return _KRON_CLASS
 
 
 def attach_from_config(transformer, cfg, init_seed: int | None = None):
