@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=6)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--device", default="cuda", help="cuda; cpu = a dry run of this script with gloo")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="compile_blocks for both runs: auto = the trainer's default (on for CUDA)")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if cuda and (not torch.cuda.is_available() or torch.cuda.device_count() < args.processes):
@@ -88,6 +90,8 @@ def main() -> int:
                str(args.steps), "--train-batch-size", str(args.batch), "--lora-rank", "8", "--lr", "1e-3",
                "--seed", "0", "--checkpointing-steps", str(args.steps // 2), "--set", "report_to=none",
                "--set", "skip_final_validation=true", "--json", "--quiet"]
+        if args.compile != "auto":
+            cmd += ["--set", f"compile_blocks={'true' if args.compile == 'on' else 'false'}"]
         if n > 1:
             cmd += ["--num-processes", str(n)]
         proc, wall = run(cmd, env)

@@ -280,6 +280,7 @@ class KontextLoRARecipe:
             self.emit("stage", message=f"{r.precision}: {len(r.quantized)} Linear modules quantized, "
                                        f"{len(r.kept)} kept in bf16 ({', '.join(r.kept[:4])}...); weights "
                                        f"{r.bytes_before / 2**30:.2f} -> {r.bytes_after / 2**30:.2f} GiB")
+        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else self.device.type == "cuda"
         if cfg.gradient_checkpointing:
             plan = self._checkpoint_plan()
             speed.set_activation_checkpointing(self.transformer, plan.fraction)
@@ -300,9 +301,11 @@ class KontextLoRARecipe:
                                        f"matmuls, {len(r.kept)} kept in bf16 ({', '.join(r.kept[:4])}...); weights "
                                        f"{r.bytes_before / 2**30:.2f} -> {r.bytes_after / 2**30:.2f} GiB")
         self.transformer.train()
-        if cfg.compile_blocks:
+        if self.compile:
             speed.compile_blocks(self.transformer)
-            self.emit("stage", message="torch.compile of the transformer blocks: the first steps include compiling")
+            why = "compile_blocks" if cfg.compile_blocks else "on CUDA by default; compile_blocks=false turns it off"
+            self.emit("stage", message=f"torch.compile of the transformer blocks ({why}): the first steps include "
+                                       f"compiling")
         self.params = adapters.trainable_parameters(self.transformer)
         self.optimizer = build_optimizer(cfg, self.params)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -326,14 +329,19 @@ class KontextLoRARecipe:
         cfg = self.cfg
         tokens = max((speed.sample_tokens(s.target.size, [r.size for r in s.references]) for s in self.samples),
                      default=0)
+        params = sum(p.numel() for p in self.transformer.parameters())
+        shape = speed.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
+                                wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
+                                compiled=self.compile, scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS))
         if cfg.checkpoint_fraction is not None:
-            return speed.MemoryPlan(cfg.checkpoint_fraction, speed.predict_peak_gib(
-                cfg.checkpoint_fraction, tokens, cfg.base_model_precision, cfg.train_batch_size),
-                f"checkpointing {cfg.checkpoint_fraction:.0%} of the blocks (checkpoint_fraction)")
+            f = cfg.checkpoint_fraction
+            return speed.MemoryPlan(f, speed.predict_peak_gib(
+                f, tokens, shape.precision, shape.batch_size, wide_adapter=shape.wide_adapter,
+                compiled=shape.compiled, scale=shape.scale), f"checkpointing {f:.0%} of the blocks (checkpoint_fraction)")
         if self.device.type != "cuda":
             return speed.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        return speed.plan_memory(total, tokens, cfg.base_model_precision, cfg.train_batch_size)
+        return speed.plan_memory(total, shape)
 
     # ------------------------------------------------------------------------------------------- train
 
