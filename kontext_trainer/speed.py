@@ -73,8 +73,18 @@ def set_activation_checkpointing(model, fraction: float) -> int:
     return n
 
 
+RECOMPILE_LIMIT = 64  # shapes per compiled block: every bucket of a run, plus validation
+
+
 def compile_blocks(model, **kwargs) -> None:
-    """Regional compilation: torch.compile each repeated block (diffusers' compile_repeated_blocks)."""
+    """Regional compilation: torch.compile each repeated block (diffusers' compile_repeated_blocks), static shapes.
+
+    Each bucket shape compiles once. dynamo's default limit of 8 shapes per code object is fewer than the buckets
+    of a multi-aspect dataset plus validation, and past it dynamo silently runs the block eagerly: the limit is
+    raised to RECOMPILE_LIMIT (never lowered)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     model.compile_repeated_blocks(**({"dynamic": False} | kwargs))
 
 

@@ -88,3 +88,29 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model):
     got = [p.grad for p in adapters.trainable_parameters(model)]
     assert abs(compiled - eager) < 1e-5
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(expected, got))
+
+
+def test_compiled_blocks_keep_compiling_past_eight_bucket_shapes(tiny_model):
+    """A run with many buckets: every new shape gets its own compiled graph instead of dynamo's silent eager
+    fallback after its default 8 recompiles."""
+    from diffusers import FluxTransformer2DModel
+    from torch._dynamo.utils import counters
+
+    from kontext_trainer.flow import kontext_ids
+
+    model = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer").eval()
+    speed.compile_blocks(model, backend="eager")  # dynamo's guards and limits as in training; no inductor codegen
+    assert torch._dynamo.config.recompile_limit >= speed.RECOMPILE_LIMIT
+    before = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, w) for w in range(1, 11)]  # 10 grids of 2x2-latent patches: 10 bucket shapes
+    with torch.no_grad():
+        for h, w in shapes:
+            n = h * w
+            out = model(hidden_states=torch.randn(1, 2 * n, 16, generator=g), timestep=torch.tensor([0.5]),
+                        guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32, generator=g),
+                        encoder_hidden_states=torch.randn(1, 4, 32, generator=g), txt_ids=torch.zeros(4, 3),
+                        img_ids=kontext_ids((2 * h, 2 * w), [(2 * h, 2 * w)]), return_dict=False)[0]
+            assert out.shape == (1, 2 * n, 16) and torch.isfinite(out).all()
+    # two block types (double, single) x 10 shapes, each compiled
+    assert counters["stats"]["unique_graphs"] - before >= 2 * len(shapes)
