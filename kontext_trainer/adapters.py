@@ -341,7 +341,57 @@ def attach_lora(transformer, rank: int, alpha: float | None, dropout: float, tar
         transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
     # adapter weights train in float32 even on a bf16 base
     _train_adapter_params(transformer)
+    use_activation_dtype_lora(transformer)
     return config
+
+
+def use_activation_dtype_lora(transformer, enable: bool = True) -> int:
+    """Compute every peft LoRA Linear of `transformer` in the activations' dtype (enable=False: peft's own forward).
+
+    peft casts each adapted layer's bf16 input to the adapter's float32, runs both LoRA matmuls and the addition to
+    the base output in float32, then casts back: per layer, full-size float32 copies of the input and the output
+    (written, read, and the input kept for backward), on every one of the ~270 adapted layers of a Kontext step.
+    `ActivationDtypeLoraLinear` (a subclass of peft's layer; saving, merging and loading see the same layer) casts
+    the two small factors to bf16 instead, as autocast would: the master weights, their gradients and the optimizer
+    stay float32. float32 activations (CPU tests), DoRA and other variants, LoRA biases and mixed-adapter batches
+    use peft's forward unchanged. Returns how many layers changed."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for module in transformer.modules():
+        if isinstance(module, LoraLinear):
+            module.__class__ = _act_dtype_lora_class() if enable else LoraLinear
+            n += 1
+    return n
+
+
+_ACT_LORA_CLASS = None
+
+
+def _act_dtype_lora_class():
+    global _ACT_LORA_CLASS
+    if _ACT_LORA_CLASS is None:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        class ActivationDtypeLoraLinear(LoraLinear):
+            """peft's LoRA Linear with both LoRA matmuls in the input's (half-precision) dtype."""
+
+            def forward(self, x, *args, **kwargs):
+                if (x.dtype not in (torch.bfloat16, torch.float16) or self.disable_adapters or self.merged
+                        or kwargs.get("adapter_names") is not None or self.lora_variant
+                        or any(self.lora_bias.values())):
+                    return super().forward(x, *args, **kwargs)
+                result = self.base_layer(x, *args, **kwargs)
+                for name in self.active_adapters:
+                    if name not in self.lora_A:
+                        continue
+                    h = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
+                    delta = torch.nn.functional.linear(h, self.lora_B[name].weight.to(x.dtype))
+                    result = result + delta * self.scaling[name]
+                return result
+
+        _ACT_LORA_CLASS = ActivationDtypeLoraLinear
+    return _ACT_LORA_CLASS
 
 
 def trainable_parameters(transformer) -> list[torch.nn.Parameter]:

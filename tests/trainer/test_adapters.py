@@ -65,3 +65,50 @@ def test_saved_lora_loads_into_the_pipeline_with_its_alpha(tiny_model, tmp_path)
         base = _fresh(tiny_model)(**args)[0]
     assert torch.allclose(live, loaded, atol=1e-5)
     assert not torch.allclose(live, base, atol=1e-3)
+
+
+def test_lora_runs_in_the_activations_dtype_with_peft_gradients(tiny_model):
+    """bf16 activations: both LoRA matmuls in bf16 (no float32 copies of every input and output), the master
+    weights and their gradients float32, and the same outputs and gradients as peft's float32 forward within bf16
+    tolerance; float32 activations take peft's forward unchanged."""
+    from diffusers import FluxTransformer2DModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from kontext_trainer.adapters import attach_lora, use_activation_dtype_lora
+    from kontext_trainer.flow import kontext_ids
+
+    tr = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer", torch_dtype=torch.bfloat16)
+    attach_lora(tr, rank=4, alpha=8.0, dropout=0.0, targets="attention+ffs")
+    layers = [m for m in tr.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(type(m).__name__ == "ActivationDtypeLoraLinear" for m in layers)
+    g = torch.Generator().manual_seed(0)
+    params = [p for p in tr.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)
+    for p in params:  # non-zero B, so the LoRA path changes the output
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    args = dict(hidden_states=torch.randn(1, 32, 16, generator=g).bfloat16(), timestep=torch.tensor([0.5]),
+                guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32, generator=g).bfloat16(),
+                encoder_hidden_states=torch.randn(1, 12, 32, generator=g).bfloat16(), txt_ids=torch.zeros(12, 3),
+                img_ids=kontext_ids((8, 8), [(8, 8)]), return_dict=False)
+
+    def run(ours: bool):
+        use_activation_dtype_lora(tr, enable=ours)
+        tr.zero_grad()
+        out = tr(**args)[0]
+        out.float().square().mean().backward()
+        return out.float().detach(), torch.cat([p.grad.flatten() for p in params])
+
+    ref_out, ref_grad = run(False)
+    out, grad = run(True)
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(out.flatten(), ref_out.flatten(), dim=0) > 0.999
+    assert cos(grad, ref_grad, dim=0) > 0.999
+    assert not torch.equal(out, ref_out)  # a different computation, not peft's path under another name
+    tr.float()
+    for p in params:
+        p.data = p.data.float()
+    args = {k: v.float() if torch.is_tensor(v) and v.dtype == torch.bfloat16 else v for k, v in args.items()}
+    out32, _ = run(True)
+    ref32, _ = run(False)
+    assert torch.equal(out32, ref32)  # float32 activations: peft's forward
