@@ -332,12 +332,12 @@ class KontextLoRARecipe:
         params = sum(p.numel() for p in self.transformer.parameters())
         shape = speed.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
                                 wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
-                                compiled=self.compile, scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS))
+                                scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS))
         if cfg.checkpoint_fraction is not None:
             f = cfg.checkpoint_fraction
             return speed.MemoryPlan(f, speed.predict_peak_gib(
-                f, tokens, shape.precision, shape.batch_size, wide_adapter=shape.wide_adapter,
-                compiled=shape.compiled, scale=shape.scale), f"checkpointing {f:.0%} of the blocks (checkpoint_fraction)")
+                f, tokens, shape.precision, shape.batch_size, wide_adapter=shape.wide_adapter, scale=shape.scale),
+                f"checkpointing {f:.0%} of the blocks (checkpoint_fraction)")
         if self.device.type != "cuda":
             return speed.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30

@@ -97,21 +97,19 @@ class MemoryPlan:
     reason: str
 
 
-# Fitted to the H100 runs in benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-2*.json (full-size
-# Kontext, batch 1, one reference, AdamW): peak = weights + checkpointed activations + (1 - fraction) * activations,
-# both activation terms linear in the tokens per step (8,704 at 1024 px with one reference, 2,560 at 512 px).
-# LoRA rank 16 on the attention preset, eager: 26.8 / 49.3 / 74.6 GiB at fractions 1 / 0.5 / 0 (1024 px), 23.8 / 37.9
-# (512 px); int8-quanto 15.9 GiB at fraction 1; fp8-matmul 16.7 / 39.1 / 64.3 at 1 / 0.5 / 0.
-# Compiled blocks (LoRA): 26.6 / 63.2 GiB at 1 / 0 (bf16), 15.8 / 20.6 / 29.0 / 32.6 / 52.3 at 1 / .85 / .6 / .5 / 0
-# (fp8-matmul): the checkpointed term is the same, the rest x0.76.
-# LoKr (factor 16/8, attention+ffs, full matrix) eager: 28.0 / 61.6 GiB at 1 / 0.5; out of memory at 0. Adapters on
-# more than the attention modules (LoKr, LoRA with attention+ffs or all) use the LoKr figures: x1.28 checkpointed,
-# x1.41 the rest (LoRA beyond attention is not measured: assumed like LoKr).
+# Fitted to the H100 runs in benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26b-*.json
+# (full-size Kontext, batch 1, one reference, AdamW, LoRA in the activations' dtype): peak = weights + checkpointed
+# activations + (1 - fraction) * activations, both activation terms linear in the tokens per step (8,704 at 1024 px
+# with one reference, 2,560 at 512 px). LoRA rank 16 on the attention preset: 26.6 / 42.0 / 58.4 GiB at fractions
+# 1 / 0.5 / 0 (1024 px), 23.7 / 33.2 (512 px); int8-quanto 15.6 GiB at 1; fp8-matmul 16.4 / 31.8 / 48.2 at
+# 1 / 0.5 / 0. Compiled blocks peak within 3% of eager (58.7 bf16, 47.5 fp8-matmul at fraction 0).
+# LoKr (factor 16/8, attention+ffs, full matrix; benchmarks/results/...-2026-11-26-fp8+lokr.json): 28.0 / 61.6 GiB
+# at 1 / 0.5, out of memory at 0. Adapters on more than the attention modules (LoKr, LoRA with attention+ffs or all)
+# use the LoKr figures: x1.355 checkpointed, x2.11 the rest (LoRA beyond attention is not measured: assumed like LoKr).
 _WEIGHTS_GIB = {"bf16": 22.5, "int8-quanto": 11.6, "fp8-quanto": 11.6, "fp8-matmul": 12.4, "fp32": 45.0}
-_CHECKPOINTED_GIB_PER_TOKEN = 0.000495
-_ACTIVATION_GIB_PER_TOKEN = 0.00549
-_COMPILED_ACTIVATIONS = 0.76
-_WIDE_CHECKPOINTED, _WIDE_ACTIVATIONS = 1.28, 1.41
+_CHECKPOINTED_GIB_PER_TOKEN = 0.000470
+_ACTIVATION_GIB_PER_TOKEN = 0.003655
+_WIDE_CHECKPOINTED, _WIDE_ACTIVATIONS = 1.355, 2.11
 FULL_TRANSFORMER_PARAMS = 11.9e9  # FLUX.1 Kontext's transformer; smaller models scale every term by their size
 FRACTIONS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.85, 0.9, 1.0)
 
@@ -125,29 +123,27 @@ class StepShape:
     batch_size: int = 1
     wide_adapter: bool = False
     """An adapter on more than the attention modules (LoKr, or LoRA with attention+ffs / all)."""
-    compiled: bool = False
     scale: float = 1.0
     """Parameters of the transformer / FULL_TRANSFORMER_PARAMS (the tiny test model: ~1e-6)."""
 
 
 def predict_peak_gib(fraction: float, tokens: int, precision: str = "bf16", batch_size: int = 1, *,
-                     wide_adapter: bool = False, compiled: bool = False, scale: float = 1.0) -> float:
+                     wide_adapter: bool = False, scale: float = 1.0) -> float:
     weights = _WEIGHTS_GIB.get(precision, _WEIGHTS_GIB["bf16"])
     checkpointed = _CHECKPOINTED_GIB_PER_TOKEN * (_WIDE_CHECKPOINTED if wide_adapter else 1.0)
     rest = _ACTIVATION_GIB_PER_TOKEN * (_WIDE_ACTIVATIONS if wide_adapter else 1.0)
-    if compiled and not wide_adapter:  # compiled LoKr is measured at 1 and 0.5 only: no saving seen there
-        rest *= _COMPILED_ACTIVATIONS
     return (weights + (checkpointed + (1.0 - fraction) * rest) * tokens * batch_size) * scale
 
 
 def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0) -> MemoryPlan:
     """The smallest checkpointed fraction (fastest step) whose predicted peak fits the card with headroom.
 
-    A quanto base is always fully checkpointed: only that was measured to fit (15.9 GiB at 1024 px); without
-    checkpointing, an int8 step at 1024 px ran out of an H100's 80 GB, far above this model's prediction."""
+    A quanto base is always fully checkpointed: only that was measured to fit (15.6 GiB at 1024 px); with half the
+    blocks checkpointed it took 38.0 GiB (above this model's prediction), and without checkpointing an int8 step at
+    1024 px ran out of an H100's 80 GB."""
     def peak(fraction):
         return predict_peak_gib(fraction, shape.tokens, shape.precision, shape.batch_size,
-                                wide_adapter=shape.wide_adapter, compiled=shape.compiled, scale=shape.scale)
+                                wide_adapter=shape.wide_adapter, scale=shape.scale)
 
     precision = shape.precision
     if precision.endswith("-quanto"):
