@@ -62,8 +62,8 @@ class TrainConfig:
               "see docs/performance.md), said at start-up; 1.0 elsewhere.", min=0.0, max=1.0)
     compile_blocks: bool | None = _f(
         None, "Regional torch.compile of the repeated transformer blocks (one compile per block type and bucket "
-              "size, paid in the first steps). Default (none): on when training on CUDA (H100, 1024 px: 1.15 -> "
-              "0.89 s/step, same loss), off elsewhere; true/false force it.")
+              "size, paid in the first steps). Default (none): on when training on CUDA (H100, 1024 px: 1.01 -> "
+              "0.81 s/step, same loss), off elsewhere; true/false force it.")
     attention_backend: Literal["auto", "default", "flash", "efficient", "math", "cudnn"] = _f(
         "auto", "SDPA kernels for training: auto = on CUDA cuDNN attention with a contiguous gradient (the fix for "
                 "its backward crash; ~1.2x faster steps than flash at 1024 px), falling back to flash/mem-efficient; "
