@@ -63,7 +63,8 @@ class TrainConfig:
     compile_blocks: bool | None = _f(
         None, "Regional torch.compile of the repeated transformer blocks (one compile per block type and bucket "
               "size, paid in the first steps). Default (none): on when training on CUDA (H100, 1024 px: 1.01 -> "
-              "0.81 s/step, same loss), off elsewhere; true/false force it.")
+              "0.81 s/step, same loss), off elsewhere and with an int8/fp8-quanto base (quanto's tensors do not "
+              "compile); true/false force it.")
     attention_backend: Literal["auto", "default", "flash", "efficient", "math", "cudnn"] = _f(
         "auto", "SDPA kernels for training: auto = on CUDA cuDNN attention with a contiguous gradient (the fix for "
                 "its backward crash; ~1.2x faster steps than flash at 1024 px), falling back to flash/mem-efficient; "
@@ -461,6 +462,10 @@ def resolve_config(file_values: Mapping[str, Any] | None = None, overrides: Mapp
                         + (f". Possible typos: {'; '.join(hints)}" if hints else ""))
     if not values.get("manifest"):
         problems.append("manifest: no manifest given (kontext-train MANIFEST.parquet)")
+    if values.get("compile_blocks") and str(values.get("base_model_precision", "")).endswith("-quanto"):
+        problems.append(f"compile_blocks: true does not work with base_model_precision "
+                        f"{values['base_model_precision']} (torch.compile rejects optimum-quanto's tensor subclasses); "
+                        "use fp8-matmul for a compiled quantized base, or compile_blocks false")
     if values.get("lycoris_config") and not problems:  # model side (issue 6): keys set explicitly win
         from kontext_trainer.adapters import read_lycoris_config
 

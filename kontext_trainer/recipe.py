@@ -280,7 +280,8 @@ class KontextLoRARecipe:
             self.emit("stage", message=f"{r.precision}: {len(r.quantized)} Linear modules quantized, "
                                        f"{len(r.kept)} kept in bf16 ({', '.join(r.kept[:4])}...); weights "
                                        f"{r.bytes_before / 2**30:.2f} -> {r.bytes_after / 2**30:.2f} GiB")
-        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else self.device.type == "cuda"
+        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else (
+            self.device.type == "cuda" and not quantize_mod.is_quantized(cfg.base_model_precision))
         if cfg.gradient_checkpointing:
             plan = self._checkpoint_plan()
             speed.set_activation_checkpointing(self.transformer, plan.fraction)

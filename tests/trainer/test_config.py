@@ -95,3 +95,14 @@ def test_unparseable_file_names_the_file(tmp_path):
     p.write_text('{"lora_rank": 16,,}')
     with pytest.raises(ConfigError, match="bad.json"):
         read_config_file(p)
+
+
+def test_compile_blocks_with_a_quanto_base_is_refused_with_the_alternative(tmp_path):
+    from kontext_trainer.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError) as exc:
+        resolve_config({"manifest": str(tmp_path / "m.parquet"), "base_model_precision": "int8-quanto",
+                        "compile_blocks": True})
+    assert "compile_blocks" in str(exc.value) and "fp8-matmul" in str(exc.value)
+    ok = resolve_config({"manifest": str(tmp_path / "m.parquet"), "base_model_precision": "int8-quanto"})
+    assert ok.config.compile_blocks is None  # default: the recipe leaves a quanto base eager
