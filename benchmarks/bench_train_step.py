@@ -260,6 +260,8 @@ def main() -> int:
                     help="which rows: baseline, bf16 (backends, checkpointing), compile (regional torch.compile), "
                          "fp8 (fp8-matmul base), int8 (int8-quanto base), lokr (LoKr adapters, bf16 and int8)")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (fp8's too)")
+    ap.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the compiled rows (default: torch's default)")
     ap.add_argument("--no-int8", action="store_true", help="drop the int8 rows (the int8 group, LoKr on int8)")
     ap.add_argument("--extra", nargs="*", default=[], choices=["lokr-peft", "lora-peft"],
                     help="reference rows: lokr-peft (peft's own LoKr forward, ~11 s/step at 1024 px on H100), "
@@ -273,6 +275,7 @@ def main() -> int:
         print("no CUDA device: use --tiny --device cpu", file=sys.stderr)
         return 2
     arch = TINY if args.tiny else FULL
+    compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
     bench = Bench(args, device, arch, groups)
     print(json.dumps(bench.info), flush=True)
     full = not args.tiny
@@ -332,7 +335,8 @@ def main() -> int:
     # 3. regional compile (dynamic=False: one compile per shape, no recompiles within a bucket)
     if "compile" in groups and bench.left() > need(first) + 120:
         t = time.perf_counter()
-        bench.check_same("compiled vs eager", batches[first], cudnn, lambda: speed.compile_blocks(bench.model))
+        bench.check_same("compiled vs eager", batches[first], cudnn,
+                         lambda: speed.compile_blocks(bench.model, **compile_kwargs))
         for res, fraction in [(first, 0.0), *[(r, 0.0) for r in args.resolutions[1:]], (first, 1.0)]:
             speed.set_activation_checkpointing(bench.model, fraction)
             bench.run(f"ours ({cudnn}, ckpt {fraction:.0%}, compiled)", res, ours(res, cudnn), params,
@@ -362,7 +366,7 @@ def main() -> int:
         if not args.no_compile and bench.left() > need(first) + 120:
             t = time.perf_counter()
             bench.check_same("fp8 compiled vs eager", batches[first], cudnn,
-                             lambda: speed.compile_blocks(bench.model))
+                             lambda: speed.compile_blocks(bench.model, **compile_kwargs))
             # 0.6 / 0.85: the fastest fractions expected to fit 32 GB and 24 GB cards at 1024 px
             for res, fraction in [(first, 0.0), *[(r, 0.0) for r in args.resolutions[1:]], (first, 0.5),
                                   (first, 0.6), (first, 0.85), (first, 1.0)]:
@@ -405,7 +409,7 @@ def main() -> int:
                           need(res, 1.3))
             if not quantized and not args.no_compile and bench.left() > need(first) + 120:
                 bench.check_same("LoKr compiled vs eager", batches[first], cudnn,
-                                 lambda: speed.compile_blocks(bench.model))
+                                 lambda: speed.compile_blocks(bench.model, **compile_kwargs))
                 for fraction in (1.0, 0.5):
                     speed.set_activation_checkpointing(bench.model, fraction)
                     bench.run(f"ours LoKr bf16 ({cudnn}, ckpt {fraction:.0%}, compiled)", first, ours(first, cudnn),
