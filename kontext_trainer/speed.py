@@ -73,6 +73,13 @@ def set_activation_checkpointing(model, fraction: float) -> int:
     return n
 
 
+def can_compile_cuda() -> bool:
+    """Whether torch.compile can generate CUDA kernels here (inductor needs Triton; Windows wheels lack it)."""
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
 RECOMPILE_LIMIT = 64  # shapes per compiled block: every bucket of a run, plus validation
 
 
