@@ -17,6 +17,7 @@ ComfyUI export (`kontext-train export --format comfyui`) and merging, not throug
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -158,41 +159,41 @@ def use_kron_matmul(transformer, enable: bool = True) -> int:
     per-layer bound function made each layer recompile)."""
     from peft.tuners.lokr.layer import Linear as LoKrLinear
 
+    return _swap_layer_class(transformer, LoKrLinear, _kron_class() if enable else LoKrLinear)
+
+
+def _swap_layer_class(transformer, base: type, cls: type) -> int:
+    """Give every `base` layer of `transformer` the class `cls` (a subclass of `base`, or `base` itself)."""
     n = 0
     for module in transformer.modules():
-        if isinstance(module, LoKrLinear):
-            module.__class__ = _kron_class() if enable else LoKrLinear
+        if isinstance(module, base):
+            module.__class__ = cls
             n += 1
     return n
 
 
-_KRON_CLASS = None
-
-
+@functools.cache
 def _kron_class():
-    global _KRON_CLASS
-    if _KRON_CLASS is None:
-        from peft.tuners.lokr.layer import Linear as LoKrLinear
+    from peft.tuners.lokr.layer import Linear as LoKrLinear
 
-        class KronLoKrLinear(LoKrLinear):
-            """peft's LoKr Linear with the Kronecker-factored delta matmul (`kron_delta_activations`)."""
+    class KronLoKrLinear(LoKrLinear):
+        """peft's LoKr Linear with the Kronecker-factored delta matmul (`kron_delta_activations`)."""
 
-            def _get_delta_activations(self, adapter_name, input, *args, **kwargs):
-                return kron_delta_activations(self, adapter_name, input, *args, **kwargs)
+        def _get_delta_activations(self, adapter_name, input, *args, **kwargs):
+            return kron_delta_activations(self, adapter_name, input, *args, **kwargs)
 
-            def forward(self, x, *args, **kwargs):
-                """peft's forward without its module-dropout coin flip when module dropout is 0 (the flip,
-                `torch.rand(1) > p` in a Python `if`, breaks the torch.compile graph at every layer)."""
-                active = [a for a in self.active_adapters if a in self._available_adapters]
-                if self.disable_adapters or self.merged or any(self.module_dropout[a] for a in active):
-                    return super().forward(x, *args, **kwargs)
-                result = self.base_layer(x, *args, **kwargs)
-                for adapter_name in active:
-                    result = result + self._get_delta_activations(adapter_name, x, *args, **kwargs)
-                return result.to(x.dtype)
+        def forward(self, x, *args, **kwargs):
+            """peft's forward without its module-dropout coin flip when module dropout is 0 (the flip,
+            `torch.rand(1) > p` in a Python `if`, breaks the torch.compile graph at every layer)."""
+            active = [a for a in self.active_adapters if a in self._available_adapters]
+            if self.disable_adapters or self.merged or any(self.module_dropout[a] for a in active):
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            for adapter_name in active:
+                result = result + self._get_delta_activations(adapter_name, x, *args, **kwargs)
+            return result.to(x.dtype)
 
-        _KRON_CLASS = KronLoKrLinear
-    return _KRON_CLASS
+    return KronLoKrLinear
 
 
 def attach_from_config(transformer, cfg, init_seed: int | None = None):
@@ -357,41 +358,31 @@ def use_activation_dtype_lora(transformer, enable: bool = True) -> int:
     use peft's forward unchanged. Returns how many layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    n = 0
-    for module in transformer.modules():
-        if isinstance(module, LoraLinear):
-            module.__class__ = _act_dtype_lora_class() if enable else LoraLinear
-            n += 1
-    return n
+    return _swap_layer_class(transformer, LoraLinear, _act_dtype_lora_class() if enable else LoraLinear)
 
 
-_ACT_LORA_CLASS = None
-
-
+@functools.cache
 def _act_dtype_lora_class():
-    global _ACT_LORA_CLASS
-    if _ACT_LORA_CLASS is None:
-        from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
-        class ActivationDtypeLoraLinear(LoraLinear):
-            """peft's LoRA Linear with both LoRA matmuls in the input's (half-precision) dtype."""
+    class ActivationDtypeLoraLinear(LoraLinear):
+        """peft's LoRA Linear with both LoRA matmuls in the input's (half-precision) dtype."""
 
-            def forward(self, x, *args, **kwargs):
-                if (x.dtype not in (torch.bfloat16, torch.float16) or self.disable_adapters or self.merged
-                        or kwargs.get("adapter_names") is not None or self.lora_variant
-                        or any(self.lora_bias.values())):
-                    return super().forward(x, *args, **kwargs)
-                result = self.base_layer(x, *args, **kwargs)
-                for name in self.active_adapters:
-                    if name not in self.lora_A:
-                        continue
-                    h = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
-                    delta = torch.nn.functional.linear(h, self.lora_B[name].weight.to(x.dtype))
-                    result = result + delta * self.scaling[name]
-                return result
+        def forward(self, x, *args, **kwargs):
+            if (x.dtype not in (torch.bfloat16, torch.float16) or self.disable_adapters or self.merged
+                    or kwargs.get("adapter_names") is not None or self.lora_variant
+                    or any(self.lora_bias.values())):
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            for name in self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                h = torch.nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
+                delta = torch.nn.functional.linear(h, self.lora_B[name].weight.to(x.dtype))
+                result = result + delta * self.scaling[name]
+            return result
 
-        _ACT_LORA_CLASS = ActivationDtypeLoraLinear
-    return _ACT_LORA_CLASS
+    return ActivationDtypeLoraLinear
 
 
 def trainable_parameters(transformer) -> list[torch.nn.Parameter]:

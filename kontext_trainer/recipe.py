@@ -38,6 +38,12 @@ EventFn = Callable[[str, dict], None]
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
+def _kept_and_weights(report) -> str:
+    """The tail of a quantization stage line (quanto's QuantizeReport or fp8's Fp8Report)."""
+    return (f"{len(report.kept)} kept in bf16 ({', '.join(report.kept[:4])}...); weights "
+            f"{report.bytes_before / 2**30:.2f} -> {report.bytes_after / 2**30:.2f} GiB")
+
+
 class TrainError(Exception):
     """A run cannot start or go on. `problems` lists every problem, one message each."""
 
@@ -278,17 +284,7 @@ class KontextLoRARecipe:
         if self.quantize_report is not None:
             r = self.quantize_report
             self.emit("stage", message=f"{r.precision}: {len(r.quantized)} Linear modules quantized, "
-                                       f"{len(r.kept)} kept in bf16 ({', '.join(r.kept[:4])}...); weights "
-                                       f"{r.bytes_before / 2**30:.2f} -> {r.bytes_after / 2**30:.2f} GiB")
-        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else (
-            self.device.type == "cuda" and not quantize_mod.is_quantized(cfg.base_model_precision))
-        if self.compile and self.device.type == "cuda" and not speed.can_compile_cuda():
-            if cfg.compile_blocks:
-                raise TrainError(["compile_blocks: torch.compile needs Triton for CUDA, and it is not installed "
-                                  "(pip install triton, or set compile_blocks false)"], title="compile_blocks")
-            self.compile = False
-            self.emit("warning", message="torch.compile needs Triton, which is not installed: the transformer "
-                                         "blocks run eager (about 1.25x slower steps; pip install triton)")
+                                       f"{_kept_and_weights(r)}")
         if cfg.gradient_checkpointing:
             plan = self._checkpoint_plan()
             speed.set_activation_checkpointing(self.transformer, plan.fraction)
@@ -306,9 +302,17 @@ class KontextLoRARecipe:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.emit("stage", message=f"fp8-matmul: {len(r.converted)} base Linear modules on fp8 weights and fp8 "
-                                       f"matmuls, {len(r.kept)} kept in bf16 ({', '.join(r.kept[:4])}...); weights "
-                                       f"{r.bytes_before / 2**30:.2f} -> {r.bytes_after / 2**30:.2f} GiB")
+                                       f"matmuls, {_kept_and_weights(r)}")
         self.transformer.train()
+        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else (
+            self.device.type == "cuda" and not quantize_mod.is_quantized(cfg.base_model_precision))
+        if self.compile and self.device.type == "cuda" and not speed.can_compile_cuda():
+            if cfg.compile_blocks:
+                raise TrainError(["compile_blocks: torch.compile needs Triton for CUDA, and it is not installed "
+                                  "(pip install triton, or set compile_blocks false)"], title="compile_blocks")
+            self.compile = False
+            self.emit("warning", message="torch.compile needs Triton, which is not installed: the transformer "
+                                         "blocks run eager (about 1.25x slower steps; pip install triton)")
         if self.compile:
             speed.compile_blocks(self.transformer)
             why = "compile_blocks" if cfg.compile_blocks else "on CUDA by default; compile_blocks=false turns it off"
