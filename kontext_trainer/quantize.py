@@ -12,6 +12,12 @@ context_embedder`. In practice this keeps the input/output projections (x_embedd
 proj_out) in bf16; the adaLN modulation Linear inside a norm (`norm1.linear`, `norm_out.linear`) is quantized, as in
 SimpleTuner: these hold ~3 B of the 12 B parameters and keeping them in bf16 would cost ~6 GB.
 
+`to_dequant_linears` (issue 7) then swaps every quanto QLinear for a `DequantLinear` holding the same int8/fp8 data
+and scales as plain tensors: the same arithmetic as quanto's CUDA path (dequantize to bf16, bf16 matmul), but made of
+ordinary tensors and one autograd Function, so torch.compile can compile the blocks (quanto's tensor subclasses
+make dynamo fail) and the dequantization fuses into one kernel; its backward re-dequantizes instead of keeping a
+bf16 copy of the weight.
+
 `quantize_on`: "gpu" moves the bf16 model to the training device first and quantizes there (fast; needs the bf16
 model's memory on the device, ~24 GB); "cpu" quantizes in RAM (~50 GB for the full model, the guide's
 `quantize_via=cpu`) and moves only the quantized model to the device.
@@ -91,6 +97,69 @@ def quantize_transformer(transformer: torch.nn.Module, precision: str,
             report.kept.append(name)
     report.bytes_after = _param_bytes(transformer)
     return report
+
+
+class _DequantLinearFn(torch.autograd.Function):
+    """y = x @ (data * scale)^T (+ bias), the weight dequantized on the fly; gradient for x only (frozen weight).
+    Nothing but the quantized weight is kept for backward, which dequantizes it again."""
+
+    @staticmethod
+    def forward(ctx, x, data, scale, bias):
+        w = (data.to(scale.dtype) * scale).to(x.dtype)  # quanto's dequantize: data.to(scale.dtype) * scale
+        ctx.save_for_backward(data, scale)
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        data, scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ (data.to(scale.dtype) * scale).to(grad_y.dtype)
+        return grad_x, None, None, None
+
+
+class DequantLinear(torch.nn.Module):
+    """A frozen Linear whose weight is a quanto-quantized int8/fp8 tensor `data` [out, in] with one scale per output
+    channel, as plain buffers: forward dequantizes and runs a bf16 matmul (quanto's CUDA arithmetic)."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = data.shape
+        self.register_buffer("weight_data", data)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_qlinear(cls, qlinear: torch.nn.Module) -> "DequantLinear":
+        w = qlinear.qweight if hasattr(qlinear, "qweight") else qlinear.weight
+        if getattr(w, "_data", None) is None or getattr(w, "_scale", None) is None:
+            raise TypeError(f"{type(qlinear).__name__} holds no frozen quanto weight (call optimum.quanto.freeze)")
+        scale = w._scale.detach().reshape(-1, 1)
+        bias = None if qlinear.bias is None else qlinear.bias.detach()
+        return cls(w._data.detach(), scale, bias)
+
+    def dequantized_weight(self, dtype=torch.bfloat16) -> torch.Tensor:
+        return (self.weight_data.to(self.weight_scale.dtype) * self.weight_scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantLinearFn.apply(x, self.weight_data, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weights={str(self.weight_data.dtype).removeprefix('torch.')} per-channel")
+
+
+def to_dequant_linears(model: torch.nn.Module) -> int:
+    """Replace every frozen quanto QLinear of `model` (also one inside an adapter wrapper, as `base_layer`) by a
+    DequantLinear sharing its quantized data, in place; call it after the adapter is attached. Returns how many."""
+    from optimum.quanto import QLinear
+
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, QLinear)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, DequantLinear.from_qlinear(module))
+    return len(targets)
 
 
 def load_transformer(model_dir: Path | str, precision: str, device: torch.device | str,

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from kontext_trainer import adapters, model as model_mod, optim as optim_mod, quantize as quantize_mod, speed
+from kontext_trainer import adapters, fuse as fuse_mod, model as model_mod, optim as optim_mod, quantize as quantize_mod
+from kontext_trainer import speed
 from kontext_trainer.cache import FeatureCache, latent_key, text_key
 from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import BLANK_CAPTION, BucketBatchSampler, KeyBook, Sample, choose_caption, load_batch, \
@@ -285,10 +286,7 @@ class KontextLoRARecipe:
             r = self.quantize_report
             self.emit("stage", message=f"{r.precision}: {len(r.quantized)} Linear modules quantized, "
                                        f"{_kept_and_weights(r)}")
-        if cfg.gradient_checkpointing:
-            plan = self._checkpoint_plan()
-            speed.set_activation_checkpointing(self.transformer, plan.fraction)
-            self.emit("stage", message=f"memory: {plan.reason}")
+        self._base_params = sum(p.numel() for p in self.transformer.parameters())  # before any conversion
         try:
             self.lora_config = adapters.attach_from_config(self.transformer, cfg)
         except ValueError as exc:
@@ -303,9 +301,15 @@ class KontextLoRARecipe:
                 torch.cuda.empty_cache()
             self.emit("stage", message=f"fp8-matmul: {len(r.converted)} base Linear modules on fp8 weights and fp8 "
                                        f"matmuls, {_kept_and_weights(r)}")
+        if quantize_mod.is_quantized(cfg.base_model_precision):  # quanto's data as plain tensors: compilable
+            quantize_mod.to_dequant_linears(self.transformer)
+        if cfg.fuse_qkv_projections:
+            n = fuse_mod.fuse_qkv(self.transformer)
+            total = sum(1 for m in self.transformer.modules() if type(m).__name__ == "FluxAttention")
+            self.emit("stage", message=f"fused q/k/v projections in {n} of {total} attentions"
+                                       + ("" if n == total else " (LoKr layers stay unfused)"))
         self.transformer.train()
-        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else (
-            self.device.type == "cuda" and not quantize_mod.is_quantized(cfg.base_model_precision))
+        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else self.device.type == "cuda"
         if self.compile and self.device.type == "cuda" and not speed.can_compile_cuda():
             if cfg.compile_blocks:
                 raise TrainError(["compile_blocks: torch.compile needs Triton for CUDA, and it is not installed "
@@ -313,8 +317,13 @@ class KontextLoRARecipe:
             self.compile = False
             self.emit("warning", message="torch.compile needs Triton, which is not installed: the transformer "
                                          "blocks run eager (about 1.25x slower steps; pip install triton)")
+        plan = speed.MemoryPlan(0.0, 0.0, "no checkpointing (gradient_checkpointing false)")
+        if cfg.gradient_checkpointing:
+            plan = self._checkpoint_plan()
+            speed.set_activation_checkpointing(self.transformer, plan.fraction)
+        self.emit("stage", message=f"memory: {plan.reason}")
         if self.compile:
-            speed.compile_blocks(self.transformer)
+            speed.compile_blocks(self.transformer, memory_budget=plan.budget)
             why = "compile_blocks" if cfg.compile_blocks else "on CUDA by default; compile_blocks=false turns it off"
             self.emit("stage", message=f"torch.compile of the transformer blocks ({why}): the first steps include "
                                        f"compiling")
@@ -341,19 +350,29 @@ class KontextLoRARecipe:
         cfg = self.cfg
         tokens = max((speed.sample_tokens(s.target.size, [r.size for r in s.references]) for s in self.samples),
                      default=0)
-        params = sum(p.numel() for p in self.transformer.parameters())
+        params = self._base_params
         shape = speed.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
                                 wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
                                 scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS))
+        def peak(fraction, budget=1.0):
+            return speed.predict_peak_gib(fraction, tokens, shape.precision, shape.batch_size,
+                                          wide_adapter=shape.wide_adapter, scale=shape.scale, budget=budget)
+
         if cfg.checkpoint_fraction is not None:
             f = cfg.checkpoint_fraction
-            return speed.MemoryPlan(f, speed.predict_peak_gib(
-                f, tokens, shape.precision, shape.batch_size, wide_adapter=shape.wide_adapter, scale=shape.scale),
-                f"checkpointing {f:.0%} of the blocks (checkpoint_fraction)")
+            return speed.MemoryPlan(f, peak(f), f"checkpointing {f:.0%} of the blocks (checkpoint_fraction)")
+        if cfg.activation_memory_budget is not None and self.compile:
+            b = cfg.activation_memory_budget
+            return speed.MemoryPlan(0.0, peak(0.0, b), f"compiled blocks with activation memory budget {b:g} "
+                                                       f"(activation_memory_budget)", b)
+        if cfg.activation_memory_budget is not None:  # compile fell back to eager (no Triton)
+            self.emit("warning", message="activation_memory_budget needs compiled blocks: checkpointing every "
+                                         "block instead")
+            return speed.MemoryPlan(1.0, peak(1.0), "checkpointing every block (blocks not compiled)")
         if self.device.type != "cuda":
             return speed.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        return speed.plan_memory(total, shape)
+        return speed.plan_memory(total, shape, compiled=self.compile)
 
     # ------------------------------------------------------------------------------------------- train
 

@@ -7,8 +7,13 @@ In: a FluxTransformer2DModel (with its adapter). Out: the same model set up for 
   usable in training.
 - `set_activation_checkpointing(model, fraction)`: checkpoint only the first `fraction` of the 57 blocks (1.0 = all,
   0 = none): memory scales with the blocks kept, speed with the blocks recomputed.
-- `compile_blocks(model)`: regional torch.compile of the repeated transformer blocks (one compile per block type).
-- `plan_memory(...)`: picks the checkpointed fraction that fits the card (overridable), and says why.
+- `compile_blocks(model, memory_budget)`: regional torch.compile of the repeated transformer blocks (one compile per
+  block type), with the compiler's activation memory budget: instead of recomputing whole blocks, torch's
+  partitioner keeps the activations that are dear to recompute (the attention outputs first) up to that fraction
+  and recomputes the rest. On an H100 at 1024 px it beats block checkpointing at the same memory (bf16: 1.02 s at
+  27.7 GiB with budget 0.2, vs 1.13 s at 26.7 GiB with every block checkpointed).
+- `plan_memory(...)`: picks the budget (compiled) or the checkpointed fraction (eager) that fits the card
+  (overridable), and says why.
 """
 
 from __future__ import annotations
@@ -83,14 +88,22 @@ def can_compile_cuda() -> bool:
 RECOMPILE_LIMIT = 64  # shapes per compiled block: every bucket of a run, plus validation
 
 
-def compile_blocks(model, **kwargs) -> None:
+def compile_blocks(model, memory_budget: float = 1.0, **kwargs) -> None:
     """Regional compilation: torch.compile each repeated block (diffusers' compile_repeated_blocks), static shapes.
 
     Each bucket shape compiles once. dynamo's default limit of 8 shapes per code object is fewer than the buckets
     of a multi-aspect dataset plus validation, and past it dynamo silently runs the block eagerly: the limit is
-    raised to RECOMPILE_LIMIT (never lowered)."""
-    import torch._dynamo
+    raised to RECOMPILE_LIMIT (never lowered).
 
+    `memory_budget` (0..1] is torch's `activation_memory_budget` for the blocks' backward graphs: 1.0 keeps what the
+    default partitioner keeps; lower values recompute more (cheapest per byte first). It is a process-wide setting
+    read when a graph compiles, so it is set here, before the first step compiles the blocks."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    if not 0.0 < memory_budget <= 1.0:
+        raise ValueError(f"memory_budget {memory_budget} is not in (0, 1]")
+    torch._functorch.config.activation_memory_budget = float(memory_budget)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     model.compile_repeated_blocks(**({"dynamic": False} | kwargs))
 
@@ -102,6 +115,8 @@ class MemoryPlan:
     peak_gib: float
     """Predicted peak GPU memory of a step."""
     reason: str
+    budget: float = 1.0
+    """Activation memory budget of the compiled blocks (1.0 = the compiler's default; only with compiled blocks)."""
 
 
 # Fitted to the H100 runs in benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26b-*.json
@@ -119,6 +134,16 @@ _ACTIVATION_GIB_PER_TOKEN = 0.003655
 _WIDE_CHECKPOINTED, _WIDE_ACTIVATIONS = 1.355, 2.11
 FULL_TRANSFORMER_PARAMS = 11.9e9  # FLUX.1 Kontext's transformer; smaller models scale every term by their size
 FRACTIONS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.85, 0.9, 1.0)
+# Compiled blocks, no block checkpointing, the partitioner's activation memory budget b: the activations kept are a
+# share KEEP[b] of the uncheckpointed step's (checkpointed + rest terms above). Measured on an H100 at 1024 px
+# (benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26d-*.json), the largest share over bf16,
+# fp8-matmul and int8-quanto, fused q/k/v: bf16 59.5 / 41.6 / 33.6 / 27.7 / 27.0 GiB at b = 1 / 0.5 / 0.3 / 0.2 /
+# 0.05; fp8-matmul 48.4 / 19.4 / 15.8 at 1 / 0.2 / 0.05; int8-quanto 15.9 at 0.05. The share is not linear in b:
+# the partitioner saves in chunks (bf16 was 27.7 GiB at both 0.2 and 0.25), and not the same chunks for every base
+# (at 0.2 bf16 kept 15% and fp8-matmul 19%): measured shares per precision override the largest one.
+BUDGETS = (1.0, 0.5, 0.3, 0.2, 0.05)
+_BUDGET_KEEP = {1.0: 1.0, 0.5: 0.53, 0.3: 0.31, 0.2: 0.195, 0.05: 0.125}
+_BUDGET_KEEP_MEASURED = {"bf16": {0.2: 0.15}, "int8-quanto": {0.05: 0.12}}
 
 
 @dataclass(frozen=True)
@@ -134,37 +159,57 @@ class StepShape:
     """Parameters of the transformer / FULL_TRANSFORMER_PARAMS (the tiny test model: ~1e-6)."""
 
 
+def _budget_keep(budget: float, precision: str) -> float:
+    """The kept share for a budget: that of the next measured budget at or above it (no interpolation: the
+    partitioner's choices come in steps)."""
+    for b in sorted(_BUDGET_KEEP):
+        if budget <= b + 1e-9:
+            return _BUDGET_KEEP_MEASURED.get(precision, {}).get(b, _BUDGET_KEEP[b])
+    return 1.0
+
+
 def predict_peak_gib(fraction: float, tokens: int, precision: str = "bf16", batch_size: int = 1, *,
-                     wide_adapter: bool = False, scale: float = 1.0) -> float:
+                     wide_adapter: bool = False, scale: float = 1.0, budget: float = 1.0) -> float:
+    """Predicted peak GiB of one step: `fraction` of the blocks checkpointed, or (fraction 0, compiled) the
+    partitioner's activation memory `budget`."""
     weights = _WEIGHTS_GIB.get(precision, _WEIGHTS_GIB["bf16"])
     checkpointed = _CHECKPOINTED_GIB_PER_TOKEN * (_WIDE_CHECKPOINTED if wide_adapter else 1.0)
     rest = _ACTIVATION_GIB_PER_TOKEN * (_WIDE_ACTIVATIONS if wide_adapter else 1.0)
-    return (weights + (checkpointed + (1.0 - fraction) * rest) * tokens * batch_size) * scale
+    if budget < 1.0 and fraction == 0.0:
+        activations = (checkpointed + rest) * _budget_keep(budget, precision)
+    else:
+        activations = checkpointed + (1.0 - fraction) * rest
+    return (weights + activations * tokens * batch_size) * scale
 
 
-def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0) -> MemoryPlan:
-    """The smallest checkpointed fraction (fastest step) whose predicted peak fits the card with headroom.
+def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0, compiled: bool = False) -> MemoryPlan:
+    """The fastest memory setting whose predicted peak fits the card with headroom.
 
-    A quanto base is always fully checkpointed: only that was measured to fit (15.6 GiB at 1024 px); with half the
-    blocks checkpointed it took 38.0 GiB (above this model's prediction), and without checkpointing an int8 step at
-    1024 px ran out of an H100's 80 GB."""
-    def peak(fraction):
+    Compiled blocks: the largest activation memory budget in BUDGETS that fits (no block checkpointing; measured to
+    be faster than checkpointing blocks at the same memory), else every block checkpointed. Eager: the smallest
+    checkpointed fraction that fits."""
+    def peak(fraction, budget=1.0):
         return predict_peak_gib(fraction, shape.tokens, shape.precision, shape.batch_size,
-                                wide_adapter=shape.wide_adapter, scale=shape.scale)
+                                wide_adapter=shape.wide_adapter, scale=shape.scale, budget=budget)
 
-    precision = shape.precision
-    if precision.endswith("-quanto"):
-        p = peak(1.0)
-        return MemoryPlan(1.0, p, f"{precision}: checkpointing every block (predicted peak {p:.1f} GiB; "
-                                  f"less checkpointing is not measured to fit)")
-    budget = total_gib - headroom_gib
-    for fraction in FRACTIONS:
-        p = peak(fraction)
-        if p <= budget:
-            what = "no checkpointing" if fraction == 0 else f"checkpointing {fraction:.0%} of the blocks"
-            return MemoryPlan(fraction, p, f"{what} (predicted peak {p:.1f} GiB of {total_gib:.0f} GiB, "
-                                           f"{shape.tokens:,} tokens per sample)")
+    limit = total_gib - headroom_gib
+    where = f"of {total_gib:.0f} GiB, {shape.tokens:,} tokens per sample"
+    if compiled:
+        for budget in BUDGETS:
+            p = peak(0.0, budget)
+            if p <= limit:
+                what = ("no checkpointing" if budget == 1.0 else
+                        f"compiled blocks with activation memory budget {budget:g} (the compiler recomputes the rest)")
+                return MemoryPlan(0.0, p, f"{what} (predicted peak {p:.1f} GiB {where})", budget)
+    else:
+        for fraction in FRACTIONS:
+            p = peak(fraction)
+            if p <= limit:
+                what = "no checkpointing" if fraction == 0 else f"checkpointing {fraction:.0%} of the blocks"
+                return MemoryPlan(fraction, p, f"{what} (predicted peak {p:.1f} GiB {where})")
     p = peak(1.0)
+    if p <= limit:
+        return MemoryPlan(1.0, p, f"checkpointing every block (predicted peak {p:.1f} GiB {where})")
     return MemoryPlan(1.0, p, f"checkpointing every block; the predicted peak {p:.1f} GiB is over the card's "
                               f"{total_gib:.0f} GiB: lower the resolution or use fp8-matmul / int8-quanto")
 

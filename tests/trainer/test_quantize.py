@@ -96,3 +96,47 @@ def test_cli_model_side_options(sample_manifest, tmp_path):
         == ("int8-quanto", "cpu", "lokr", 4, "adamw_bf16")
     r = CliRunner().invoke(app, ["train", str(sample_manifest), "--base-precision", "nf4-bnb", "--print-config"])
     assert r.exit_code == 2 and "int8-quanto" in r.output
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "fp8-quanto"])
+def test_dequant_linears_compute_what_quanto_computes_and_compile(tiny_model, precision):
+    """quanto's frozen weights as plain tensors (DequantLinear): the same outputs and input gradients as quanto's
+    own modules (bf16 rounding apart), nothing left of quanto's tensor subclasses, and torch.compile goes through."""
+    from optimum.quanto import QLinear
+
+    from kontext_trainer.quantize import DequantLinear, to_dequant_linears
+
+    tr, _ = load_transformer(tiny_model, precision, "cpu", quantize_on="cpu")
+    block = tr.single_transformer_blocks[0]
+    q = block.proj_mlp
+    assert isinstance(q, QLinear)
+    x = torch.randn(3, 7, q.in_features, dtype=torch.bfloat16, requires_grad=True)
+    y_ref = q(x)
+    (y_ref.float() ** 2).sum().backward()
+    g_ref, x.grad = x.grad.clone(), None
+    n = to_dequant_linears(tr)
+    assert n > 10 and not any(isinstance(m, QLinear) for m in tr.modules())
+    d = block.proj_mlp
+    assert isinstance(d, DequantLinear) and d.weight_data.dtype == q.weight._data.dtype
+    assert d.weight_data.data_ptr() == q.weight._data.data_ptr()  # shared, not copied
+    y = d(x)
+    (y.float() ** 2).sum().backward()
+    assert torch.allclose(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    assert torch.nn.functional.cosine_similarity(x.grad.flatten().float(), g_ref.flatten().float(), dim=0) > 0.999
+    compiled = torch.compile(d, backend="aot_eager", fullgraph=True)  # one graph: no quanto subclass breaks it
+    assert torch.equal(compiled(x), y)
+
+
+def test_an_int8_base_trains_with_compiled_blocks(sample_manifest, tiny_model, tmp_path):
+    """compile_blocks with int8-quanto (refused before DequantLinear): same losses as eager, step for step."""
+    losses = {}
+    for compiled in (False, True):
+        cfg = TrainConfig(manifest=str(sample_manifest), model=str(tiny_model), output_dir=str(tmp_path / str(compiled)),
+                          device="cpu", base_model_precision="int8-quanto", quantize_on="cpu", max_train_steps=4,
+                          lora_rank=4, learning_rate=1e-3, report_to="none", skip_final_validation=True, seed=3,
+                          compile_blocks=compiled)
+        recipe = KontextLoRARecipe(cfg)
+        recipe.setup()
+        losses[compiled] = [loss for _, loss in recipe.train().losses]
+    assert all(math.isfinite(v) for v in losses[True])
+    assert np.allclose(losses[True], losses[False], rtol=1e-3, atol=1e-5)

@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Scratch probe for issue 7's remaining levers (full-size Kontext, random weights, 1024 px, batch 1):
+profile of the compiled bf16 step, fused q/k/v, the partitioner's activation memory budget, int8 through
+DequantLinear + compile. Prints rows as it goes and writes $OUT/probe.json."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
+from kontext_trainer import adapters, speed, quantize  # noqa: E402
+from kontext_trainer.flow import kontext_step  # noqa: E402
+
+OUT = Path(os.environ.get("OUT", "/tmp"))
+RESULT = {"rows": [], "checks": [], "profile": {}}
+T0 = time.perf_counter()
+
+
+def save():
+    (OUT / "probe.json").write_text(json.dumps(RESULT, indent=2))
+
+
+from kontext_trainer.fuse import fuse_qkv  # noqa: E402
+
+
+def step_fn(model, batch, backend):
+    gen = torch.Generator().manual_seed(0)
+    return lambda: kontext_step(model, batch, gen, attention_backend=backend)
+
+
+def timed(name, model, batch, backend, steps=8, warmup=2, **extra):
+    params = adapters.trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn = step_fn(model, batch, backend)
+    times, losses = [], []
+    try:
+        for i in range(warmup + steps):
+            sync(batch.target.device)
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            losses.append(fn())
+            opt.step()
+            sync(batch.target.device)
+            times.append(time.perf_counter() - t)
+    except Exception as exc:
+        row = {"name": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}", **extra}
+        print(f"{name}: ERROR {row['error']}", flush=True)
+        RESULT["rows"].append(row)
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        save()
+        return row
+    s = statistics.median(times[warmup:])
+    row = {"name": name, "s_per_step": round(s, 4), "first_s": round(times[0], 1),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "losses": [round(v, 5) for v in losses],
+           "at_s": round(time.perf_counter() - T0), **extra}
+    print(f"{name:<50} {s:.4f} s/step  peak {row['peak_gib']} GiB  first {row['first_s']} s  "
+          f"[t={row['at_s']}s]", flush=True)
+    RESULT["rows"].append(row)
+    opt.zero_grad(set_to_none=True)
+    save()
+    return row
+
+
+def grads_of(model, batch, backend):
+    model.zero_grad(set_to_none=True)
+    loss = kontext_step(model, batch, torch.Generator().manual_seed(7), attention_backend=backend)
+    g = torch.cat([p.grad.float().flatten() for p in adapters.trainable_parameters(model) if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return loss, g
+
+
+def check(what, before, after):
+    (la, ga), (lb, gb) = before, after
+    c = float(torch.nn.functional.cosine_similarity(ga, gb, dim=0))
+    row = {"check": what, "loss_before": la, "loss_after": lb, "grad_cosine": c,
+           "loss_rel": abs(la - lb) / abs(la)}
+    print(f"check {what}: loss {la:.6f} vs {lb:.6f}, grad cosine {c:.6f}", flush=True)
+    RESULT["checks"].append(row)
+    save()
+
+
+def profile(model, batch, backend, tag):
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    fn = step_fn(model, batch, backend)
+    fn()
+    model.zero_grad(set_to_none=True)
+    sync(batch.target.device)
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        fn()
+        sync(batch.target.device)
+    model.zero_grad(set_to_none=True)
+    cats = {}
+    top = []
+    for e in p.key_averages():
+        t = e.device_time_total / 1e6 if hasattr(e, "device_time_total") else e.cuda_time_total / 1e6
+        if t <= 0:
+            continue
+        n = e.key
+        low = n.lower()
+        if any(k in low for k in ("cudnn", "flash", "fmha", "attn", "sdpa")):
+            c = "attention"
+        elif any(k in low for k in ("gemm", "xmma", "cutlass", "nvjet", "sm90", "gemv", "splitk")):
+            c = "gemm"
+        elif "triton" in low:
+            c = "triton"
+        elif "memcpy" in low or "memset" in low:
+            c = "memcpy"
+        else:
+            c = "other"
+        cats[c] = cats.get(c, 0.0) + t
+        top.append((t, e.count, c, n[:110]))
+    top.sort(reverse=True)
+    RESULT["profile"][tag] = {"categories_s": {k: round(v, 4) for k, v in cats.items()},
+                              "top": [[round(t, 4), cnt, c, n] for t, cnt, c, n in top[:40]]}
+    print(f"profile {tag}: " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(cats.items(), key=lambda kv: -kv[1])))
+    for t, cnt, c, n in top[:30]:
+        print(f"  {t:7.4f} s  x{cnt:<5} {c:<9} {n}")
+    save()
+
+
+def gaps(model, batch, backend, tag):
+    """GPU idle time within one optimizer step and the CPU ops running in the biggest gaps."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    params = adapters.trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    fn = step_fn(model, batch, backend)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True); fn(); opt.step()
+    sync(batch.target.device)
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True); fn(); opt.step()
+        sync(batch.target.device)
+        wall = time.perf_counter() - t
+    evs = p.events()
+    kern = sorted((e.time_range.start, e.time_range.end) for e in evs
+                  if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
+                  and e.time_range.end > e.time_range.start)
+    busy, gaps_, cur_s, cur_e = 0.0, [], None, None
+    for s0, e0 in kern:
+        if cur_e is None:
+            cur_s, cur_e = s0, e0
+        elif s0 > cur_e:
+            busy += cur_e - cur_s
+            gaps_.append((s0 - cur_e, cur_e, s0))
+            cur_s, cur_e = s0, e0
+        else:
+            cur_e = max(cur_e, e0)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    span = (kern[-1][1] - kern[0][0]) if kern else 0
+    cpu = [e for e in evs if not (getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA"))]
+    gaps_.sort(reverse=True)
+    big = []
+    for g, g0, g1 in gaps_[:25]:
+        names = [e.name for e in cpu if e.time_range.start <= g1 and e.time_range.end >= g0 and
+                 e.time_range.end - e.time_range.start < 5e5][:4]
+        big.append([round(g / 1e3, 3), names])
+    total_gap = sum(g for g, _, _ in gaps_) / 1e6
+    RESULT["profile"][tag] = {"wall_s": round(wall, 4), "gpu_busy_s": round(busy / 1e6, 4),
+                              "kernel_span_s": round(span / 1e6, 4), "gap_s": round(total_gap, 4),
+                              "gaps_over_0.1ms_s": round(sum(g for g, _, _ in gaps_ if g > 100) / 1e6, 4),
+                              "n_gaps": len(gaps_), "biggest_ms": big}
+    print(f"gaps {tag}: wall {wall:.4f} s, GPU busy {busy/1e6:.4f} s, span {span/1e6:.4f}, gaps {total_gap:.4f} s "
+          f"({len(gaps_)}), >0.1 ms: {RESULT['profile'][tag]['gaps_over_0.1ms_s']} s", flush=True)
+    for g, names in big[:15]:
+        print(f"  {g:8.3f} ms  {names}")
+    save()
+
+
+def fresh(arch, device, precision="bf16"):
+    gc.collect()
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    model = build_transformer(arch, device, torch.bfloat16)
+    if precision == "int8":
+        quantize.quantize_transformer(model, "int8-quanto")
+    adapters.attach_lora(model, rank=16, alpha=None, dropout=0.0, targets="attention")
+    if precision == "int8":
+        quantize.to_dequant_linears(model)
+    if precision == "fp8":
+        from kontext_trainer import fp8
+        fp8.convert_base_linears(model, exclude=quantize.QUANTO_EXCLUDE)
+    torch.cuda.empty_cache()
+    return model
+
+
+def set_budget(b):
+    import torch._functorch.config as fconf
+
+    fconf.activation_memory_budget = b
+    torch._dynamo.reset()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plan", nargs="+", default=[
+        "int8:fuse:ckpt1", "int8:fuse:b0.05", "int8:fuse:b0.1",
+        "bf16:fuse:ckpt0", "bf16:fuse:b0.25", "bf16:fuse:b0.3", "bf16:fuse:b0.2", "bf16:fuse:gaps",
+        "fp8:fuse:ckpt0", "fp8:fuse:b0.2", "fp8:fuse:b0.05"])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--deadline", type=float, default=540)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--res", type=int, default=1024)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    arch = TINY if args.tiny else FULL
+    RESULT["machine"] = machine_info(device)
+    print(json.dumps(RESULT["machine"]), flush=True)
+    batch = make_batch(arch, args.res, device, torch.bfloat16)
+    be = "cudnn"
+    model, current = None, None
+    for item in args.plan:
+        left = args.deadline - (time.perf_counter() - T0)
+        if left < 60:
+            print(f"skip {item}: {left:.0f} s left", flush=True)
+            continue
+        precision, fused, what = item.split(":")
+        key = (precision, fused)
+        if key != current:
+            model = None
+            set_budget(1.0)
+            model = fresh(arch, device, precision)
+            if fused == "fuse":
+                print(f"fused {fuse_qkv(model)} attentions", flush=True)
+            speed.compile_blocks(model)
+            current = key
+        if what == "gaps":
+            set_budget(1.0)
+            speed.set_activation_checkpointing(model, 0.0)
+            gaps(model, batch, be, f"{precision} {fused} ckpt0")
+            continue
+        if what.startswith("ckpt"):
+            set_budget(1.0)
+            speed.set_activation_checkpointing(model, float(what[4:]))
+        else:
+            set_budget(float(what[1:]))
+            speed.set_activation_checkpointing(model, 0.0)
+        timed(f"{precision} {fused} compiled {what}", model, batch, be, steps=args.steps, warmup=1)
+    print(f"done in {time.perf_counter() - T0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
