@@ -11,7 +11,9 @@ TFLOP/s (FLOPs counted once per resolution with torch's FlopCounterMode).
 - ours: `kontext_trainer.flow.kontext_step` (what `kontext-train` runs), LoRA rank 16 on the `attention` preset
   (q/k/v/out + the text stream's add_*/to_add_out), with the levers of kontext_trainer/speed.py: attention backend
   (flash, or cuDNN with the contiguous-gradient fix), the fraction of blocks checkpointed, regional torch.compile,
-  and an int8-quanto base.
+  fused q/k/v (kontext_trainer/fuse.py), the compiled blocks' activation memory budget (the rows the trainer's
+  memory plan chooses from), and fp8-matmul / int8-quanto bases (int8 as kontext-train runs it: quanto's data in
+  DequantLinear modules, compiled).
 - check: before timing cuDNN, one step with cuDNN and one with flash on the same batch, noise and sigma: the losses
   and the LoRA gradients must agree within bf16 tolerance.
 
@@ -40,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
-from kontext_trainer import adapters, fp8, speed  # noqa: E402
+from kontext_trainer import adapters, fp8, quantize, speed  # noqa: E402
+from kontext_trainer.fuse import fuse_qkv  # noqa: E402
 from kontext_trainer.quantize import QUANTO_EXCLUDE  # noqa: E402
 from kontext_trainer.flow import kontext_step, pack_latents  # noqa: E402
 
@@ -230,6 +233,28 @@ class Bench:
 
         return self.check_same("fp8-matmul vs bf16", batch, backend, convert, min_cosine=0.95, max_loss_rel=3e-2)
 
+    def compiled_rows(self, label, res, other_res, budgets, params, ours, backend, compile_kwargs) -> None:
+        """Compiled rows without block checkpointing, one per activation memory budget (each recompiles), then every
+        block checkpointed; `other_res` once at budget 1. The trainer's memory plan picks among these."""
+        def need(r):
+            return (self.args.warmup + self.args.steps) * {1024: 2.0, 512: 0.8}.get(r, 0.05) + 65
+
+        for budget in budgets:
+            if self.left() < need(res) + 30:
+                self.rows.append({"name": f"{label} budget {budget:g}", "resolution": res, "skipped": "deadline"})
+                continue
+            torch._dynamo.reset()
+            speed.compile_blocks(self.model, memory_budget=budget, **compile_kwargs)
+            speed.set_activation_checkpointing(self.model, 0.0)
+            self.run(f"{label} ({backend}, compiled, budget {budget:g})", res, ours(res, backend), params, need(res))
+            if budget == 1.0:
+                for r in other_res:
+                    self.run(f"{label} ({backend}, compiled, budget 1)", r, ours(r, backend), params, need(r))
+        torch._dynamo.reset()
+        speed.compile_blocks(self.model, memory_budget=1.0, **compile_kwargs)
+        speed.set_activation_checkpointing(self.model, 1.0)
+        self.run(f"{label} ({backend}, compiled, ckpt 100%)", res, ours(res, backend), params, need(res))
+
     def save(self) -> None:
         result = {"machine": self.info, "arch": "tiny" if self.args.tiny else "FLUX.1 Kontext full (random bf16)",
                   "date": datetime.date.today().isoformat(), "groups": self.groups, "steps": self.args.steps,
@@ -301,12 +326,8 @@ def main() -> int:
             torch.cuda.empty_cache()
         bench.model = build_transformer(arch, device, torch.bfloat16)
         if quantized:
-            from optimum.quanto import freeze, qint8, quantize
-
             t = time.perf_counter()
-            quantize(bench.model, weights=qint8, exclude=list(QUANTO_EXCLUDE))
-            freeze(bench.model)
-            bench.model.requires_grad_(False)
+            quantize.quantize_transformer(bench.model, "int8-quanto")
             bench.rows.append({"name": "int8 quantize+freeze", "seconds": round(time.perf_counter() - t, 1)})
 
     # 1. baseline rows
@@ -337,7 +358,7 @@ def main() -> int:
         t = time.perf_counter()
         bench.check_same("compiled vs eager", batches[first], cudnn,
                          lambda: speed.compile_blocks(bench.model, **compile_kwargs))
-        for res, fraction in [(first, 0.0), *[(r, 0.0) for r in args.resolutions[1:]], (first, 1.0)]:
+        for res, fraction in [(first, 0.0), (first, 1.0)]:
             speed.set_activation_checkpointing(bench.model, fraction)
             bench.run(f"ours ({cudnn}, ckpt {fraction:.0%}, compiled)", res, ours(res, cudnn), params,
                       need(res) + 60)
@@ -348,6 +369,12 @@ def main() -> int:
                 bench.run(f"peft-fp32 LoRA ({cudnn}, ckpt {fraction:.0%}, compiled)", first, ours(first, cudnn),
                           params, need(first) + 60)
             adapters.use_activation_dtype_lora(bench.model)
+        # what kontext-train runs by default: fused q/k/v, and the activation memory budgets its memory plan picks
+        speed.set_activation_checkpointing(bench.model, 0.0)
+        bench.check_same("fused q/k/v vs separate (compiled)", batches[first], cudnn,
+                         lambda: (fuse_qkv(bench.model), torch._dynamo.reset()))
+        bench.compiled_rows("ours fused", first, args.resolutions[1:], [1.0, 0.5, 0.3, 0.2, 0.05], params,
+                            ours, cudnn, compile_kwargs)
         bench.rows.append({"name": "compile (incl. first steps)", "seconds": round(time.perf_counter() - t, 1)})
     # 4. fp8-matmul base: the same model and LoRA, the base Linear modules converted in place
     if "fp8" in groups:
@@ -360,28 +387,32 @@ def main() -> int:
             bench.rows.append({"name": "fp8 check", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             print(f"  fp8: ERROR {bench.rows[-1]['error']}", flush=True)
         params = adapters.trainable_parameters(bench.model)
-        for res, fraction in [(first, 0.0), (first, 1.0), (first, 0.5), *[(r, 0.0) for r in args.resolutions[1:]]]:
-            speed.set_activation_checkpointing(bench.model, fraction)
-            bench.run(f"ours fp8-matmul ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params, need(res))
+        speed.set_activation_checkpointing(bench.model, 0.0)
+        bench.run(f"ours fp8-matmul ({cudnn}, ckpt 0%)", first, ours(first, cudnn), params, need(first))
         if not args.no_compile and bench.left() > need(first) + 120:
             t = time.perf_counter()
-            bench.check_same("fp8 compiled vs eager", batches[first], cudnn,
-                             lambda: speed.compile_blocks(bench.model, **compile_kwargs))
-            # 0.6 / 0.85: the fastest fractions expected to fit 32 GB and 24 GB cards at 1024 px
-            for res, fraction in [(first, 0.0), *[(r, 0.0) for r in args.resolutions[1:]], (first, 0.5),
-                                  (first, 0.6), (first, 0.85), (first, 1.0)]:
-                speed.set_activation_checkpointing(bench.model, fraction)
-                bench.run(f"ours fp8-matmul ({cudnn}, ckpt {fraction:.0%}, compiled)", res, ours(res, cudnn), params,
-                          need(res) + 60)
+            fuse_qkv(bench.model)
+            bench.compiled_rows("ours fp8-matmul fused", first, args.resolutions[1:], [1.0, 0.2, 0.05], params,
+                                ours, cudnn, compile_kwargs)
             bench.rows.append({"name": "fp8 compile (incl. first steps)", "seconds": round(time.perf_counter() - t, 1)})
-    # 5. int8-quanto base (a fresh model: quanto's tensor subclasses do not go through compiled blocks)
+    # 5. int8-quanto base: quanto quantizes, DequantLinear holds its data as plain tensors (what kontext-train runs)
     if "int8" in groups and bench.left() > need(first) + 60:
         fresh_model(quantized=True)
         params = bench.use_adapter("attention")
-        for res in args.resolutions:
-            for fraction in (1.0, 0.5) if res == first else (1.0,):
-                speed.set_activation_checkpointing(bench.model, fraction)
-                bench.run(f"ours int8 ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params, need(res, 1.3))
+        speed.set_activation_checkpointing(bench.model, 1.0)
+        bench.run(f"ours int8 quanto modules ({cudnn}, ckpt 100%)", first, ours(first, cudnn), params, need(first, 1.3))
+        bench.check_same("int8 DequantLinear vs quanto's modules", batches[first], cudnn,
+                         lambda: quantize.to_dequant_linears(bench.model), min_cosine=0.999, max_loss_rel=1e-3)
+        for fraction in (1.0, 0.5):
+            speed.set_activation_checkpointing(bench.model, fraction)
+            bench.run(f"ours int8 ({cudnn}, ckpt {fraction:.0%})", first, ours(first, cudnn), params, need(first, 1.3))
+        if not args.no_compile and bench.left() > need(first) + 120:
+            t = time.perf_counter()
+            fuse_qkv(bench.model)
+            bench.compiled_rows("ours int8 fused", first, args.resolutions[1:], [1.0, 0.2, 0.05], params,
+                                ours, cudnn, compile_kwargs)
+            bench.rows.append({"name": "int8 compile (incl. first steps)",
+                               "seconds": round(time.perf_counter() - t, 1)})
     # 6. LoKr (the guide's lycoris config: factor 16 on attention, 8 on feed-forward, full matrix), bf16 and int8
     if "lokr" in groups:
         for quantized in (False, True) if not args.no_int8 else (False,):
@@ -389,6 +420,8 @@ def main() -> int:
                 break
             fresh_model(quantized=quantized)
             adapters.attach_lokr(bench.model, "attention+ffs", factor=16, factor_ff=8, full_matrix=True)
+            if quantized:
+                quantize.to_dequant_linears(bench.model)
             bench.adapter = "lokr"
             params = adapters.trainable_parameters(bench.model)
             if not quantized:  # our Kronecker matmul against peft's full-delta path, then peft's speed once
@@ -407,13 +440,16 @@ def main() -> int:
                 speed.set_activation_checkpointing(bench.model, fraction)
                 bench.run(f"ours LoKr {kind} ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params,
                           need(res, 1.3))
-            if not quantized and not args.no_compile and bench.left() > need(first) + 120:
-                bench.check_same("LoKr compiled vs eager", batches[first], cudnn,
-                                 lambda: speed.compile_blocks(bench.model, **compile_kwargs))
-                for fraction in (1.0, 0.5):
-                    speed.set_activation_checkpointing(bench.model, fraction)
-                    bench.run(f"ours LoKr bf16 ({cudnn}, ckpt {fraction:.0%}, compiled)", first, ours(first, cudnn),
-                              params, need(first) + 60)
+            if not args.no_compile and bench.left() > need(first) + 120:
+                if not quantized:
+                    bench.check_same("LoKr compiled vs eager", batches[first], cudnn,
+                                     lambda: speed.compile_blocks(bench.model, **compile_kwargs))
+                    speed.set_activation_checkpointing(bench.model, 0.5)
+                    bench.run(f"ours LoKr bf16 ({cudnn}, ckpt 50%, compiled)", first, ours(first, cudnn), params,
+                              need(first) + 60)
+                # budget 1 (nothing recomputed) does not fit 80 GB with LoKr on attention+ffs
+                bench.compiled_rows(f"ours LoKr {kind}", first, [], [0.5, 0.2, 0.05] if not quantized else [0.2, 0.05],
+                                    params, ours, cudnn, compile_kwargs)
     bench.save()
     base = {r["resolution"]: r["s_per_step"] for r in bench.rows if r.get("name", "").startswith("baseline")
             and "s_per_step" in r}

@@ -1,7 +1,16 @@
 #!/usr/bin/env python
-"""Scratch probe for issue 7's remaining levers (full-size Kontext, random weights, 1024 px, batch 1):
-profile of the compiled bf16 step, fused q/k/v, the partitioner's activation memory budget, int8 through
-DequantLinear + compile. Prints rows as it goes and writes $OUT/probe.json."""
+"""Probe of training-step levers on the GPU (full-size Kontext, random weights, 1024 px, batch 1, LoRA rank 16 on
+the attention preset): where the compiled step's time goes (kernel categories, GPU idle gaps), and quick rows for
+combinations of base precision, fused q/k/v and the compiled blocks' activation memory budget. A lighter companion
+of bench_train_step.py, to decide which levers are worth building; its figures are in docs/performance.md.
+
+    python benchmarks/probe_levers.py --plan bf16:fuse:ckpt0 bf16:fuse:b0.2 bf16:fuse:gaps int8:fuse:b0.05
+
+Each plan item is PRECISION:FUSE:WHAT with PRECISION bf16|fp8|int8, FUSE fuse|sep, WHAT ckpt<fraction> (block
+checkpointing), b<budget> (activation memory budget, no block checkpointing) or gaps (a profiled step: GPU busy
+time, idle gaps and the CPU ops in them). `--profile` adds the kernel-category profile of the first model. Rows go
+to $OUT/probe.json (default /tmp). CUDA only. Results: benchmarks/results/probe_levers-*.json (the first of them was
+written by an earlier form of this script, with the same measurements under fixed part names)."""
 
 from __future__ import annotations
 
@@ -75,24 +84,6 @@ def timed(name, model, batch, backend, steps=8, warmup=2, **extra):
     opt.zero_grad(set_to_none=True)
     save()
     return row
-
-
-def grads_of(model, batch, backend):
-    model.zero_grad(set_to_none=True)
-    loss = kontext_step(model, batch, torch.Generator().manual_seed(7), attention_backend=backend)
-    g = torch.cat([p.grad.float().flatten() for p in adapters.trainable_parameters(model) if p.grad is not None])
-    model.zero_grad(set_to_none=True)
-    return loss, g
-
-
-def check(what, before, after):
-    (la, ga), (lb, gb) = before, after
-    c = float(torch.nn.functional.cosine_similarity(ga, gb, dim=0))
-    row = {"check": what, "loss_before": la, "loss_after": lb, "grad_cosine": c,
-           "loss_rel": abs(la - lb) / abs(la)}
-    print(f"check {what}: loss {la:.6f} vs {lb:.6f}, grad cosine {c:.6f}", flush=True)
-    RESULT["checks"].append(row)
-    save()
 
 
 def profile(model, batch, backend, tag):
@@ -217,10 +208,15 @@ def main():
         "bf16:fuse:ckpt0", "bf16:fuse:b0.25", "bf16:fuse:b0.3", "bf16:fuse:b0.2", "bf16:fuse:gaps",
         "fp8:fuse:ckpt0", "fp8:fuse:b0.2", "fp8:fuse:b0.05"])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--profile", action="store_true", help="kernel-category profile of each new model's first row")
     ap.add_argument("--deadline", type=float, default=540)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--res", type=int, default=1024)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("probe_levers.py needs a CUDA GPU (the CPU path of the step benchmark: bench_train_step.py --tiny)",
+              file=sys.stderr)
+        return 2
     device = torch.device("cuda")
     arch = TINY if args.tiny else FULL
     RESULT["machine"] = machine_info(device)
@@ -254,9 +250,13 @@ def main():
         else:
             set_budget(float(what[1:]))
             speed.set_activation_checkpointing(model, 0.0)
+        first_row = not any(r["name"].startswith(f"{precision} {fused} ") for r in RESULT["rows"])
         timed(f"{precision} {fused} compiled {what}", model, batch, be, steps=args.steps, warmup=1)
+        if args.profile and first_row:
+            profile(model, batch, be, f"{precision} {fused} compiled {what}")
     print(f"done in {time.perf_counter() - T0:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

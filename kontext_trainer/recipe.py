@@ -356,7 +356,8 @@ class KontextLoRARecipe:
                                 scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS))
         def peak(fraction, budget=1.0):
             return speed.predict_peak_gib(fraction, tokens, shape.precision, shape.batch_size,
-                                          wide_adapter=shape.wide_adapter, scale=shape.scale, budget=budget)
+                                          wide_adapter=shape.wide_adapter, scale=shape.scale, budget=budget,
+                                          compiled=self.compile)
 
         if cfg.checkpoint_fraction is not None:
             f = cfg.checkpoint_fraction

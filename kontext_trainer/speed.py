@@ -135,15 +135,25 @@ _WIDE_CHECKPOINTED, _WIDE_ACTIVATIONS = 1.355, 2.11
 FULL_TRANSFORMER_PARAMS = 11.9e9  # FLUX.1 Kontext's transformer; smaller models scale every term by their size
 FRACTIONS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.85, 0.9, 1.0)
 # Compiled blocks, no block checkpointing, the partitioner's activation memory budget b: the activations kept are a
-# share KEEP[b] of the uncheckpointed step's (checkpointed + rest terms above). Measured on an H100 at 1024 px
-# (benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26d-*.json), the largest share over bf16,
-# fp8-matmul and int8-quanto, fused q/k/v: bf16 59.5 / 41.6 / 33.6 / 27.7 / 27.0 GiB at b = 1 / 0.5 / 0.3 / 0.2 /
-# 0.05; fp8-matmul 48.4 / 19.4 / 15.8 at 1 / 0.2 / 0.05; int8-quanto 15.9 at 0.05. The share is not linear in b:
-# the partitioner saves in chunks (bf16 was 27.7 GiB at both 0.2 and 0.25), and not the same chunks for every base
-# (at 0.2 bf16 kept 15% and fp8-matmul 19%): measured shares per precision override the largest one.
+# share of the uncheckpointed step's (the checkpointed + rest terms above, with the wide-adapter factors). Measured on
+# one H100 at 1024 px (benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26d-*.json), fused q/k/v:
+#   bf16 LoRA     59.5 / 41.4 / 33.6 / 27.75 / 26.8 GiB at b = 1 / 0.5 / 0.3 / 0.2 / 0.05
+#   fp8-matmul    48.4 / 19.3 / 15.7 at 1 / 0.2 / 0.05
+#   int8-quanto   64.2 / 18.1 / 15.8 at 1 / 0.2 / 0.05 (at 1 the compiler keeps dequantized weights too)
+#   LoKr bf16     59.4 / 40.0 / 31.3 at 0.5 / 0.2 / 0.05 (LoKr int8: 32.0 / 20.6 at 0.2 / 0.05)
+# The share is not linear in b (the partitioner saves in chunks: bf16 was 27.7 GiB at both 0.2 and 0.25) and differs
+# by base, so each measured (precision, wide adapter) pair has its own shares; anything unmeasured takes the largest
+# share measured at that budget.
 BUDGETS = (1.0, 0.5, 0.3, 0.2, 0.05)
-_BUDGET_KEEP = {1.0: 1.0, 0.5: 0.53, 0.3: 0.31, 0.2: 0.195, 0.05: 0.125}
-_BUDGET_KEEP_MEASURED = {"bf16": {0.2: 0.15}, "int8-quanto": {0.05: 0.12}}
+_BUDGET_KEEP_MAX = {1.0: 1.47, 0.5: 0.53, 0.3: 0.31, 0.2: 0.28, 0.05: 0.125}
+_BUDGET_KEEP = {
+    ("bf16", False): {1.0: 1.03, 0.5: 0.526, 0.3: 0.31, 0.2: 0.146, 0.05: 0.12},
+    ("fp8-matmul", False): {1.0: 1.0, 0.2: 0.193, 0.05: 0.093},
+    ("int8-quanto", False): {1.0: 1.466, 0.2: 0.182, 0.05: 0.12},
+    ("bf16", True): {0.5: 0.507, 0.2: 0.241, 0.05: 0.121},
+    ("int8-quanto", True): {0.2: 0.28, 0.05: 0.123},
+}
+_SAME_MODULES = {"fp8-quanto": "int8-quanto", "fp32": "bf16"}  # DequantLinear either way; fp32: CPU tests
 
 
 @dataclass(frozen=True)
@@ -159,24 +169,26 @@ class StepShape:
     """Parameters of the transformer / FULL_TRANSFORMER_PARAMS (the tiny test model: ~1e-6)."""
 
 
-def _budget_keep(budget: float, precision: str) -> float:
-    """The kept share for a budget: that of the next measured budget at or above it (no interpolation: the
-    partitioner's choices come in steps)."""
-    for b in sorted(_BUDGET_KEEP):
+def _budget_keep(budget: float, precision: str, wide_adapter: bool) -> float:
+    """The kept share for a budget: that of the next listed budget at or above it (no interpolation: the
+    partitioner's choices come in steps), measured for this base and adapter width where there is a measurement."""
+    measured = _BUDGET_KEEP.get((_SAME_MODULES.get(precision, precision), wide_adapter), {})
+    for b in sorted(_BUDGET_KEEP_MAX):
         if budget <= b + 1e-9:
-            return _BUDGET_KEEP_MEASURED.get(precision, {}).get(b, _BUDGET_KEEP[b])
-    return 1.0
+            return measured.get(b, _BUDGET_KEEP_MAX[b])
+    return _BUDGET_KEEP_MAX[1.0]
 
 
 def predict_peak_gib(fraction: float, tokens: int, precision: str = "bf16", batch_size: int = 1, *,
-                     wide_adapter: bool = False, scale: float = 1.0, budget: float = 1.0) -> float:
-    """Predicted peak GiB of one step: `fraction` of the blocks checkpointed, or (fraction 0, compiled) the
-    partitioner's activation memory `budget`."""
+                     wide_adapter: bool = False, scale: float = 1.0, budget: float = 1.0,
+                     compiled: bool = False) -> float:
+    """Predicted peak GiB of one step: `fraction` of the blocks checkpointed, or (compiled, fraction 0) the
+    partitioner's activation memory `budget` (1.0: its default choice)."""
     weights = _WEIGHTS_GIB.get(precision, _WEIGHTS_GIB["bf16"])
     checkpointed = _CHECKPOINTED_GIB_PER_TOKEN * (_WIDE_CHECKPOINTED if wide_adapter else 1.0)
     rest = _ACTIVATION_GIB_PER_TOKEN * (_WIDE_ACTIVATIONS if wide_adapter else 1.0)
-    if budget < 1.0 and fraction == 0.0:
-        activations = (checkpointed + rest) * _budget_keep(budget, precision)
+    if compiled and fraction == 0.0:
+        activations = (checkpointed + rest) * _budget_keep(budget, precision, wide_adapter)
     else:
         activations = checkpointed + (1.0 - fraction) * rest
     return (weights + activations * tokens * batch_size) * scale
@@ -190,7 +202,7 @@ def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0, c
     checkpointed fraction that fits."""
     def peak(fraction, budget=1.0):
         return predict_peak_gib(fraction, shape.tokens, shape.precision, shape.batch_size,
-                                wide_adapter=shape.wide_adapter, scale=shape.scale, budget=budget)
+                                wide_adapter=shape.wide_adapter, scale=shape.scale, budget=budget, compiled=compiled)
 
     limit = total_gib - headroom_gib
     where = f"of {total_gib:.0f} GiB, {shape.tokens:,} tokens per sample"
