@@ -11,7 +11,7 @@ GUIDE_CONFIG = """{
   "model_flavour": "kontext",                       // <-- cambia esto de "dev" a "kontext"
   "base_model_precision": "bf16",
   "gradient_checkpointing": true,
-  "fuse_qkv_projections": false,                    // ignored here
+  "fuse_qkv_projections": false,                    // honoured, with a note (ours needs no flash-attn)
   "lora_rank": 16,
   "learning_rate": 1e-5,
   "optimizer": "optimi-lion",
