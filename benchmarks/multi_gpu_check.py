@@ -36,9 +36,37 @@ def run(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
     return proc, time.perf_counter() - t
 
 
-def main() -> int:
+def tool_env() -> dict:
+    """The environment of the CLI subprocesses: offline, this checkout first on the path, NVLink multicast off."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "NCCL_NVLS_ENABLE": "0"}
+
+
+def prepare(work: Path, samples: int, size: int, env: dict) -> tuple[Path, Path]:
+    """Sample pairs, their manifest (`kontext-data pair`) and the tiny random model in `work`, offline.
+    Returns (manifest, model dir); RuntimeError with the tool's output when a step fails."""
     import importlib.util
 
+    work.mkdir(parents=True, exist_ok=True)
+    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "examples" / "make_sample.py")
+    make_sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_sample)
+    make_sample.make_sample(work / "data", n=samples, size=size, seed=0)
+    manifest = work / "manifest.parquet"
+    proc, _ = run([sys.executable, "-c", "from kontext_data.cli import main; main()", "pair",
+                   str(work / "data" / "edited"), str(work / "data" / "reference"), "--out", str(manifest),
+                   "--resolution", str(size)], env)
+    if proc.returncode:
+        raise RuntimeError(proc.stdout + proc.stderr)
+    model = work / "tiny-kontext"
+    if not model.exists():
+        proc, _ = run([sys.executable, "-m", "kontext_trainer", "make-tiny-model", str(model)], env)
+        if proc.returncode:
+            raise RuntimeError(proc.stdout + proc.stderr)
+    return manifest, model
+
+
+def main() -> int:
     import torch
 
     from machine import cpu_model
@@ -60,31 +88,16 @@ def main() -> int:
         found = torch.cuda.device_count() if torch.cuda.is_available() else 0
         print(f"needs {args.processes} CUDA devices; found {found}", file=sys.stderr)
         return 2
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "NCCL_NVLS_ENABLE": "0"}
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "examples" / "make_sample.py")
-    make_sample = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_sample)
-    make_sample.make_sample(work / "data", n=args.samples, size=args.size, seed=0)
-    manifest = work / "manifest.parquet"
-    proc, _ = run([sys.executable, "-c", "from kontext_data.cli import main; main()", "pair",
-                   str(work / "data" / "edited"), str(work / "data" / "reference"), "--out", str(manifest),
-                   "--resolution", str(args.size)], env)
-    if proc.returncode:
-        print(proc.stdout, proc.stderr, file=sys.stderr)
+    env = tool_env()
+    try:
+        manifest, model = prepare(args.work, args.samples, args.size, env)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
         return 1
-    model = work / "tiny-kontext"
-    if not model.exists():
-        proc, _ = run([sys.executable, "-m", "kontext_trainer", "make-tiny-model", str(model)], env)
-        if proc.returncode:
-            print(proc.stdout, proc.stderr, file=sys.stderr)
-            return 1
 
     results = {}
     for n in (1, args.processes):
-        out = work / f"run-{n}"
+        out = args.work / f"run-{n}"
         cmd = [sys.executable, "-m", "kontext_trainer", "train", str(manifest), "--model", str(model),
                "--output-dir", str(out), "--device", args.device, "--precision", "fp32", "--max-train-steps",
                str(args.steps), "--train-batch-size", str(args.batch), "--lora-rank", "8", "--lr", "1e-3",
