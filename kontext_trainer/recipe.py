@@ -318,7 +318,7 @@ class KontextLoRARecipe:
             self.emit("warning", message="torch.compile needs Triton, which is not installed: the transformer "
                                          "blocks run eager (about 1.25x slower steps; pip install triton)")
         plan = speed.MemoryPlan(0.0, 0.0, "no checkpointing (gradient_checkpointing false)")
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing or cfg.activation_memory_budget is not None:  # an explicit budget wins
             plan = self._checkpoint_plan()
             speed.set_activation_checkpointing(self.transformer, plan.fraction)
         self.emit("stage", message=f"memory: {plan.reason}")
