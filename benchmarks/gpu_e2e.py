@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from multi_gpu_check import prepare, run, tool_env  # noqa: E402
+from multi_gpu_check import prepare_or_report, run, tool_env  # noqa: E402
 
 RUNS = {  # name -> extra CLI arguments
     "bf16": [],
@@ -58,11 +58,10 @@ def main() -> int:
         print("no CUDA device (a CPU dry run: --device cpu)", file=sys.stderr)
         return 2
     env = tool_env()
-    try:
-        manifest, model = prepare(args.work, args.samples, args.size, env)
-    except RuntimeError as exc:
-        print(exc, file=sys.stderr)
+    prepared = prepare_or_report(args, env)
+    if prepared is None:
         return 1
+    manifest, model = prepared
     results, ok = {}, True
     for name in args.only:
         out = args.work / f"run-{name}"

@@ -66,6 +66,15 @@ def prepare(work: Path, samples: int, size: int, env: dict) -> tuple[Path, Path]
     return manifest, model
 
 
+def prepare_or_report(args, env: dict) -> tuple[Path, Path] | None:
+    """`prepare` for a script's main: None (the failing tool's output printed to stderr) when a step fails."""
+    try:
+        return prepare(args.work, args.samples, args.size, env)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def main() -> int:
     import torch
 
@@ -89,11 +98,10 @@ def main() -> int:
         print(f"needs {args.processes} CUDA devices; found {found}", file=sys.stderr)
         return 2
     env = tool_env()
-    try:
-        manifest, model = prepare(args.work, args.samples, args.size, env)
-    except RuntimeError as exc:
-        print(exc, file=sys.stderr)
+    prepared = prepare_or_report(args, env)
+    if prepared is None:
         return 1
+    manifest, model = prepared
 
     results = {}
     for n in (1, args.processes):

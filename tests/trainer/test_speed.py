@@ -108,7 +108,8 @@ def test_memory_plan_for_compiled_blocks_picks_the_largest_activation_budget_tha
     assert tiny_card.fraction == 1.0 and tiny_card.budget == 1.0 and "fp8-matmul" in tiny_card.reason
 
 
-def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model):
+def _lora_model_and_eager_step(tiny_model):
+    """The tiny model with a LoRA, a batch, and the eager step's loss and LoRA gradients (then zeroed)."""
     from diffusers import FluxTransformer2DModel
 
     from kontext_trainer import adapters
@@ -119,6 +120,13 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model):
     eager = kontext_step(model, batch, torch.Generator().manual_seed(1))
     expected = [p.grad.clone() for p in adapters.trainable_parameters(model)]
     model.zero_grad(set_to_none=True)
+    return model, batch, eager, expected
+
+
+def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model):
+    from kontext_trainer import adapters
+
+    model, batch, eager, expected = _lora_model_and_eager_step(tiny_model)
     speed.compile_blocks(model)
     compiled = kontext_step(model, batch, torch.Generator().manual_seed(1))
     got = [p.grad for p in adapters.trainable_parameters(model)]
@@ -130,16 +138,10 @@ def test_an_activation_memory_budget_recomputes_without_changing_the_numbers(tin
     """Compiled blocks with a low activation memory budget (the partitioner recomputes most of the forward in
     backward): the same loss and gradients as eager."""
     import torch._functorch.config as fconf
-    from diffusers import FluxTransformer2DModel
 
     from kontext_trainer import adapters
 
-    model = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
-    adapters.attach_lora(model, rank=4, alpha=None, dropout=0.0, targets="attention")
-    batch = _batch(torch.Generator().manual_seed(0))
-    eager = kontext_step(model, batch, torch.Generator().manual_seed(1))
-    expected = [p.grad.clone() for p in adapters.trainable_parameters(model)]
-    model.zero_grad(set_to_none=True)
+    model, batch, eager, expected = _lora_model_and_eager_step(tiny_model)
     with pytest.raises(ValueError, match="memory_budget"):
         speed.compile_blocks(model, memory_budget=0.0)
     before = fconf.activation_memory_budget
