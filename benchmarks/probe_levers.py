@@ -177,14 +177,14 @@ def gaps(model, batch, backend, tag):
     save()
 
 
-def fresh(arch, device, precision="bf16"):
+def fresh(arch, device, precision="bf16", targets="attention"):
     gc.collect()
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     model = build_transformer(arch, device, torch.bfloat16)
     if precision == "int8":
         quantize.quantize_transformer(model, "int8-quanto")
-    adapters.attach_lora(model, rank=16, alpha=None, dropout=0.0, targets="attention")
+    adapters.attach_lora(model, rank=16, alpha=None, dropout=0.0, targets=targets)
     if precision == "int8":
         quantize.to_dequant_linears(model)
     if precision == "fp8":
@@ -208,6 +208,7 @@ def main():
         "bf16:fuse:ckpt0", "bf16:fuse:b0.25", "bf16:fuse:b0.3", "bf16:fuse:b0.2", "bf16:fuse:gaps",
         "fp8:fuse:ckpt0", "fp8:fuse:b0.2", "fp8:fuse:b0.05"])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--targets", default="attention", help="LoRA targets (attention, attention+ffs, all)")
     ap.add_argument("--profile", action="store_true", help="kernel-category profile of each new model's first row")
     ap.add_argument("--deadline", type=float, default=540)
     ap.add_argument("--tiny", action="store_true")
@@ -220,6 +221,7 @@ def main():
     device = torch.device("cuda")
     arch = TINY if args.tiny else FULL
     RESULT["machine"] = machine_info(device)
+    RESULT["targets"] = args.targets
     print(json.dumps(RESULT["machine"]), flush=True)
     batch = make_batch(arch, args.res, device, torch.bfloat16)
     be = "cudnn"
@@ -234,7 +236,7 @@ def main():
         if key != current:
             model = None
             set_budget(1.0)
-            model = fresh(arch, device, precision)
+            model = fresh(arch, device, precision, args.targets)
             if fused == "fuse":
                 print(f"fused {fuse_qkv(model)} attentions", flush=True)
             speed.compile_blocks(model)

@@ -10,8 +10,8 @@ In: a FluxTransformer2DModel (with its adapter). Out: the same model set up for 
 - `compile_blocks(model, memory_budget)`: regional torch.compile of the repeated transformer blocks (one compile per
   block type), with the compiler's activation memory budget: instead of recomputing whole blocks, torch's
   partitioner keeps the activations that are dear to recompute (the attention outputs first) up to that fraction
-  and recomputes the rest. On an H100 at 1024 px it beats block checkpointing at the same memory (bf16: 1.02 s at
-  27.7 GiB with budget 0.2, vs 1.13 s at 26.7 GiB with every block checkpointed).
+  and recomputes the rest. On an H100 at 1024 px it beats block checkpointing at the same memory (bf16: 1.05 s at
+  27.8 GiB with budget 0.2, vs 1.14 s at 26.6 GiB with every block checkpointed, same run).
 - `plan_memory(...)`: picks the budget (compiled) or the checkpointed fraction (eager) that fits the card
   (overridable), and says why.
 """
@@ -141,6 +141,8 @@ FRACTIONS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.85, 0.9, 1.0)
 #   fp8-matmul    48.4 / 19.3 / 15.7 at 1 / 0.2 / 0.05
 #   int8-quanto   64.2 / 18.1 / 15.8 at 1 / 0.2 / 0.05 (at 1 the compiler keeps dequantized weights too)
 #   LoKr bf16     59.4 / 40.0 / 31.3 at 0.5 / 0.2 / 0.05 (LoKr int8: 32.0 / 20.6 at 0.2 / 0.05)
+#   LoRA r16 on attention+ffs, bf16: 74.2 / 47.9 / 34.7 / 28.1 at 1 / 0.5 / 0.2 / 0.05 (probe_levers-...-26c-...json):
+#   below LoKr's at every budget, so the wide-adapter shares (LoKr's) over-predict it: a safe side
 # The share is not linear in b (the partitioner saves in chunks: bf16 was 27.7 GiB at both 0.2 and 0.25) and differs
 # by base, so each measured (precision, wide adapter) pair has its own shares; anything unmeasured takes the largest
 # share measured at that budget.
