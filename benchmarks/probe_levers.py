@@ -208,6 +208,8 @@ def main():
         "bf16:fuse:ckpt0", "bf16:fuse:b0.25", "bf16:fuse:b0.3", "bf16:fuse:b0.2", "bf16:fuse:gaps",
         "fp8:fuse:ckpt0", "fp8:fuse:b0.2", "fp8:fuse:b0.05"])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--estimator", default="flops", choices=["flops", "profile"],
+                    help="the partitioner's runtime estimate for the budget's knapsack (torch's default: flops)")
     ap.add_argument("--targets", default="attention", help="LoRA targets (attention, attention+ffs, all)")
     ap.add_argument("--profile", action="store_true", help="kernel-category profile of each new model's first row")
     ap.add_argument("--deadline", type=float, default=540)
@@ -222,6 +224,10 @@ def main():
     arch = TINY if args.tiny else FULL
     RESULT["machine"] = machine_info(device)
     RESULT["targets"] = args.targets
+    RESULT["estimator"] = args.estimator
+    import torch._functorch.config as fconf
+
+    fconf.activation_memory_budget_runtime_estimator = args.estimator
     print(json.dumps(RESULT["machine"]), flush=True)
     batch = make_batch(arch, args.res, device, torch.bfloat16)
     be = "cudnn"
