@@ -307,7 +307,8 @@ class KontextLoRARecipe:
             n = fuse_mod.fuse_qkv(self.transformer)
             total = sum(1 for m in self.transformer.modules() if type(m).__name__ == "FluxAttention")
             self.emit("stage", message=f"fused q/k/v projections in {n} of {total} attentions"
-                                       + ("" if n == total else " (LoKr layers stay unfused)"))
+                                       + ("" if n == total else " (attentions with LoKr, or with only some of q/k/v "
+                                                                  "adapted, stay unfused)"))
         self.transformer.train()
         self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else self.device.type == "cuda"
         if self.compile and self.device.type == "cuda" and not speed.can_compile_cuda():

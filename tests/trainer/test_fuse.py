@@ -97,3 +97,24 @@ def test_lokr_attentions_stay_unfused(tiny_model):
     adapters.attach_lokr(model, "attention", factor=4, factor_ff=4, full_matrix=True)
     assert fuse_qkv(model) == 0
     assert not model.transformer_blocks[0].attn.fused_projections
+
+
+def test_partial_targets_fuse_only_what_keeps_every_adapter(tiny_model):
+    """LoRA on q/k/v only: the text stream's add_q/k/v (no adapter) fuse as a plain base; LoRA on to_q alone leaves
+    every attention unfused (one of three adapted cannot share the fused matmul)."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer", torch_dtype=torch.bfloat16)
+    adapters.attach_lora(model, rank=4, alpha=None, dropout=0.0, targets="to_q,to_k,to_v")
+    with torch.no_grad():
+        for p in adapters.trainable_parameters(model):
+            p.normal_(std=0.05)
+    loss, grads = _loss_and_grads(model)
+    assert fuse_qkv(model) == 2
+    fused_loss, fused_grads = _loss_and_grads(model)
+    assert abs(fused_loss - loss) / loss < 2e-3
+    assert torch.nn.functional.cosine_similarity(grads, fused_grads, dim=0) > 0.9999
+
+    only_q = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer", torch_dtype=torch.bfloat16)
+    adapters.attach_lora(only_q, rank=4, alpha=None, dropout=0.0, targets="to_q")
+    assert fuse_qkv(only_q) == 0
