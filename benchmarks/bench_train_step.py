@@ -100,6 +100,12 @@ class Bench:
         self.model = build_transformer(arch, device, torch.bfloat16)
         self.adapter = None
 
+    STEP_S = {1024: 2.0, 512: 0.8}  # a generous s/step per resolution, for the deadline
+
+    def need(self, res: int, factor: float = 1.0) -> float:
+        """Seconds a row at `res` may take (warm-up and timed steps, x factor for slower rows), plus a margin."""
+        return (self.args.warmup + self.args.steps) * self.STEP_S.get(res, 0.05) * factor + 5
+
     def left(self) -> float:
         return self.args.deadline - (time.perf_counter() - self.t0)
 
@@ -236,24 +242,23 @@ class Bench:
     def compiled_rows(self, label, res, other_res, budgets, params, ours, backend, compile_kwargs) -> None:
         """Compiled rows without block checkpointing, one per activation memory budget (each recompiles), then every
         block checkpointed; `other_res` once at budget 1. The trainer's memory plan picks among these."""
-        def need(r):
-            return (self.args.warmup + self.args.steps) * {1024: 2.0, 512: 0.8}.get(r, 0.05) + 65
-
         for budget in budgets:
-            if self.left() < need(res) + 30:
+            if self.left() < self.need(res) + 90:
                 self.rows.append({"name": f"{label} budget {budget:g}", "resolution": res, "skipped": "deadline"})
                 continue
             torch._dynamo.reset()
             speed.compile_blocks(self.model, memory_budget=budget, **compile_kwargs)
             speed.set_activation_checkpointing(self.model, 0.0)
-            self.run(f"{label} ({backend}, compiled, budget {budget:g})", res, ours(res, backend), params, need(res))
+            self.run(f"{label} ({backend}, compiled, budget {budget:g})", res, ours(res, backend), params,
+                     self.need(res) + 60)
             if budget == 1.0:
                 for r in other_res:
-                    self.run(f"{label} ({backend}, compiled, budget 1)", r, ours(r, backend), params, need(r))
+                    self.run(f"{label} ({backend}, compiled, budget 1)", r, ours(r, backend), params,
+                             self.need(r) + 60)
         torch._dynamo.reset()
         speed.compile_blocks(self.model, memory_budget=1.0, **compile_kwargs)
         speed.set_activation_checkpointing(self.model, 1.0)
-        self.run(f"{label} ({backend}, compiled, ckpt 100%)", res, ours(res, backend), params, need(res))
+        self.run(f"{label} ({backend}, compiled, ckpt 100%)", res, ours(res, backend), params, self.need(res) + 60)
 
     def save(self) -> None:
         result = {"machine": self.info, "arch": "tiny" if self.args.tiny else "FLUX.1 Kontext full (random bf16)",
@@ -304,14 +309,12 @@ def main() -> int:
     bench = Bench(args, device, arch, groups)
     print(json.dumps(bench.info), flush=True)
     full = not args.tiny
-    step_s = {1024: 2.0, 512: 0.8}
     cudnn = "cudnn" if device.type == "cuda" else "math"
     flash = "flash" if device.type == "cuda" else "math"
     batches = {res: make_batch(arch, res, device, torch.bfloat16) for res in args.resolutions}
     first = args.resolutions[0]
 
-    def need(res, factor=1.0):
-        return (args.warmup + args.steps) * step_s.get(res, 0.05) * factor + 5
+    need = bench.need
 
     def ours(res, backend):
         gen = torch.Generator().manual_seed(0)

@@ -118,3 +118,12 @@ def tiny_pipeline(tiny_model):
     pipe = FluxKontextPipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def forward_backward(model, call_args: dict, params: list) -> tuple:
+    """One forward of `model(**call_args)` and the backward of its mean square: (output in float32, the gradients of
+    `params` flattened into one tensor). For comparing two ways of computing the same layers."""
+    model.zero_grad()
+    out = model(**call_args)[0]
+    out.float().square().mean().backward()
+    return out.float().detach(), torch.cat([p.grad.flatten() for p in params])

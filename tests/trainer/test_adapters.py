@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import forward_backward
+
 from kontext_trainer.adapters import attach_lora, save_lora, target_modules
 from kontext_trainer.flow import kontext_ids
 
@@ -93,10 +95,7 @@ def test_lora_runs_in_the_activations_dtype_with_peft_gradients(tiny_model):
 
     def run(ours: bool):
         use_activation_dtype_lora(tr, enable=ours)
-        tr.zero_grad()
-        out = tr(**args)[0]
-        out.float().square().mean().backward()
-        return out.float().detach(), torch.cat([p.grad.flatten() for p in params])
+        return forward_backward(tr, args, params)
 
     ref_out, ref_grad = run(False)
     out, grad = run(True)

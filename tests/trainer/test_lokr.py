@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import forward_backward
+
 from kontext_trainer.adapters import attach_lokr, load_adapter, read_lycoris_config, save_lora
 from kontext_trainer.config import ConfigError, TrainConfig, resolve_config
 from kontext_trainer.flow import kontext_ids
@@ -184,10 +186,7 @@ def test_kron_matmul_equals_peft_full_delta(tiny_model, full_matrix, decompose_b
 
     def run(fast: bool):
         use_kron_matmul(tr, enable=fast)
-        tr.zero_grad()
-        out = tr(**args)[0]
-        out.float().square().mean().backward()
-        return out.float().detach(), torch.cat([p.grad.flatten() for p in params])
+        return forward_backward(tr, args, params)
 
     args = _args()
     ref_out, ref_grad = run(False)
