@@ -50,7 +50,8 @@ def machine_info(device: torch.device) -> dict:
             "peft": peft.__version__, "cpu": cpu_model(), "cores": os.cpu_count()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"))
     return info
 
 

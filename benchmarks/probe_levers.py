@@ -6,7 +6,7 @@ of bench_train_step.py, to decide which levers are worth building; its figures a
 
     python benchmarks/probe_levers.py --plan bf16:fuse:ckpt0 bf16:fuse:b0.2 bf16:fuse:gaps int8:fuse:b0.05
 
-Each plan item is PRECISION:FUSE:WHAT with PRECISION bf16|fp8|int8, FUSE fuse|sep, WHAT ckpt<fraction> (block
+Each plan item is PRECISION:FUSE:WHAT with PRECISION bf16|fp8|int8 (+ -lokr for the guide's LoKr), FUSE fuse|sep, WHAT ckpt<fraction> (block
 checkpointing), b<budget> (activation memory budget, no block checkpointing) or gaps (a profiled step: GPU busy
 time, idle gaps and the CPU ops in them). `--profile` adds the kernel-category profile of the first model. Rows go
 to $OUT/probe.json (default /tmp). CUDA only. Results: benchmarks/results/probe_levers-*.json (the first of them was
@@ -23,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# the allocator setting kontext-train uses (kontext_trainer/cli.py), before torch's first CUDA allocation
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,7 +34,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
 from kontext_trainer import adapters, speed, quantize  # noqa: E402
+from kontext_trainer.config import TrainConfig  # noqa: E402
 from kontext_trainer.flow import kontext_step  # noqa: E402
+from kontext_trainer.optim import build_optimizer  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 RESULT = {"rows": [], "checks": [], "profile": {}}
@@ -52,7 +57,7 @@ def step_fn(model, batch, backend):
 
 def timed(name, model, batch, backend, steps=8, warmup=2, **extra):
     params = adapters.trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = build_optimizer(TrainConfig(learning_rate=1e-5), params)  # what kontext-train steps
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn = step_fn(model, batch, backend)
@@ -76,9 +81,10 @@ def timed(name, model, batch, backend, steps=8, warmup=2, **extra):
         return row
     s = statistics.median(times[warmup:])
     row = {"name": name, "s_per_step": round(s, 4), "first_s": round(times[0], 1),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "losses": [round(v, 5) for v in losses],
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2), "losses": [round(v, 5) for v in losses],
            "at_s": round(time.perf_counter() - T0), **extra}
-    print(f"{name:<50} {s:.4f} s/step  peak {row['peak_gib']} GiB  first {row['first_s']} s  "
+    print(f"{name:<50} {s:.4f} s/step  peak {row['peak_gib']} GiB (reserved {row['reserved_gib']})  first {row['first_s']} s  "
           f"[t={row['at_s']}s]", flush=True)
     RESULT["rows"].append(row)
     opt.zero_grad(set_to_none=True)
@@ -131,7 +137,7 @@ def gaps(model, batch, backend, tag):
     from torch.profiler import ProfilerActivity, profile as prof
 
     params = adapters.trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = build_optimizer(TrainConfig(learning_rate=1e-5), params)  # what kontext-train steps
     fn = step_fn(model, batch, backend)
     for _ in range(2):
         opt.zero_grad(set_to_none=True); fn(); opt.step()
@@ -178,13 +184,18 @@ def gaps(model, batch, backend, tag):
 
 
 def fresh(arch, device, precision="bf16", targets="attention"):
+    """A new model; PRECISION may end in -lokr: the guide's LoKr (factor 16/8 on attention+ffs, full matrix)."""
     gc.collect()
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     model = build_transformer(arch, device, torch.bfloat16)
+    precision, _, adapter = precision.partition("-")
     if precision == "int8":
         quantize.quantize_transformer(model, "int8-quanto")
-    adapters.attach_lora(model, rank=16, alpha=None, dropout=0.0, targets=targets)
+    if adapter == "lokr":
+        adapters.attach_lokr(model, "attention+ffs", factor=16, factor_ff=8, full_matrix=True)
+    else:
+        adapters.attach_lora(model, rank=16, alpha=None, dropout=0.0, targets=targets)
     if precision == "int8":
         quantize.to_dequant_linears(model)
     if precision == "fp8":
@@ -212,6 +223,12 @@ def main():
                     help="the partitioner's runtime estimate for the budget's knapsack (torch's default: flops)")
     ap.add_argument("--targets", default="attention", help="LoRA targets (attention, attention+ffs, all)")
     ap.add_argument("--profile", action="store_true", help="kernel-category profile of each new model's first row")
+    ap.add_argument("--profile-every", action="store_true", help="the kernel-category profile of every row")
+    ap.add_argument("--recompute-attention", action="store_true",
+                    help="leave torch's partitioner free to recompute cuDNN attention (as before keep_attention_outputs)")
+    ap.add_argument("--card-gib", type=float, default=None,
+                    help="act as a smaller card: cap what PyTorch may reserve at this many GiB (e.g. 31.3 for a 32 GB "
+                         "card less its CUDA context); a row that does not fit fails with out-of-memory")
     ap.add_argument("--deadline", type=float, default=540)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--res", type=int, default=1024)
@@ -221,6 +238,10 @@ def main():
               file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    if args.card_gib:
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib / total), torch.cuda.current_device())
+        RESULT["card_gib"] = args.card_gib
     arch = TINY if args.tiny else FULL
     RESULT["machine"] = machine_info(device)
     RESULT["targets"] = args.targets
@@ -245,7 +266,7 @@ def main():
             model = fresh(arch, device, precision, args.targets)
             if fused == "fuse":
                 print(f"fused {fuse_qkv(model)} attentions", flush=True)
-            speed.compile_blocks(model)
+            speed.compile_blocks(model, keep_attention=not args.recompute_attention)
             current = key
         if what == "gaps":
             set_budget(1.0)
@@ -260,7 +281,7 @@ def main():
             speed.set_activation_checkpointing(model, 0.0)
         first_row = not any(r["name"].startswith(f"{precision} {fused} ") for r in RESULT["rows"])
         timed(f"{precision} {fused} compiled {what}", model, batch, be, steps=args.steps, warmup=1)
-        if args.profile and first_row:
+        if (args.profile and first_row) or args.profile_every:
             profile(model, batch, be, f"{precision} {fused} compiled {what}")
     print(f"done in {time.perf_counter() - T0:.0f} s")
     return 0

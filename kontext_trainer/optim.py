@@ -2,7 +2,9 @@
 
 In: the config and the trainable adapter parameters. Out: the optimizer.
 
-- `adamw`: torch.optim.AdamW, float32 adapter weights and states.
+- `adamw`: torch.optim.AdamW, float32 adapter weights and states; on CUDA its fused kernel (one launch for every
+  adapter tensor, no per-tensor host work: the GPU was idle ~4 ms per step while the default multi-tensor
+  AdamW was launched at 1024 px on an H100).
 - `optimi-adamw`: torch-optimi's AdamW (same update rule, decoupled weight decay), float32.
 - `lion` (the guide's `optimi-lion`): torch-optimi's Lion; the guide uses lr 1e-5 with it.
 - `adamw_bf16` (the guide's name): the adapter weights are cast to bf16 and trained with torch-optimi's AdamW with
@@ -47,6 +49,7 @@ def build_optimizer(cfg, params):
         return AdamW(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
                      eps=cfg.adam_epsilon, kahan_sum=True, foreach=False)
     if name == "adamw":
+        fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
         return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay,
-                                 eps=cfg.adam_epsilon)
+                                 eps=cfg.adam_epsilon, fused=True if fused else None)
     raise ValueError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")

@@ -374,7 +374,7 @@ class KontextLoRARecipe:
         if self.device.type != "cuda":
             return speed.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        return speed.plan_memory(total, shape, compiled=self.compile)
+        return speed.plan_memory(total, shape, headroom_gib=speed.allocator_headroom_gib(), compiled=self.compile)
 
     # ------------------------------------------------------------------------------------------- train
 

@@ -9,9 +9,11 @@ In: a FluxTransformer2DModel (with its adapter). Out: the same model set up for 
   0 = none): memory scales with the blocks kept, speed with the blocks recomputed.
 - `compile_blocks(model, memory_budget)`: regional torch.compile of the repeated transformer blocks (one compile per
   block type), with the compiler's activation memory budget: instead of recomputing whole blocks, torch's
-  partitioner keeps the activations that are dear to recompute (the attention outputs first) up to that fraction
-  and recomputes the rest. On an H100 at 1024 px it beats block checkpointing at the same memory (bf16: 1.05 s at
-  27.8 GiB with budget 0.2, vs 1.14 s at 26.6 GiB with every block checkpointed, same run).
+  partitioner keeps the activations that are dear to recompute up to that fraction and recomputes the rest.
+- `keep_attention_outputs()`: makes that partitioner count cuDNN attention as expensive, so the attention outputs
+  are the first thing it keeps; without it every budget below ~0.5 re-ran all 57 attention forwards in backward.
+  H100, 1024 px, bf16, budget 0.2: 1.023 -> 0.939 s/step (27.75 -> 29.66 GiB), against 1.14 s at 26.6 GiB with
+  every block checkpointed.
 - `plan_memory(...)`: picks the budget (compiled) or the checkpointed fraction (eager) that fits the card
   (overridable), and says why.
 """
@@ -85,10 +87,47 @@ def can_compile_cuda() -> bool:
     return has_triton()
 
 
+# Attention ops torch's partitioner (2.11 to 2.14) does not list as compute-intensive, while it lists the flash and
+# efficient SDPA kernels: it then takes cuDNN attention for free to recompute (see keep_attention_outputs).
+_UNLISTED_ATTENTION_OPS = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable")
+
+
+def keep_attention_outputs() -> bool:
+    """Make torch's activation partitioner treat cuDNN attention like the flash/efficient SDPA kernels it already
+    treats as compute-intensive: never recomputed for free, so with an activation memory budget below 1 its output
+    is kept (when the budget allows) instead of re-running the attention forward in the backward pass.
+
+    Without this, every budget below ~0.5 re-ran the cuDNN attention forward of all 57 blocks in backward (114
+    forward kernels per step instead of 57, ~90 ms of an H100 step at 1024 px): the partitioner's aggressive
+    stage only weighs the ops it bans from recomputation, and cuDNN attention is not among them. Process-wide (it
+    changes the partitioner's op list, a private torch function; wrapped, not replaced); returns False, changing
+    nothing, where that function is not there."""
+    try:
+        from torch._functorch import partitioners
+    except ImportError:  # pragma: no cover - torch without functorch
+        return False
+    original = getattr(partitioners, "get_default_op_list", None)
+    if original is None:
+        return False
+    if getattr(original, "_keeps_attention", False):
+        return True
+    ops = [getattr(torch.ops.aten, name) for name in _UNLISTED_ATTENTION_OPS if hasattr(torch.ops.aten, name)]
+
+    def op_list():
+        types = original()
+        for op in ops:
+            types.compute_intensive_ops.add(op)
+        return types
+
+    op_list._keeps_attention = True
+    partitioners.get_default_op_list = op_list
+    return True
+
+
 RECOMPILE_LIMIT = 64  # shapes per compiled block: every bucket of a run, plus validation
 
 
-def compile_blocks(model, memory_budget: float = 1.0, **kwargs) -> None:
+def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = True, **kwargs) -> None:
     """Regional compilation: torch.compile each repeated block (diffusers' compile_repeated_blocks), static shapes.
 
     Each bucket shape compiles once. dynamo's default limit of 8 shapes per code object is fewer than the buckets
@@ -97,13 +136,16 @@ def compile_blocks(model, memory_budget: float = 1.0, **kwargs) -> None:
 
     `memory_budget` (0..1] is torch's `activation_memory_budget` for the blocks' backward graphs: 1.0 keeps what the
     default partitioner keeps; lower values recompute more (cheapest per byte first). It is a process-wide setting
-    read when a graph compiles, so it is set here, before the first step compiles the blocks."""
+    read when a graph compiles, so it is set here, before the first step compiles the blocks. `keep_attention`:
+    see keep_attention_outputs (on by default; False only to measure without it)."""
     import torch._dynamo
     import torch._functorch.config
 
     if not 0.0 < memory_budget <= 1.0:
         raise ValueError(f"memory_budget {memory_budget} is not in (0, 1]")
     torch._functorch.config.activation_memory_budget = float(memory_budget)
+    if keep_attention:
+        keep_attention_outputs()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     model.compile_repeated_blocks(**({"dynamic": False} | kwargs))
 
@@ -136,24 +178,28 @@ FULL_TRANSFORMER_PARAMS = 11.9e9  # FLUX.1 Kontext's transformer; smaller models
 FRACTIONS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.85, 0.9, 1.0)
 # Compiled blocks, no block checkpointing, the partitioner's activation memory budget b: the activations kept are a
 # share of the uncheckpointed step's (the checkpointed + rest terms above, with the wide-adapter factors). Measured on
-# one H100 at 1024 px (benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26d-*.json), fused q/k/v:
-#   bf16 LoRA     59.5 / 41.4 / 33.6 / 27.75 / 26.8 GiB at b = 1 / 0.5 / 0.3 / 0.2 / 0.05
-#   fp8-matmul    48.4 / 19.3 / 15.7 at 1 / 0.2 / 0.05
-#   int8-quanto   64.2 / 18.1 / 15.8 at 1 / 0.2 / 0.05 (at 1 the compiler keeps dequantized weights too)
-#   LoKr bf16     59.4 / 40.0 / 31.3 at 0.5 / 0.2 / 0.05 (LoKr int8: 32.0 / 20.6 at 0.2 / 0.05)
-#   LoRA r16 on attention+ffs, bf16: 74.2 / 47.9 / 34.7 / 28.1 at 1 / 0.5 / 0.2 / 0.05 (probe_levers-...-26c-...json):
-#   below LoKr's at every budget, so the wide-adapter shares (LoKr's) over-predict it: a safe side
-# The share is not linear in b (the partitioner saves in chunks: bf16 was 27.7 GiB at both 0.2 and 0.25) and differs
-# by base, so each measured (precision, wide adapter) pair has its own shares; anything unmeasured takes the largest
-# share measured at that budget.
+# H100s at 1024 px with keep_attention_outputs (benchmarks/results/probe_levers-NVIDIA_H100_80GB_HBM3-2026-11-26e-*
+# .json), fused q/k/v:
+#   bf16 LoRA     59.5 / 38.15 / 30.5 / 29.66 / 26.8 GiB at b = 1 / 0.5 / 0.3 / 0.2 / 0.05 (0.15: 29.5, 0.1: 26.9)
+#   fp8-matmul    48.4 / 27.8 / 19.4 / 15.8 at 1 / 0.5 / 0.2 / 0.05
+#   int8-quanto   64.2 / 33.5 / 21.3 / 19.6 / 15.9 at 1 / 0.5 / 0.3 / 0.2 / 0.05 (at 1 the compiler keeps dequantized
+#                 weights too)
+#   LoKr bf16     59.4 / 40.0 / 31.3 at 0.5 / 0.2 / 0.05; LoKr int8 32.0 at 0.2, 20.6 at 0.05 (this one measured
+#                 before keep_attention_outputs; LoKr bf16 took the same memory at 0.05 before and after it)
+#   LoRA r16 on attention+ffs, bf16 (before keep_attention_outputs): 74.2 / 47.9 / 34.7 / 28.1 at 1 / 0.5 / 0.2 /
+#   0.05 (probe_levers-...-26c-...json): well below LoKr's, whose shares (used for every wide adapter) over-predict it
+# The share is not linear in b (the partitioner saves whole kinds of tensors, in every block at once: bf16 took 29.5
+# to 29.7 GiB at every budget from 0.15 to 0.2, 26.8 at 0.05 and 0.1) and differs by base, so each measured
+# (precision, wide adapter) pair has its own shares; anything unmeasured takes the largest share measured at that
+# budget or any lower one.
 BUDGETS = (1.0, 0.5, 0.3, 0.2, 0.05)
-_BUDGET_KEEP_MAX = {1.0: 1.47, 0.5: 0.53, 0.3: 0.31, 0.2: 0.28, 0.05: 0.125}
+_BUDGET_KEEP_MAX = {1.0: 1.47, 0.5: 0.61, 0.3: 0.31, 0.2: 0.281, 0.05: 0.124}
 _BUDGET_KEEP = {
-    ("bf16", False): {1.0: 1.03, 0.5: 0.526, 0.3: 0.31, 0.2: 0.146, 0.05: 0.12},
-    ("fp8-matmul", False): {1.0: 1.0, 0.2: 0.193, 0.05: 0.093},
-    ("int8-quanto", False): {1.0: 1.466, 0.2: 0.182, 0.05: 0.12},
-    ("bf16", True): {0.5: 0.507, 0.2: 0.241, 0.05: 0.121},
-    ("int8-quanto", True): {0.2: 0.28, 0.05: 0.123},
+    ("bf16", False): {1.0: 1.03, 0.5: 0.437, 0.3: 0.224, 0.2: 0.2, 0.05: 0.12},
+    ("fp8-matmul", False): {1.0: 1.0, 0.5: 0.428, 0.2: 0.195, 0.05: 0.094},
+    ("int8-quanto", False): {1.0: 1.466, 0.5: 0.61, 0.3: 0.271, 0.2: 0.227, 0.05: 0.12},
+    ("bf16", True): {0.5: 0.508, 0.2: 0.241, 0.05: 0.122},
+    ("int8-quanto", True): {0.2: 0.281, 0.05: 0.124},
 }
 _SAME_MODULES = {"fp8-quanto": "int8-quanto", "fp32": "bf16"}  # DequantLinear either way; fp32: CPU tests
 
@@ -196,8 +242,20 @@ def predict_peak_gib(fraction: float, tokens: int, precision: str = "bf16", batc
     return (weights + activations * tokens * batch_size) * scale
 
 
+def allocator_headroom_gib() -> float:
+    """GiB of a card to leave beside the predicted peak: the CUDA context and libraries' workspaces (~0.6 GiB), the
+    allocator's reserved-but-unused memory and the prediction's error. With expandable segments (what kontext-train
+    sets unless the user configured the allocator) the reserved peak was within 0.25 GiB of the allocated one on an
+    H100, so 2 GiB; with fixed segments it was up to 3.7 GiB above (fp8-matmul, budget 0.2), so 3 GiB."""
+    import os
+
+    conf = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")).lower()
+    return 2.0 if "expandable_segments:true" in conf.replace(" ", "") else 3.0
+
+
 def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0, compiled: bool = False) -> MemoryPlan:
-    """The fastest memory setting whose predicted peak fits the card with headroom.
+    """The fastest memory setting whose predicted peak fits the card with headroom (the trainer passes
+    allocator_headroom_gib()).
 
     Compiled blocks: the largest activation memory budget in BUDGETS that fits (no block checkpointing; measured to
     be faster than checkpointing blocks at the same memory), else every block checkpointed. Eager: the smallest

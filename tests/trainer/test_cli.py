@@ -126,3 +126,21 @@ def test_bare_manifest_argument_means_train(tmp_path, sample_manifest, monkeypat
     with pytest.raises(SystemExit) as exc:
         cli.main()
     assert exc.value.code == 0
+
+
+def test_train_sets_expandable_cuda_segments_unless_the_user_configured_the_allocator(monkeypatch):
+    """kontext-train lets the CUDA allocator grow segments (the memory plan's headroom assumes it); a user's own
+    allocator settings, under either variable name, are left alone."""
+    from kontext_trainer import cli, speed
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    cli._expandable_cuda_memory()
+    assert speed.allocator_headroom_gib() == 2.0
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    cli._expandable_cuda_memory()
+    assert speed.allocator_headroom_gib() == 3.0
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.8")
+    cli._expandable_cuda_memory()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in __import__("os").environ
