@@ -64,8 +64,9 @@ class TrainConfig:
     activation_memory_budget: float | None = _f(
         None, "Compiled blocks only: the share (0-1] of a step's activations torch's compiler keeps for backward; "
               "it recomputes the rest, cheapest first (no block checkpointing then). Default: on CUDA the largest "
-              "of 1, 0.5, 0.3, 0.2, 0.05 that fits the card (H100, bf16, 1024 px: 0.81-0.83 s at 59.5 GiB with 1, "
-              "1.02-1.05 s at 27.8 GiB with 0.2), said at start-up.", min=0.0, max=1.0)
+              "of 1, 0.5, 0.3, 0.2, 0.05 that fits the card with 2 GiB spare (H100, bf16, 1024 px: 0.81-0.83 s at "
+              "59.5 GiB with 1, 0.90 s at 38.1 GiB with 0.5, 0.93-0.96 s at 29.6 GiB with 0.2), said at start-up.",
+        min=0.0, max=1.0)
     compile_blocks: bool | None = _f(
         None, "Regional torch.compile of the repeated transformer blocks (one compile per block type and bucket "
               "size, paid in the first steps). Default (none): on when training on CUDA (H100, 1024 px: 1.01 -> "
