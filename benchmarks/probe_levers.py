@@ -50,6 +50,15 @@ def save():
 from kontext_trainer.fuse import fuse_qkv  # noqa: E402
 
 
+PLAIN_ADAMW = False  # --plain-adamw: torch's default (multi-tensor) AdamW instead of kontext-train's fused one
+
+
+def make_optimizer(params):
+    if PLAIN_ADAMW:
+        return torch.optim.AdamW(params, lr=1e-5)
+    return build_optimizer(TrainConfig(learning_rate=1e-5), params)  # what kontext-train steps
+
+
 def step_fn(model, batch, backend):
     gen = torch.Generator().manual_seed(0)
     return lambda: kontext_step(model, batch, gen, attention_backend=backend)
@@ -57,7 +66,7 @@ def step_fn(model, batch, backend):
 
 def timed(name, model, batch, backend, steps=8, warmup=2, **extra):
     params = adapters.trainable_parameters(model)
-    opt = build_optimizer(TrainConfig(learning_rate=1e-5), params)  # what kontext-train steps
+    opt = make_optimizer(params)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn = step_fn(model, batch, backend)
@@ -137,7 +146,7 @@ def gaps(model, batch, backend, tag):
     from torch.profiler import ProfilerActivity, profile as prof
 
     params = adapters.trainable_parameters(model)
-    opt = build_optimizer(TrainConfig(learning_rate=1e-5), params)  # what kontext-train steps
+    opt = make_optimizer(params)
     fn = step_fn(model, batch, backend)
     for _ in range(2):
         opt.zero_grad(set_to_none=True); fn(); opt.step()
@@ -229,6 +238,8 @@ def main():
     ap.add_argument("--card-gib", type=float, default=None,
                     help="act as a smaller card: cap what PyTorch may reserve at this many GiB (e.g. 31.3 for a 32 GB "
                          "card less its CUDA context); a row that does not fit fails with out-of-memory")
+    ap.add_argument("--plain-adamw", action="store_true",
+                    help="step torch's default multi-tensor AdamW instead of kontext-train's (fused on CUDA)")
     ap.add_argument("--deadline", type=float, default=540)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--res", type=int, default=1024)
@@ -238,6 +249,9 @@ def main():
               file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    global PLAIN_ADAMW
+    PLAIN_ADAMW = args.plain_adamw
+    RESULT["optimizer"] = "torch AdamW (multi-tensor)" if args.plain_adamw else "kontext-train's AdamW (fused)"
     if args.card_gib:
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib / total), torch.cuda.current_device())

@@ -3,8 +3,8 @@
 In: the config and the trainable adapter parameters. Out: the optimizer.
 
 - `adamw`: torch.optim.AdamW, float32 adapter weights and states; on CUDA its fused kernel (one launch for every
-  adapter tensor, no per-tensor host work: the GPU was idle ~4 ms per step while the default multi-tensor
-  AdamW was launched at 1024 px on an H100).
+  adapter tensor, no per-tensor host work; H100, 1024 px, alternating runs: 0.8045 / 0.8063 s/step against
+  0.8077 / 0.8139 s with the default multi-tensor AdamW).
 - `optimi-adamw`: torch-optimi's AdamW (same update rule, decoupled weight decay), float32.
 - `lion` (the guide's `optimi-lion`): torch-optimi's Lion; the guide uses lr 1e-5 with it.
 - `adamw_bf16` (the guide's name): the adapter weights are cast to bf16 and trained with torch-optimi's AdamW with
