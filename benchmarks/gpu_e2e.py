@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 

@@ -245,8 +245,9 @@ def predict_peak_gib(fraction: float, tokens: int, precision: str = "bf16", batc
 def allocator_headroom_gib() -> float:
     """GiB of a card to leave beside the predicted peak: the CUDA context and libraries' workspaces (~0.6 GiB), the
     allocator's reserved-but-unused memory and the prediction's error. With expandable segments (what kontext-train
-    sets unless the user configured the allocator) the reserved peak was within 0.25 GiB of the allocated one on an
-    H100, so 2 GiB; with fixed segments it was up to 3.7 GiB above (fp8-matmul, budget 0.2), so 3 GiB."""
+    sets unless the user configured the allocator) the reserved peak was 0.2-0.25 GiB above the allocated one for
+    bf16 and 0.2-0.55 GiB for int8 on an H100, so 2 GiB; with fixed segments it was up to 3.7 GiB above (fp8-matmul,
+    budget 0.2), so 3 GiB."""
     import os
 
     conf = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")).lower()
