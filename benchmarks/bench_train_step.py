@@ -30,16 +30,12 @@ import gc
 import datetime
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# the allocator setting kontext-train uses (kontext_trainer/cli.py), before torch's first CUDA allocation
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,6 +48,8 @@ from kontext_trainer.fuse import fuse_qkv  # noqa: E402
 from kontext_trainer.optim import build_optimizer  # noqa: E402
 from kontext_trainer.quantize import QUANTO_EXCLUDE  # noqa: E402
 from kontext_trainer.flow import kontext_step, pack_latents  # noqa: E402
+
+speed.use_expandable_segments()  # kontext-train's allocator setting, before the first CUDA allocation
 
 
 # ---------------------------------------------------------------------------------------------- baseline

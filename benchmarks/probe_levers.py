@@ -23,10 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-# the allocator setting kontext-train uses (kontext_trainer/cli.py), before torch's first CUDA allocation
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,6 +35,7 @@ from kontext_trainer.config import TrainConfig  # noqa: E402
 from kontext_trainer.flow import kontext_step  # noqa: E402
 from kontext_trainer.optim import build_optimizer  # noqa: E402
 
+speed.use_expandable_segments()  # kontext-train's allocator setting, before the first CUDA allocation
 OUT = Path(os.environ.get("OUT", "/tmp"))
 RESULT = {"rows": [], "checks": [], "profile": {}}
 T0 = time.perf_counter()

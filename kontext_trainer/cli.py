@@ -243,7 +243,9 @@ def train_cmd(
                 argv.append(a)
         raise typer.Exit(launch(num_processes, argv))
 
-    _expandable_cuda_memory()
+    from kontext_trainer.speed import use_expandable_segments
+
+    use_expandable_segments()  # before the first CUDA allocation
     from kontext_trainer.recipe import TrainError, train
 
     _quiet_libraries()
@@ -338,15 +340,6 @@ def export_cmd(
             err.print(f"[cyan]note:[/cyan] {n}", highlight=False)
         out.print(f"{result.adapter} adapter ({result.source_format} -> {result.target_format}, {result.modules_in} "
                   f"modules): {result.path}")
-
-
-def _expandable_cuda_memory() -> None:
-    """Unless the user configured PyTorch's CUDA allocator, let it grow segments in place (expandable_segments):
-    memory freed between the blocks' differently-sized activations is reused instead of left stranded in fixed
-    segments, so the reserved peak stays near the allocated one and the memory plan's choices fit the card.
-    Set before the first CUDA allocation (the allocator reads it once); the launcher's processes inherit it."""
-    if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def main() -> None:

@@ -356,9 +356,7 @@ class KontextLoRARecipe:
                                 wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
                                 scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS))
         def peak(fraction, budget=1.0):
-            return speed.predict_peak_gib(fraction, tokens, shape.precision, shape.batch_size,
-                                          wide_adapter=shape.wide_adapter, scale=shape.scale, budget=budget,
-                                          compiled=self.compile)
+            return shape.peak_gib(fraction, budget, self.compile)
 
         if cfg.checkpoint_fraction is not None:
             f = cfg.checkpoint_fraction

@@ -216,6 +216,11 @@ class StepShape:
     scale: float = 1.0
     """Parameters of the transformer / FULL_TRANSFORMER_PARAMS (the tiny test model: ~1e-6)."""
 
+    def peak_gib(self, fraction: float, budget: float = 1.0, compiled: bool = False) -> float:
+        """predict_peak_gib for a step of this shape."""
+        return predict_peak_gib(fraction, self.tokens, self.precision, self.batch_size,
+                                wide_adapter=self.wide_adapter, scale=self.scale, budget=budget, compiled=compiled)
+
 
 def _budget_keep(budget: float, precision: str, wide_adapter: bool) -> float:
     """The kept share for a budget: that of the next listed budget at or above it (no interpolation: the
@@ -242,6 +247,21 @@ def predict_peak_gib(fraction: float, tokens: int, precision: str = "bf16", batc
     return (weights + activations * tokens * batch_size) * scale
 
 
+_ALLOC_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # torch reads either (the second is the newer name)
+
+
+def use_expandable_segments() -> None:
+    """Unless the user configured PyTorch's CUDA allocator, let it grow segments in place (expandable_segments):
+    memory freed between the blocks' differently-sized activations is reused instead of left stranded in fixed
+    segments, so the reserved peak stays near the allocated one and the memory plan's choices fit the card. Call it
+    before the first CUDA allocation (the allocator reads it once); child processes inherit it. kontext-train and
+    the GPU benchmarks call it."""
+    import os
+
+    if not any(os.environ.get(v) for v in _ALLOC_VARS):
+        os.environ[_ALLOC_VARS[0]] = "expandable_segments:True"
+
+
 def allocator_headroom_gib() -> float:
     """GiB of a card to leave beside the predicted peak: the CUDA context and libraries' workspaces (~0.6 GiB), the
     allocator's reserved-but-unused memory and the prediction's error. With expandable segments (what kontext-train
@@ -250,7 +270,7 @@ def allocator_headroom_gib() -> float:
     budget 0.2), so 3 GiB."""
     import os
 
-    conf = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")).lower()
+    conf = ",".join(os.environ.get(v, "") for v in _ALLOC_VARS).lower()
     return 2.0 if "expandable_segments:true" in conf.replace(" ", "") else 3.0
 
 
@@ -262,8 +282,7 @@ def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0, c
     be faster than checkpointing blocks at the same memory), else every block checkpointed. Eager: the smallest
     checkpointed fraction that fits."""
     def peak(fraction, budget=1.0):
-        return predict_peak_gib(fraction, shape.tokens, shape.precision, shape.batch_size,
-                                wide_adapter=shape.wide_adapter, scale=shape.scale, budget=budget, compiled=compiled)
+        return shape.peak_gib(fraction, budget, compiled)
 
     limit = total_gib - headroom_gib
     where = f"of {total_gib:.0f} GiB, {shape.tokens:,} tokens per sample"

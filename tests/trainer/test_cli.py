@@ -5,6 +5,7 @@ measurably closer to its target than the base model. Plus the CLI's exit codes."
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -58,8 +59,11 @@ def _latent_error(pipe, records) -> float:
     return float(np.mean(errors))
 
 
-def test_train_end_to_end_and_load_in_diffusers(tiny_model, tmp_path):
+def test_train_end_to_end_and_load_in_diffusers(tiny_model, tmp_path, monkeypatch):
     from diffusers import FluxKontextPipeline
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # kontext-train sets up the allocator itself
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
 
     manifest = make_manifest(tmp_path / "data", n=6, size=64)
     config = tmp_path / "config.json"
@@ -69,6 +73,7 @@ def test_train_end_to_end_and_load_in_diffusers(tiny_model, tmp_path):
                                       "--output-dir", str(out), "--lora-targets", "attention+ffs", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "fuse_qkv_projections" in result.output  # the note on the guide's false (ours needs no flash-attn)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 200
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
@@ -127,20 +132,3 @@ def test_bare_manifest_argument_means_train(tmp_path, sample_manifest, monkeypat
         cli.main()
     assert exc.value.code == 0
 
-
-def test_train_sets_expandable_cuda_segments_unless_the_user_configured_the_allocator(monkeypatch):
-    """kontext-train lets the CUDA allocator grow segments (the memory plan's headroom assumes it); a user's own
-    allocator settings, under either variable name, are left alone."""
-    from kontext_trainer import cli, speed
-
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    cli._expandable_cuda_memory()
-    assert speed.allocator_headroom_gib() == 2.0
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
-    cli._expandable_cuda_memory()
-    assert speed.allocator_headroom_gib() == 3.0
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.8")
-    cli._expandable_cuda_memory()
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in __import__("os").environ

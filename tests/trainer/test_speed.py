@@ -130,6 +130,24 @@ def test_memory_plan_for_compiled_blocks_picks_the_largest_activation_budget_tha
     assert tiny_card.fraction == 1.0 and tiny_card.budget == 1.0 and "fp8-matmul" in tiny_card.reason
 
 
+def test_expandable_segments_are_set_unless_the_user_configured_the_allocator(monkeypatch):
+    """kontext-train lets the CUDA allocator grow segments (the memory plan's headroom assumes it); a user's own
+    allocator settings, under either variable name, are left alone."""
+    import os
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    speed.use_expandable_segments()
+    assert speed.allocator_headroom_gib() == 2.0
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    speed.use_expandable_segments()
+    assert speed.allocator_headroom_gib() == 3.0
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.8")
+    speed.use_expandable_segments()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
 def test_allocator_headroom_follows_the_allocator_configuration(monkeypatch):
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
