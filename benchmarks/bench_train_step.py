@@ -15,7 +15,10 @@ TFLOP/s (FLOPs counted once per resolution with torch's FlopCounterMode).
   memory plan chooses from), and fp8-matmul / int8-quanto bases (int8 as kontext-train runs it: quanto's data in
   DequantLinear modules, compiled).
 - check: before timing cuDNN, one step with cuDNN and one with flash on the same batch, noise and sigma: the losses
-  and the LoRA gradients must agree within bf16 tolerance.
+  and the LoRA gradients must agree within bf16 tolerance; the same for kontext-train's attention (`--attention`,
+  default auto: FlashAttention 4 for long sequences where flash-attn-4 is installed) against cuDNN, compiled.
+- the compiled rows (and the fp8, int8 and LoKr groups) run kontext-train's attention; one compiled cuDNN row at
+  budget 1 gives the comparison in the same run.
 
 Results go to benchmarks/results/bench_train_step-<gpu>-<date>.json (and --out), the summary to stdout.
 
@@ -179,11 +182,12 @@ class Bench:
         self.save()
         return row
 
-    def check_cudnn(self, batch) -> dict:
-        """Same batch, noise, sigma: loss and LoRA gradients with cuDNN (+contiguous grads) vs flash."""
-        out = {}
+    def check_backends(self, batch, a: str = "flash", b: str = "cudnn") -> dict:
+        """Same batch, noise, sigma: loss and LoRA gradients with attention backend a vs b (cudnn: with the
+        contiguous gradient; auto: what kontext-train picks)."""
+        out = {"check": f"{b} vs {a}"}
         grads = {}
-        for backend in ("flash", "cudnn"):
+        for backend in (a, b):
             self.model.zero_grad(set_to_none=True)
             loss = kontext_step(self.model, batch, torch.Generator().manual_seed(7), attention_backend=backend)
             sync(self.device)
@@ -191,13 +195,13 @@ class Bench:
                                         if p.grad is not None])
             out[f"loss_{backend}"] = loss
         self.model.zero_grad(set_to_none=True)
-        a, b = grads["flash"], grads["cudnn"]
-        out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-        out["grad_rel_diff"] = float((a - b).norm() / a.norm().clamp_min(1e-12))
-        out["loss_rel_diff"] = abs(out["loss_flash"] - out["loss_cudnn"]) / max(abs(out["loss_flash"]), 1e-12)
+        ga, gb = grads[a], grads[b]
+        out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(ga, gb, dim=0))
+        out["grad_rel_diff"] = float((ga - gb).norm() / ga.norm().clamp_min(1e-12))
+        out["loss_rel_diff"] = abs(out[f"loss_{a}"] - out[f"loss_{b}"]) / max(abs(out[f"loss_{a}"]), 1e-12)
         out["ok"] = out["grad_cosine"] > 0.99 and out["loss_rel_diff"] < 2e-2
         self.checks.append(out)
-        print(f"  check cuDNN vs flash: loss {out['loss_flash']:.5f} vs {out['loss_cudnn']:.5f}, grad cosine "
+        print(f"  check {b} vs {a}: loss {out[f'loss_{a}']:.5f} vs {out[f'loss_{b}']:.5f}, grad cosine "
               f"{out['grad_cosine']:.5f} -> {'ok' if out['ok'] else 'MISMATCH'}", flush=True)
         self.save()
         return out
@@ -302,6 +306,10 @@ def main() -> int:
     ap.add_argument("--extra", nargs="*", default=[], choices=["lokr-peft", "lora-peft"],
                     help="reference rows: lokr-peft (peft's own LoKr forward, ~11 s/step at 1024 px on H100), "
                          "lora-peft (peft's float32 LoRA forward, compiled)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "cudnn", "fa4"],
+                    help="attention backend of the compiled rows and of the fp8/int8/LoKr groups (default: auto, what "
+                         "kontext-train runs: FlashAttention 4 for long sequences where flash-attn-4 is installed, "
+                         "else cuDNN); the eager bf16 rows compare flash and cudnn")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     groups = [g for g in GROUPS_ALL if g in args.groups and not (g == "int8" and args.no_int8)
@@ -317,6 +325,13 @@ def main() -> int:
     full = not args.tiny
     cudnn = "cudnn" if device.type == "cuda" else "math"
     flash = "flash" if device.type == "cuda" else "math"
+    kt = args.attention if device.type == "cuda" else "math"  # the compiled rows: kontext-train's attention
+    if device.type == "cuda":
+        from kontext_trainer import fa4
+
+        problem = fa4.usable(device)
+        bench.info["fa4"] = problem or f"in use by auto from {fa4.AUTO_MIN_TOKENS} tokens"
+        print(f"FlashAttention 4: {bench.info['fa4']}", flush=True)
     batches = {res: make_batch(arch, res, device, torch.bfloat16) for res in args.resolutions}
     first = args.resolutions[0]
 
@@ -353,7 +368,7 @@ def main() -> int:
     # 2. ours, bf16: attention backends and checkpointed fractions
     if "bf16" in groups:
         if full and device.type == "cuda":
-            bench.check_cudnn(batches[first])
+            bench.check_backends(batches[first], flash, cudnn)
         adapters.use_activation_dtype_lora(bench.model, enable=False)
         bench.check_same("LoRA in bf16 vs peft's float32", batches[first], cudnn,
                          lambda: adapters.use_activation_dtype_lora(bench.model))
@@ -382,8 +397,14 @@ def main() -> int:
         speed.set_activation_checkpointing(bench.model, 0.0)
         bench.check_same("fused q/k/v vs separate (compiled)", batches[first], cudnn,
                          lambda: (fuse_qkv(bench.model), torch._dynamo.reset()))
+        if kt != cudnn:  # the same compiled step with cuDNN attention alone, and the two against each other
+            torch._dynamo.reset()
+            speed.compile_blocks(bench.model, memory_budget=1.0, **compile_kwargs)
+            speed.set_activation_checkpointing(bench.model, 0.0)  # check_same left every block checkpointed
+            bench.run(f"ours fused ({cudnn}, compiled, budget 1)", first, ours(first, cudnn), params, need(first) + 60)
+            bench.check_backends(batches[first], cudnn, kt)
         bench.compiled_rows("ours fused", first, args.resolutions[1:], [1.0, 0.5, 0.3, 0.2, 0.05], params,
-                            ours, cudnn, compile_kwargs)
+                            ours, kt, compile_kwargs)
         bench.rows.append({"name": "compile (incl. first steps)", "seconds": round(time.perf_counter() - t, 1)})
     # 4. fp8-matmul base: the same model and LoRA, the base Linear modules converted in place
     if "fp8" in groups:
@@ -402,7 +423,7 @@ def main() -> int:
             t = time.perf_counter()
             fuse_qkv(bench.model)
             bench.compiled_rows("ours fp8-matmul fused", first, args.resolutions[1:], [1.0, 0.5, 0.2, 0.05], params,
-                                ours, cudnn, compile_kwargs)
+                                ours, kt, compile_kwargs)
             bench.rows.append({"name": "fp8 compile (incl. first steps)", "seconds": round(time.perf_counter() - t, 1)})
     # 5. int8-quanto base: quanto quantizes, DequantLinear holds its data as plain tensors (what kontext-train runs)
     if "int8" in groups and bench.left() > need(first) + 60:
@@ -419,7 +440,7 @@ def main() -> int:
             t = time.perf_counter()
             fuse_qkv(bench.model)
             bench.compiled_rows("ours int8 fused", first, args.resolutions[1:], [1.0, 0.3, 0.2, 0.05], params,
-                                ours, cudnn, compile_kwargs)
+                                ours, kt, compile_kwargs)
             bench.rows.append({"name": "int8 compile (incl. first steps)",
                                "seconds": round(time.perf_counter() - t, 1)})
     # 6. LoKr (the guide's lycoris config: factor 16 on attention, 8 on feed-forward, full matrix), bf16 and int8
@@ -458,7 +479,7 @@ def main() -> int:
                               need(first) + 60)
                 # budget 1 (nothing recomputed) does not fit 80 GB with LoKr on attention+ffs
                 bench.compiled_rows(f"ours LoKr {kind}", first, [], [0.5, 0.2, 0.05] if not quantized else [0.2, 0.05],
-                                    params, ours, cudnn, compile_kwargs)
+                                    params, ours, kt, compile_kwargs)
     bench.save()
     base = {r["resolution"]: r["s_per_step"] for r in bench.rows if r.get("name", "").startswith("baseline")
             and "s_per_step" in r}

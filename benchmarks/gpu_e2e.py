@@ -3,11 +3,12 @@
 
 Builds the tiny random Kontext model, sample pairs and their manifest offline in --work (as multi_gpu_check.py),
 then runs the real CLI once per configuration (bf16, int8-quanto, fp8-quanto, fp8-matmul, LoKr, LoKr on int8, an
-explicit activation memory budget), in bf16 on the GPU, with what the trainer does there by default: compiled blocks,
-fused q/k/v, the memory plan. Checked per run: exit code 0; finite losses that fall; the start-up lines (the memory
-plan, compiled blocks, fused q/k/v where LoRA); the adapter file written. And once the same bf16 run with
-compile_blocks=false and fuse_qkv_projections=false: its first loss (same weights, batch, noise) must match the
-default run's, and the curves must stay close (bf16 rounding differs).
+explicit activation memory budget, FlashAttention 4 forced), in bf16 on the GPU, with what the trainer does there by
+default: compiled blocks, fused q/k/v, the memory plan. Checked per run: exit code 0; finite losses that fall; the
+start-up lines (the memory plan, compiled blocks, fused q/k/v where LoRA, the attention kernels); the adapter file
+written. And once the same bf16 run with compile_blocks=false and fuse_qkv_projections=false: its first loss (same
+weights, batch, noise) must match the default run's, and the curves must stay close (bf16 rounding differs); the
+FlashAttention 4 run against the default run the same way.
 
 Example (GPU):  python benchmarks/gpu_e2e.py --out benchmarks/results/gpu_e2e.json
 Dry run (CPU):  python benchmarks/gpu_e2e.py --device cpu --steps 4 --only bf16
@@ -33,6 +34,7 @@ RUNS = {  # name -> extra CLI arguments
     "bf16": [],
     "bf16-eager-unfused": ["--set", "compile_blocks=false", "--set", "fuse_qkv_projections=false"],
     "bf16-budget-0.2": ["--set", "activation_memory_budget=0.2"],
+    "bf16-fa4": ["--set", "attention_backend=fa4"],  # FlashAttention 4 for every attention (needs flash-attn-4)
     "int8-quanto": ["--precision", "int8-quanto"],
     "fp8-quanto": ["--precision", "fp8-quanto"],
     "fp8-matmul": ["--precision", "fp8-matmul"],
@@ -96,6 +98,9 @@ def main() -> int:
         }
         if name == "bf16-budget-0.2":
             checks["budget_line"] = any("activation memory budget 0.2" in s for s in stages)
+        if args.device == "cuda":  # which attention kernels: said once at start-up
+            checks["attention_line"] = any(s.startswith("attention: FlashAttention 4 (attention_backend fa4)"
+                                                        if name == "bf16-fa4" else "attention:") for s in stages)
         results[name] = {"returncode": proc.returncode, "wall_s": round(wall, 1), "stages": stages,
                          "losses": [round(v, 5) for v in losses], "checks": checks,
                          "median_step_s": sorted(m["step_time"] for m in metrics)[len(metrics) // 2]
@@ -105,17 +110,26 @@ def main() -> int:
         print(f"{name:<20} rc {proc.returncode}  {wall:6.1f} s  losses {losses[:1]} -> {losses[-1:]}  "
               + " ".join(f"{c}={'ok' if v else 'FAILED'}" for c, v in checks.items()), flush=True)
         for s in stages:
-            if s.startswith(("memory:", "fused", "torch.compile", "int8", "fp8")):
+            if s.startswith(("memory:", "fused", "torch.compile", "int8", "fp8", "attention:")):
                 print(f"    {s}")
         if proc.returncode:
             print(proc.stderr[-2000:], file=sys.stderr)
     compare = {}
+    if "bf16" in results and "bf16-fa4" in results and results["bf16"]["losses"] and results["bf16-fa4"]["losses"]:
+        a, b = results["bf16-fa4"]["losses"], results["bf16"]["losses"]
+        rel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)]
+        compare["fa4_first_loss_rel_diff"] = rel[0]
+        compare["fa4_mean_loss_rel_diff"] = sum(rel) / len(rel)
+        compare["fa4_ok"] = rel[0] < 1e-2 and compare["fa4_mean_loss_rel_diff"] < 5e-2
+        ok &= compare["fa4_ok"]
+        print(f"FlashAttention 4 vs auto (bf16, compiled): first loss rel diff {rel[0]:.2e}, mean "
+              f"{compare['fa4_mean_loss_rel_diff']:.2e} -> {'ok' if compare['fa4_ok'] else 'FAILED'}")
     if "bf16" in results and "bf16-eager-unfused" in results:
         a, b = results["bf16"]["losses"], results["bf16-eager-unfused"]["losses"]
         if a and b:
             rel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)]
-            compare = {"first_loss_rel_diff": rel[0], "max_loss_rel_diff": max(rel),
-                       "mean_loss_rel_diff": sum(rel) / len(rel)}
+            compare.update(first_loss_rel_diff=rel[0], max_loss_rel_diff=max(rel),
+                           mean_loss_rel_diff=sum(rel) / len(rel))
             compare["ok"] = rel[0] < 1e-2 and compare["mean_loss_rel_diff"] < 5e-2
             ok &= compare["ok"]
             print(f"compiled+fused vs eager+separate (bf16): first loss rel diff {rel[0]:.2e}, mean "

@@ -6,9 +6,11 @@ of bench_train_step.py, to decide which levers are worth building; its figures a
 
     python benchmarks/probe_levers.py --plan bf16:fuse:ckpt0 bf16:fuse:b0.2 bf16:fuse:gaps int8:fuse:b0.05
 
-Each plan item is PRECISION:FUSE:WHAT with PRECISION bf16|fp8|int8 (+ -lokr for the guide's LoKr), FUSE fuse|sep, WHAT ckpt<fraction> (block
-checkpointing), b<budget> (activation memory budget, no block checkpointing) or gaps (a profiled step: GPU busy
-time, idle gaps and the CPU ops in them). `--profile` adds the kernel-category profile of the first model. Rows go
+Each plan item is PRECISION:FUSE:WHAT[:ATTENTION] with PRECISION bf16|fp8|int8 (+ -lokr for the guide's LoKr), FUSE
+fuse|sep, WHAT ckpt<fraction> (block checkpointing), b<budget> (activation memory budget, no block checkpointing) or
+gaps (a profiled step: GPU busy time, idle gaps and the CPU ops in them) or vs (loss and gradients of one step
+against cudnn's, same weights and batch), ATTENTION a kontext-train attention backend
+(default cudnn; fa4 = FlashAttention 4). `--profile` adds the kernel-category profile of the first model. Rows go
 to $OUT/probe.json (default /tmp). CUDA only. Results: benchmarks/results/probe_levers-*.json (the first of them was
 written by an earlier form of this script, with the same measurements under fixed part names)."""
 
@@ -190,6 +192,27 @@ def gaps(model, batch, backend, tag):
     save()
 
 
+def compare(model, batch, backend, tag):
+    """Loss and adapter gradients of one step with `backend` against cudnn: same weights, batch, noise and sigma."""
+    out = {}
+    for be in ("cudnn", backend):
+        model.zero_grad(set_to_none=True)
+        set_budget(1.0)
+        loss = kontext_step(model, batch, torch.Generator().manual_seed(7), attention_backend=be)
+        out[be] = (loss, torch.cat([p.grad.float().flatten() for p in adapters.trainable_parameters(model)
+                                    if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    (la, ga), (lb, gb) = out["cudnn"], out[backend]
+    row = {"check": f"{tag}: {backend} vs cudnn", "loss_cudnn": la, f"loss_{backend}": lb,
+           "loss_rel_diff": abs(la - lb) / max(abs(la), 1e-12),
+           "grad_cosine": float(torch.nn.functional.cosine_similarity(ga, gb, dim=0)),
+           "grad_rel_diff": float((ga - gb).norm() / ga.norm().clamp_min(1e-12))}
+    RESULT["checks"].append(row)
+    print(f"check {row['check']}: loss {la:.5f} vs {lb:.5f}, grad cosine {row['grad_cosine']:.6f}, "
+          f"rel diff {row['grad_rel_diff']:.4f}", flush=True)
+    save()
+
+
 def fresh(arch, device, precision="bf16", targets="attention"):
     """A new model; PRECISION may end in -lokr: the guide's LoKr (factor 16/8 on attention+ffs, full matrix)."""
     gc.collect()
@@ -263,14 +286,15 @@ def main():
     fconf.activation_memory_budget_runtime_estimator = args.estimator
     print(json.dumps(RESULT["machine"]), flush=True)
     batch = make_batch(arch, args.res, device, torch.bfloat16)
-    be = "cudnn"
     model, current = None, None
     for item in args.plan:
         left = args.deadline - (time.perf_counter() - T0)
         if left < 60:
             print(f"skip {item}: {left:.0f} s left", flush=True)
             continue
-        precision, fused, what = item.split(":")
+        precision, fused, what, *rest = item.split(":")
+        be = rest[0] if rest else "cudnn"
+        tag = "" if be == "cudnn" else f" {be}"
         key = (precision, fused)
         if key != current:
             model = None
@@ -280,10 +304,13 @@ def main():
                 print(f"fused {fuse_qkv(model)} attentions", flush=True)
             speed.compile_blocks(model, keep_attention=not args.recompute_attention)
             current = key
+        if what == "vs":
+            compare(model, batch, be, f"{precision} {fused} compiled")
+            continue
         if what == "gaps":
             set_budget(1.0)
             speed.set_activation_checkpointing(model, 0.0)
-            gaps(model, batch, be, f"{precision} {fused} ckpt0")
+            gaps(model, batch, be, f"{precision} {fused} ckpt0{tag}")
             continue
         if what.startswith("ckpt"):
             set_budget(1.0)
@@ -292,9 +319,9 @@ def main():
             set_budget(float(what[1:]))
             speed.set_activation_checkpointing(model, 0.0)
         first_row = not any(r["name"].startswith(f"{precision} {fused} ") for r in RESULT["rows"])
-        timed(f"{precision} {fused} compiled {what}", model, batch, be, steps=args.steps, warmup=1)
+        timed(f"{precision} {fused} compiled {what}{tag}", model, batch, be, steps=args.steps, warmup=1)
         if (args.profile and first_row) or args.profile_every:
-            profile(model, batch, be, f"{precision} {fused} compiled {what}")
+            profile(model, batch, be, f"{precision} {fused} compiled {what}{tag}")
     print(f"done in {time.perf_counter() - T0:.0f} s")
     return 0
 

@@ -75,10 +75,12 @@ class TrainConfig:
         True, "Compute each attention's q/k/v projections (base and LoRA) in one matmul: same adapter, same saved "
               "file, ~2% faster steps on an H100. Needs no flash-attn here (the guide's warning is SimpleTuner's). "
               "LoKr layers stay unfused.")
-    attention_backend: Literal["auto", "default", "flash", "efficient", "math", "cudnn"] = _f(
-        "auto", "SDPA kernels for training: auto = on CUDA cuDNN attention with a contiguous gradient (the fix for "
-                "its backward crash; ~1.2x faster steps than flash at 1024 px), falling back to flash/mem-efficient; "
-                "PyTorch's default elsewhere.")
+    attention_backend: Literal["auto", "default", "flash", "efficient", "math", "cudnn", "fa4"] = _f(
+        "auto", "SDPA kernels for training: auto = on CUDA FlashAttention 4 for samples of 4,096+ tokens where "
+                "flash-attn-4 is installed and passes a self-test (Hopper/Blackwell; ~5% faster 1024 px steps on an "
+                "H100), cuDNN attention with a contiguous gradient (the fix for its backward crash; ~1.2x faster "
+                "steps than flash) otherwise, then flash/mem-efficient; PyTorch's default elsewhere. fa4 forces "
+                "FlashAttention 4 and fails at start-up where it cannot run.")
     device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
 
     lora_rank: int = _f(16, "LoRA rank.", min=1)

@@ -115,10 +115,12 @@ def attention_context(backend: str, device: torch.device | str):
     """Select the SDPA kernels for forward AND backward (gradient checkpointing recomputes the forward inside
     backward, so the context must span both).
 
-    `auto`: on CUDA, cuDNN attention with a contiguous gradient (its backward crashed on the strided gradient
-    diffusers hands it; kontext_trainer.speed fixes that), else flash / mem-efficient; elsewhere PyTorch's
-    default. `flash`, `efficient`, `math`, `cudnn` force one; `default` leaves PyTorch's
-    choice."""
+    `auto`: on CUDA, FlashAttention 4 for sequences of at least fa4.AUTO_MIN_TOKENS where flash-attn-4 is installed
+    and passes its self-test (kontext_trainer.fa4), and cuDNN attention with a contiguous gradient (its backward
+    crashed on the strided gradient diffusers hands it; kontext_trainer.speed fixes that) for the rest, then flash /
+    mem-efficient; elsewhere PyTorch's default. `flash`, `efficient`, `math`, `cudnn` force one; `fa4` uses
+    FlashAttention 4 for every call it takes (`auto`'s kernels for the others) and fails clearly where it cannot
+    run; `default` leaves PyTorch's choice."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev = torch.device(device).type
@@ -127,19 +129,30 @@ def attention_context(backend: str, device: torch.device | str):
         "efficient": [SDPBackend.EFFICIENT_ATTENTION],
         "math": [SDPBackend.MATH],
         "cudnn": [SDPBackend.CUDNN_ATTENTION],
+        "fa4": [SDPBackend.FLASH_ATTENTION],  # on the CPU; on CUDA see below
     }
     if backend == "default" or (backend == "auto" and dev != "cuda"):
         yield
         return
-    if backend == "auto":
-        # cuDNN first (with the contiguous-gradient fix below: verified on an H100 to give the same loss and LoRA
-        # gradients as flash, cosine 1.0000, at ~1.2x the step speed), flash / mem-efficient where it is missing
+    if backend in ("auto", "fa4") and dev == "cuda":
+        # FlashAttention 4 where installed and working (auto: for long sequences only, where it is the fastest),
+        # else / below that cuDNN (with the contiguous-gradient fix: verified on an H100 to give the same loss and
+        # LoRA gradients as flash, cosine 1.0000, at ~1.2x the step speed), flash / mem-efficient where it is missing
+        from kontext_trainer import fa4
+
         kernels = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        problem = fa4.usable(device)
+        if problem is None:
+            with sdpa_kernel(kernels), fa4.sdpa_through_fa4(long_only=backend == "auto"):
+                yield
+            return
+        if backend == "fa4":
+            raise RuntimeError(f"attention_backend fa4: {problem}; or use attention_backend auto")
     elif backend in choices:
         kernels = choices[backend]
     else:
         raise ValueError(f"unknown attention backend {backend!r}; valid: auto, default, {', '.join(choices)}")
-    if dev != "cuda" and backend in ("flash", "efficient", "cudnn"):
+    if dev != "cuda" and backend in ("flash", "efficient", "cudnn", "fa4"):
         kernels = kernels + [SDPBackend.MATH]  # the CPU has no fused kernels of that name; let it fall back
     if backend in ("cudnn", "auto"):
         # cuDNN's backward crashed on the strided gradient diffusers hands it: give it a contiguous one

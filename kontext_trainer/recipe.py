@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from kontext_trainer import adapters, fuse as fuse_mod, model as model_mod, optim as optim_mod, quantize as quantize_mod
-from kontext_trainer import speed
+from kontext_trainer import fa4 as fa4_mod, speed
 from kontext_trainer.cache import FeatureCache, latent_key, text_key
 from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import BLANK_CAPTION, BucketBatchSampler, KeyBook, Sample, choose_caption, load_batch, \
@@ -189,6 +189,7 @@ class KontextLoRARecipe:
         self.emit("stage", message=f"model {self.model_dir} on {self.device} ({cfg.base_model_precision}); "
                                    f"{len(self.samples)} training samples in {self._n_buckets()} bucket(s), "
                                    f"{len(self.val_samples)} validation sample(s)")
+        self._check_attention()
         self._build_caches()
         self._build_model()
         self.sampler = BucketBatchSampler(self.samples, cfg.train_batch_size, cfg.seed)
@@ -201,6 +202,26 @@ class KontextLoRARecipe:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             _atomic_write_text(self.output_dir / "config.resolved.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    def _check_attention(self) -> None:
+        """Which attention kernels the steps will run, said once; `fa4` where FlashAttention 4 cannot run fails here,
+        before any caching."""
+        backend = self.cfg.attention_backend
+        if self.device.type != "cuda" or backend not in ("auto", "fa4"):
+            if backend not in ("auto", "default"):
+                self.emit("stage", message=f"attention: {backend} (attention_backend)")
+            return
+        problem = fa4_mod.usable(self.device)
+        if backend == "fa4" and problem:
+            raise TrainError([f"attention_backend fa4: {problem}; or set attention_backend auto"],
+                             title="attention_backend")
+        if backend == "fa4":
+            self.emit("stage", message="attention: FlashAttention 4 (attention_backend fa4)")
+        elif problem:
+            self.emit("stage", message=f"attention: cuDNN (auto; FlashAttention 4 not used: {problem})")
+        else:
+            self.emit("stage", message=f"attention: FlashAttention 4 from {fa4_mod.AUTO_MIN_TOKENS:,} tokens per "
+                                       f"sample, cuDNN below (auto)")
 
     def _n_buckets(self) -> int:
         return len({s.bucket for s in self.samples})

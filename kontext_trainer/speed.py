@@ -111,7 +111,10 @@ def keep_attention_outputs() -> bool:
         return False
     if getattr(original, "_keeps_attention", False):
         return True
+    from kontext_trainer import fa4  # registers kontext::fa4_attention (attention_backend fa4)
+
     ops = [getattr(torch.ops.aten, name) for name in _UNLISTED_ATTENTION_OPS if hasattr(torch.ops.aten, name)]
+    ops.append(torch.ops.kontext.fa4_attention)
 
     def op_list():
         types = original()
