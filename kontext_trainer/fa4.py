@@ -79,7 +79,7 @@ def _self_test(device: torch.device) -> str | None:
         q, k, v, grad = (torch.randn(1, 2, 256, 128, device=device, generator=g) for _ in range(4))
         got = [t.to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
         ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        out = _sdpa_fa4(*got)
+        out = fa4_attention(*(t.transpose(1, 2) for t in got), 128 ** -0.5)[0].transpose(1, 2)
         out.backward(grad.to(torch.bfloat16))
         ref_out = _SDPA(*ref)
         ref_out.backward(grad)

@@ -207,6 +207,10 @@ class KontextLoRARecipe:
         """Which attention kernels the steps will run, said once; `fa4` where FlashAttention 4 cannot run fails here,
         before any caching."""
         backend = self.cfg.attention_backend
+        if self.device.type != "cuda" and backend in ("flash", "efficient", "cudnn", "fa4"):
+            self.emit("warning", message=f"attention_backend {backend}: no such kernels on {self.device.type}; "
+                                         "PyTorch's own attention runs there")
+            return
         if self.device.type != "cuda" or backend not in ("auto", "fa4"):
             if backend not in ("auto", "default"):
                 self.emit("stage", message=f"attention: {backend} (attention_backend)")
@@ -222,6 +226,13 @@ class KontextLoRARecipe:
         else:
             self.emit("stage", message=f"attention: FlashAttention 4 from {fa4_mod.AUTO_MIN_TOKENS:,} tokens per "
                                        f"sample, cuDNN below (auto)")
+
+    def _uses_fa4(self, tokens: int) -> bool:
+        """Whether the longest sample's attention runs FlashAttention 4 (the memory plan counts its extra share)."""
+        backend = self.cfg.attention_backend
+        if self.device.type != "cuda" or backend not in ("auto", "fa4") or fa4_mod.usable(self.device):
+            return False
+        return backend == "fa4" or tokens >= fa4_mod.AUTO_MIN_TOKENS
 
     def _n_buckets(self) -> int:
         return len({s.bucket for s in self.samples})
@@ -375,7 +386,8 @@ class KontextLoRARecipe:
         params = self._base_params
         shape = speed.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
                                 wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
-                                scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS))
+                                scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS),
+                                fa4=self._uses_fa4(tokens))
         def peak(fraction, budget=1.0):
             return shape.peak_gib(fraction, budget, self.compile)
 

@@ -93,3 +93,22 @@ def test_compiled_blocks_train_the_same_losses_as_eager(sample_manifest, tiny_mo
     assert np.allclose(losses[True], losses[False], rtol=1e-4), losses
     assert any("torch.compile of the transformer blocks (compile_blocks)" in d.get("message", "")
                for k, d in events if k == "stage")
+
+
+def test_attention_backend_said_at_start_up_and_gpu_only_kernels_warned_on_the_cpu(sample_manifest, tiny_model,
+                                                                                       tmp_path):
+    """fa4 (or cudnn/flash) asked for on the CPU: one warning that PyTorch's own attention runs there, and the run
+    trains the same losses as auto."""
+    losses = {}
+    for backend in ("auto", "fa4"):
+        events = []
+        cfg = _cfg(sample_manifest, tiny_model, tmp_path / backend, max_train_steps=2, attention_backend=backend)
+        recipe = KontextLoRARecipe(cfg, on_event=lambda k, d: events.append((k, d)))
+        recipe.setup()
+        losses[backend] = [l for _, l in recipe.train().losses]
+        warnings = [d["message"] for k, d in events if k == "warning" and "attention_backend" in d["message"]]
+        if backend == "fa4":
+            assert warnings == ["attention_backend fa4: no such kernels on cpu; PyTorch's own attention runs there"]
+        else:
+            assert not warnings
+    assert losses["fa4"] == losses["auto"]
