@@ -12,9 +12,10 @@ function calls.
 
 Calls FA4 cannot take (an attention mask, dropout, causal, grouped-query, float32, a head size it does not support,
 the CPU) go to the SDPA kernels `auto` picks. `auto` itself uses FA4 where it is installed and passes a self-test, for
-sequences of at least AUTO_MIN_TOKENS (measured on an H100, benchmarks/probe_attention.py: one fwd+bwd at 8,704
-tokens 5.27 ms against cuDNN's 5.61 ms, but 1.21 ms against 0.60 ms at 2,560 tokens). Nothing here imports flash_attn
-until the first call on the GPU.
+sequences of at least AUTO_MIN_TOKENS. Measured on H100s: the whole 1024 px step (8,704 tokens) 0.807 -> 0.767 s and
+0.787 -> 0.749 s against cuDNN, same loss; the attention kernel alone (benchmarks/probe_attention.py, diffusers'
+layout) within +-4% of cuDNN from 4,096 to 8,704 tokens, 10% faster at 12,800, 10% slower at 2,560 (512 px).
+Nothing here imports flash_attn until the first call on the GPU.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from kontext_trainer.speed import _SDPA, _sdpa_contiguous_grad
 
 INSTALL = "pip install flash-attn-4 (and nvidia-cutlass-dsl[cu13] with a CUDA 13 build of torch)"
 AUTO_MIN_TOKENS = 4096
-"""`auto` sends an attention to FA4 from this many tokens on (below it cuDNN was faster on an H100)."""
+"""`auto` sends an attention to FA4 from this many tokens on (at 2,560 tokens cuDNN's kernel was 10% faster)."""
 _USABLE: dict[int, str | None] = {}  # CUDA device index -> usable()
 
 
