@@ -43,10 +43,12 @@ def problem(device: torch.device | str) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major not in (9, 10):
         return f"FlashAttention 4 runs on Hopper (SM90) and Blackwell (SM100) GPUs, not SM{major}{minor}"
-    try:
+    try:  # imports the parent package flash_attn: FlashAttention 2's, where that is installed beside it
         found = importlib.util.find_spec("flash_attn.cute") is not None
     except ImportError:  # no flash_attn at all
         found = False
+    except Exception as exc:  # a broken flash_attn package (e.g. an FA2 build for another torch)
+        return f"the flash_attn package fails to import ({type(exc).__name__}: {str(exc)[:200]})"
     if not found:
         return f"flash-attn-4 is not installed: {INSTALL}"
     return None
