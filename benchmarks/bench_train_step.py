@@ -326,10 +326,12 @@ def main() -> int:
     cudnn = "cudnn" if device.type == "cuda" else "math"
     flash = "flash" if device.type == "cuda" else "math"
     kt = args.attention if device.type == "cuda" else "math"  # the compiled rows: kontext-train's attention
+    fa4_runs = False  # whether kt differs from cuDNN here (auto without flash-attn-4 is cuDNN)
     if device.type == "cuda":
         from kontext_trainer import fa4
 
         problem = fa4.usable(device)
+        fa4_runs = kt != cudnn and problem is None
         bench.info["fa4"] = problem or f"in use by auto from {fa4.AUTO_MIN_TOKENS} tokens"
         print(f"FlashAttention 4: {bench.info['fa4']}", flush=True)
     batches = {res: make_batch(arch, res, device, torch.bfloat16) for res in args.resolutions}
@@ -397,7 +399,7 @@ def main() -> int:
         speed.set_activation_checkpointing(bench.model, 0.0)
         bench.check_same("fused q/k/v vs separate (compiled)", batches[first], cudnn,
                          lambda: (fuse_qkv(bench.model), torch._dynamo.reset()))
-        if kt != cudnn:  # the same compiled step with cuDNN attention alone, and the two against each other
+        if fa4_runs:  # the same compiled step with cuDNN attention alone, and the two against each other
             torch._dynamo.reset()
             speed.compile_blocks(bench.model, memory_budget=1.0, **compile_kwargs)
             speed.set_activation_checkpointing(bench.model, 0.0)  # check_same left every block checkpointed
