@@ -20,13 +20,12 @@ Nothing here imports flash_attn until the first call on the GPU.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
 import torch
 
-from kontext_trainer.speed import _SDPA, _sdpa_contiguous_grad
+from kontext_trainer.speed import _SDPA, _sdpa_contiguous_grad, sdpa_replaced
 
 INSTALL = "pip install flash-attn-4 (and nvidia-cutlass-dsl[cu13] with a CUDA 13 build of torch)"
 AUTO_MIN_TOKENS = 4096
@@ -158,8 +157,7 @@ def _sdpa_fa4(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
               min_tokens: int = 0):
     """SDPA with FlashAttention 4 where `takes` allows (and the sequence has at least min_tokens), else the SDPA
     kernels selected around it, with the contiguous gradient cuDNN needs."""
-    if query.dim() < 2 or query.shape[-2] < min_tokens or not takes(query, key, value, attn_mask, dropout_p,
-                                                                    is_causal, enable_gqa):
+    if not takes(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) or query.shape[-2] < min_tokens:
         return _sdpa_contiguous_grad(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                      is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     s = float(scale) if scale is not None else query.shape[-1] ** -0.5
@@ -172,15 +170,7 @@ def _sdpa_fa4_long(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     return _sdpa_fa4(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, AUTO_MIN_TOKENS)
 
 
-@contextlib.contextmanager
 def sdpa_through_fa4(long_only: bool = False):
     """Within the block, torch.nn.functional.scaled_dot_product_attention goes to FlashAttention 4 (every call it
-    takes, or with long_only those of at least AUTO_MIN_TOKENS tokens). Must span forward AND backward (gradient
-    checkpointing re-runs the forward inside backward). Module-level functions: torch.compile's guards see the
-    same callable every step."""
-    previous = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _sdpa_fa4_long if long_only else _sdpa_fa4
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = previous
+    takes, or with long_only those of at least AUTO_MIN_TOKENS tokens). Must span forward AND backward."""
+    return sdpa_replaced(_sdpa_fa4_long if long_only else _sdpa_fa4)

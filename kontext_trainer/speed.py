@@ -46,15 +46,22 @@ def _sdpa_contiguous_grad(*args, **kwargs):
 
 
 @contextlib.contextmanager
-def contiguous_attention_grads():
-    """Within the block, every torch.nn.functional.scaled_dot_product_attention call (diffusers looks it up at call
-    time) passes a contiguous gradient to the attention backward. Must span forward AND backward."""
+def sdpa_replaced(fn):
+    """Within the block, torch.nn.functional.scaled_dot_product_attention is `fn` (diffusers looks it up at call
+    time). `fn` should be a module-level function: torch.compile's guards then see the same callable every step.
+    Must span forward AND backward (gradient checkpointing re-runs the forward inside backward)."""
     previous = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _sdpa_contiguous_grad
+    torch.nn.functional.scaled_dot_product_attention = fn
     try:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = previous
+
+
+def contiguous_attention_grads():
+    """Within the block, every torch.nn.functional.scaled_dot_product_attention call passes a contiguous gradient to
+    the attention backward. Must span forward AND backward."""
+    return sdpa_replaced(_sdpa_contiguous_grad)
 
 
 def transformer_blocks(model) -> list[torch.nn.Module]:
