@@ -112,7 +112,17 @@ def _free(box: tuple[int, int, int, int], others: list[Obj], gap: int) -> bool:
     return all(not _overlaps(box, o.box(), gap) for o in others)
 
 
-def _sample_size(index: int, size: int) -> tuple[int, int]:
+# FluxKontextPipeline's preferred ~1 MP resolutions (width, height), alternating landscape and portrait from the
+# squarest out, for `aspects`: a dataset that fills several aspect buckets, as real photo collections do.
+KONTEXT_ASPECTS = ((1024, 1024), (1104, 944), (944, 1104), (1184, 880), (880, 1184), (1248, 832), (832, 1248),
+                   (1328, 800), (800, 1328), (1392, 752), (752, 1392), (1456, 720), (720, 1456), (1504, 688),
+                   (688, 1504), (1568, 672), (672, 1568))
+
+
+def _sample_size(index: int, size: int, aspects: int = 0) -> tuple[int, int]:
+    if aspects:
+        w, h = KONTEXT_ASPECTS[index % aspects]
+        return max(32, w * size // 1024), max(32, h * size // 1024)  # the same area as size x size
     short = max(32, size * 3 // 4)
     if index % 8 == 3:
         return size, short  # landscape, e.g. 128x96
@@ -226,10 +236,10 @@ def _render(width: int, height: int, background: tuple, objs: tuple[Obj, ...]) -
     return img
 
 
-def build_sample(index: int, n: int, size: int, seed: int) -> Sample:
+def build_sample(index: int, n: int, size: int, seed: int, aspects: int = 0) -> Sample:
     """The scene description of sample `index` (pure: depends only on its arguments)."""
     rng = np.random.default_rng([seed, index])
-    width, height = _sample_size(index, size)
+    width, height = _sample_size(index, size, aspects)
     background = _background(rng, width, height)
     before = _place_objects(rng, width, height)
     edit, after, caption = _edit(rng, before, width, height)
@@ -255,11 +265,16 @@ def _encode(img: Image.Image, jpeg: bool) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(outdir: str | os.PathLike, n: int = 32, size: int = 128, seed: int = 0, jpeg: bool = False) -> dict:
+def make_sample(outdir: str | os.PathLike, n: int = 32, size: int = 128, seed: int = 0, jpeg: bool = False,
+                aspects: int = 0) -> dict:
     """Write `n` synthetic edit pairs under `outdir` (see the module docstring); return the counts.
 
-    Raises ValueError for n < 1, size outside [32, 4096] or a negative seed.
+    `aspects` N > 0: sample i takes the (i mod N)-th of Kontext's preferred resolutions (KONTEXT_ASPECTS) scaled to
+    the area of size x size, instead of the default square / 4:3 / 3:4 mix: N aspect buckets.
+    Raises ValueError for n < 1, size outside [32, 4096], a negative seed or aspects outside [0, 17].
     """
+    if not 0 <= aspects <= len(KONTEXT_ASPECTS):
+        raise ValueError(f"aspects must be between 0 and {len(KONTEXT_ASPECTS)}, got {aspects}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if n < 1:
@@ -272,7 +287,7 @@ def make_sample(outdir: str | os.PathLike, n: int = 32, size: int = 128, seed: i
     counts.update({f"edit_{k}": 0 for k in EDITS})
     made_dirs: set[str] = set()
     for i in range(n):
-        s = build_sample(i, n, size, seed)
+        s = build_sample(i, n, size, seed, aspects)
         edited = os.path.join(outdir, "edited", s.rel_stem)
         reference = os.path.join(outdir, "reference", s.rel_stem)
         for d in (os.path.dirname(edited), os.path.dirname(reference)):
@@ -306,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="long edge in pixels, 32-4096 (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed; same seed -> same bytes (default 0)")
     parser.add_argument("--jpeg", action="store_true", help="write .jpg (quality 95) instead of .png")
+    parser.add_argument("--aspects", type=int, default=0,
+                        help="N > 0: cycle through N of Kontext's preferred aspect ratios at the area of SIZE x SIZE "
+                             "(N buckets; up to 17); default: square with some 4:3 and 3:4")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
@@ -314,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     try:
-        counts = make_sample(args.outdir, n=args.n, size=args.size, seed=args.seed, jpeg=args.jpeg)
+        counts = make_sample(args.outdir, n=args.n, size=args.size, seed=args.seed, jpeg=args.jpeg,
+                             aspects=args.aspects)
+    except ValueError as e:
+        parser.error(str(e))
     except OSError as e:
         print(f"error: cannot write under {args.outdir}: {e}. Pick a writable folder.", file=sys.stderr)
         return 1

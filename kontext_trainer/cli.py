@@ -1,7 +1,8 @@
 """The `kontext-train` command line: thin Typer commands that build a TrainConfig and call the recipe.
 
 `kontext-train MANIFEST [options]` trains (the `train` sub-command is implied);
-`kontext-train make-tiny-model OUT` writes a tiny random Kontext model for tests and the demo.
+`kontext-train make-tiny-model OUT` writes a tiny random Kontext model for tests and the demo;
+`kontext-train make-random-model OUT --full` a full-size one with random weights, for benchmarks.
 Exit codes: 0 ok, 1 problems found (manifest, model, training), 2 usage/configuration errors.
 """
 
@@ -29,7 +30,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = ("train", "make-tiny-model", "export")
+SUBCOMMANDS = ("train", "make-tiny-model", "make-random-model", "export")
 
 
 @app.callback()
@@ -97,7 +98,7 @@ class _Reporter:
 
     def __call__(self, kind: str, data: dict) -> None:
         if self.json_lines and kind in ("step", "validation", "checkpoint", "saved", "cache", "stage", "warning",
-                                        "note"):
+                                        "note", "timings"):
             print(json.dumps({"event": kind, **data}), flush=True)
         if kind == "progress":
             name = {"text": "text embeddings", "latents": "VAE latents"}.get(data["stage"], data["stage"])
@@ -124,6 +125,21 @@ class _Reporter:
         if self.quiet:
             return
         (self.bar.console if self.bar else err).print(text)
+
+
+def _timings_line(t: dict) -> str:
+    """One line of where the run's time went (the --json summary has the whole table)."""
+    parts = [f"{name} {t[key]:.1f}s" for name, key in (
+        ("model load", "model load_s"), ("first steps of new shapes", "first_steps_of_shapes_s"),
+        ("validation", "validation_s"), ("checkpoints", "checkpoint_s"), ("save", "save_s")) if key in t]
+    cache = sum(t.get(k, 0.0) for k in ("text encoders load_s", "text cache_s", "vae load_s", "latent cache_s"))
+    if cache:
+        parts.insert(0, f"caching {cache:.1f}s")
+    steady = t.get("steady_s_per_step")
+    head = f"time: {t.get('total_s', 0.0):.1f}s in all"
+    if steady:
+        head += f", steady {steady:.3f} s/step"
+    return head + ("; " + ", ".join(parts) if parts else "")
 
 
 @app.command(
@@ -277,6 +293,7 @@ def train_cmd(
         "first_loss": first,
         "final_loss_mean_last_10pct": sum(last_n) / len(last_n) if last_n else float("nan"),
         "seconds_per_step": result.seconds_per_step,
+        "timings": result.timings,
     }
     if json_lines:
         print(json.dumps({"event": "done", **summary}), flush=True)
@@ -287,6 +304,7 @@ def train_cmd(
         out.print(f"Resolved config: {result.config_path}")
         out.print(f"{len(result.losses)} steps, {result.seconds_per_step:.2f} s/step; loss {first:.4f} -> "
                   f"{summary['final_loss_mean_last_10pct']:.4f} (mean of the last 10%)")
+        out.print(_timings_line(result.timings), highlight=False)
 
 
 @app.command("make-tiny-model", epilog="Example:\n\n  kontext-train make-tiny-model ./tiny-kontext")
@@ -302,6 +320,42 @@ def make_tiny_model_cmd(
 
     path = make_tiny_model(out_dir, seed=seed)
     out.print(f"Tiny Kontext model: {path}")
+
+
+@app.command("make-random-model", epilog="Examples:\n\n"
+             "  kontext-train make-random-model /data/random-kontext --full\n\n"
+             "  kontext-train make-random-model ./tiny-kontext --seed 1 --device cpu")
+def make_random_model_cmd(
+    out_dir: Path = typer.Argument(..., help="Folder to write the model to (new, empty, or a random model made "
+                                   "before, which is replaced)."),
+    full: bool = typer.Option(False, "--full", help="FLUX.1 Kontext \\[dev]'s full size (11.9 B + 4.76 B T5-XXL "
+                              "parameters, ~34 GB on disk; minutes on a GPU). Default: the tiny test model."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights (same seed, same device type: same files)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu (the full size is slow "
+                               "and needs ~30 GB RAM) | cuda | cuda:N."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest safetensors file, e.g. 5GB "
+                                                 "(default: the hub's, 10GB for the transformer, 5GB for T5)."),
+) -> None:
+    """Write a FLUX.1 Kontext \\[dev] model with RANDOM weights (real classes, hub layout) for benchmarks and tests.
+
+    Example: kontext-train make-random-model /data/random-kontext --full
+    """
+    from kontext_trainer.builder import BuildError, make_random_model
+
+    _quiet_libraries()
+    variant = "full" if full else "tiny"
+    t0 = time.perf_counter()
+    try:
+        path = make_random_model(out_dir, variant=variant, seed=seed, device=device, max_shard_size=max_shard_size,
+                                 on_progress=lambda line: err.print(line, markup=False, highlight=False,
+                                                                    soft_wrap=True))
+    except BuildError as exc:
+        _fail(f"make-random-model {out_dir}", [str(exc)], EXIT_PROBLEMS)
+    seconds = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    out.print(f"Random Kontext model ({variant}, seed {seed}; NOT real weights): {path}")
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
+    out.print(f"{shown} on disk, written in {seconds:.1f} s")
 
 
 @app.command("export", epilog="Examples:\n\n"

@@ -68,9 +68,9 @@ class TrainConfig:
               "59.5 GiB with 1, 0.90 s at 38.1 GiB with 0.5, 0.93-0.96 s at 29.6 GiB with 0.2), said at start-up.",
         min=0.0, max=1.0)
     compile_blocks: bool | None = _f(
-        None, "Regional torch.compile of the repeated transformer blocks (one compile per block type and bucket "
-              "size, paid in the first steps). Default (none): on when training on CUDA (H100, 1024 px: 1.01 -> "
-              "0.81 s/step, same loss), for every base precision, off elsewhere; true/false force it.")
+        None, "Regional torch.compile of the repeated transformer blocks (one compile per block type for every bucket: "
+              "dynamic sequence lengths; paid in the first step). Default (none): on when training on CUDA (H100, "
+              "1024 px: 1.01 -> 0.81 s/step, same loss), for every base precision, off elsewhere; true/false force it.")
     fuse_qkv_projections: bool = _f(
         True, "Compute each attention's q/k/v projections (base and LoRA) in one matmul: same adapter, same saved "
               "file, ~2% faster steps on an H100. Needs no flash-attn here (the guide's warning is SimpleTuner's). "
@@ -82,6 +82,15 @@ class TrainConfig:
                 "steps than flash) otherwise, then flash/mem-efficient; PyTorch's default elsewhere. fa4 forces "
                 "FlashAttention 4 and fails at start-up where it cannot run.")
     device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    memory_limit_gib: float | None = _f(
+        None, "Use at most this many GiB of the GPU: PyTorch's allocator is held to it and the memory plan plans for "
+              "it (a card shared with a display or another job; or measuring a smaller card on a bigger one). "
+              "Default: the whole card.", min=1.0)
+    offload_blocks: int | None = _f(
+        None, "Frozen transformer blocks kept in pinned CPU memory and copied to the GPU ahead of use, overlapped "
+              "with compute, in forward and backward (musubi-tuner's blocks_to_swap): what lets 16 and 12 GB cards "
+              "train at 1024 px. Offloaded blocks are always checkpointed. Default: on CUDA as few as the memory "
+              "plan needs (none when the model fits), said at start-up; 0 never offloads.", min=0)
 
     lora_rank: int = _f(16, "LoRA rank.", min=1)
     lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank, as SimpleTuner).")
@@ -130,7 +139,8 @@ class TrainConfig:
     checkpoints_total_limit: int = _f(3, "Keep the newest K checkpoints.", min=1)
     resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to resume from.")
 
-    cache_batch_size: int = _f(1, "Images per VAE encode call and captions per text-encoder call.", min=1)
+    cache_batch_size: int = _f(0, "Images per VAE encode call and captions per text-encoder call (0: automatic, "
+                                  "batches sized for the device: several on CUDA, 1 on the CPU).", min=0)
     vae_tiling: bool = _f(False, "Encode with VAE tiling (diffusers tiles only above 1024 px).")
     max_sequence_length: int = _f(512, "T5 tokens (512 for Kontext dev).", min=1, max=512)
 
@@ -148,9 +158,12 @@ class TrainConfig:
 
     # --- model side (issue 6) ---
     quantize_on: Literal["gpu", "cpu"] = _f("gpu", "Where int8/fp8-quanto quantizes the base (the guide's "
-                                                   "quantize_via): gpu = on the training device (fast, needs the bf16 "
-                                                   "model's memory there), cpu = in RAM first (~50 GB for the full "
-                                                   "model), then moved.")
+                                                   "quantize_via). The base loads block by block, each block quantized "
+                                                   "before the next is read, so neither needs the whole bf16 model: "
+                                                   "gpu = on the training device (fast; the card holds the quantized "
+                                                   "blocks plus one bf16 block, ~12 GB for the full model), cpu = each "
+                                                   "block in RAM (~1 GB), then moved (the card holds only quantized "
+                                                   "blocks).")
     adapter: Literal["lora", "lokr"] = _f("lora", "lora (peft LoRA) or lokr (peft LoKr, LyCORIS' Kronecker adapter).")
     lokr_factor: int = _f(16, "LoKr decomposition factor on attention modules (SimpleTuner default 16; -1 = "
                               "near-square).", min=-1)
@@ -201,6 +214,7 @@ ALIASES: dict[str, str] = {
     "attention_mechanism": "attention_backend",
     "conditioning_multidataset_sampling": "reference_sampling",
     "quantize_via": "quantize_on",
+    "blocks_to_swap": "offload_blocks",  # musubi-tuner / diffusion-pipe
 }
 # keys whose value we check but that map to no field (checked in _translate)
 CHECKED_ONLY = ("model_family", "model_flavour", "model_type", "lora_type", "flow_use_uniform_schedule",

@@ -4,14 +4,14 @@ In: `--model` (a local directory or a hub id). Out: a checked local directory (`
 components loaded one at a time (text encoders, VAE, transformer: each can be freed before the next is loaded),
 and a content fingerprint per component that the caches use as part of their keys.
 
-`make_tiny_model(out)` writes a random Kontext model with the real classes (FluxTransformer2DModel,
+`make_tiny_model(out)` writes a tiny random Kontext model with the real classes (FluxTransformer2DModel,
 AutoencoderKL, CLIPTextModel, T5EncoderModel, tokenizers, FlowMatchEulerDiscreteScheduler) in the same layout,
-so tests and the demo run the same loading code on the CPU in seconds.
+so tests and the demo run the same loading code on the CPU in seconds; `kontext_trainer.builder` owns its
+configurations and also writes the full-size random model.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,21 +149,31 @@ class TextEncoders:
 
 
 def load_text_encoders(model_dir: Path, dtype, device) -> TextEncoders:
+    """Both tokenizers and both text encoders, frozen, in eval mode, with their weights read straight onto `device`
+    in `dtype` (`device_map`: no float32 or CPU copy of T5-XXL's ~9.5 GB on the way)."""
+    import torch
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     tok = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     tok2 = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2")
-    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype).to(device)
-    te2 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2", torch_dtype=dtype).to(device)
+    place = {"": torch.device(device)}  # one device: transformers loads each tensor there, adds no dispatch hooks
+    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=dtype, device_map=place)
+    te2 = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder_2", dtype=dtype, device_map=place)
     te.requires_grad_(False).eval()
     te2.requires_grad_(False).eval()
     return TextEncoders(tok, te, tok2, te2)
 
 
 def load_vae(model_dir: Path, dtype, device):
+    """The VAE, frozen, in eval mode, its weights read straight onto `device` in `dtype` (`device_map`)."""
+    import torch
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).to(device)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype,
+                                        device_map={"": torch.device(device)})
+    # diffusers records the placement it was asked for; the recipe moves the VAE between the CPU and the device
+    # later, so a recorded map would go stale
+    vars(vae).pop("hf_device_map", None)
     vae.requires_grad_(False).eval()
     missing = [k for k in ("shift_factor", "scaling_factor") if vae.config.get(k) is None]
     if missing:
@@ -172,12 +182,202 @@ def load_vae(model_dir: Path, dtype, device):
     return vae
 
 
-def load_transformer(model_dir: Path, dtype, device):
+TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMER_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def transformer_weight_files(model_dir: Path) -> dict[str, Path]:
+    """Which safetensors file holds each tensor of the transformer (name -> file): the shards that
+    `transformer/diffusion_pytorch_model.safetensors.index.json` names (the index wins, as in diffusers), else the
+    single `diffusion_pytorch_model.safetensors`. Reads the index and the files' headers only. ModelError naming
+    the file and the fix when a shard is missing, the index and a shard disagree, or there is no safetensors
+    checkpoint (a pickled `.bin` cannot be read tensor by tensor: the message says how to convert it)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(model_dir) / "transformer"
+    index = folder / TRANSFORMER_INDEX
+    single = folder / TRANSFORMER_WEIGHTS
+    again = "download the model again (`hf download <model> --local-dir DIR`)"
+
+    def header_keys(path: Path) -> set[str]:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return set(fh.keys())
+        except (SafetensorError, OSError) as exc:
+            raise ModelError([f"{path}: not a readable safetensors file ({exc}); {again}"]) from None
+
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError([f"{index}: not a safetensors index with a weight_map ({exc}); {again}"]) from None
+        shards = sorted(set(weight_map.values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ModelError([f"{index} names the shard {name}, which is not in {folder}; {again}"
+                              for name in missing])
+        located: dict[str, Path] = {}
+        for name in shards:
+            held = header_keys(folder / name)
+            for key in sorted(k for k, v in weight_map.items() if v == name):
+                if key not in held:
+                    raise ModelError([f"{index} places {key} in {name}, which does not hold it; {again}"])
+                located[key] = folder / name
+        return located
+    if single.is_file():
+        return dict.fromkeys(sorted(header_keys(single)), single)
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    hint = ""
+    if any(name.endswith(".bin") for name in present):
+        hint = (" A pickled .bin checkpoint cannot be read tensor by tensor; convert it to safetensors once with "
+                "`FluxTransformer2DModel.from_pretrained(DIR, subfolder='transformer')"
+                ".save_pretrained('DIR/transformer')`.")
+    raise ModelError([f"{folder}: neither {TRANSFORMER_WEIGHTS} nor {TRANSFORMER_INDEX} (found: "
+                      f"{', '.join(present) or 'nothing'}).{hint}"])
+
+
+def empty_transformer(model_dir: Path, dtype):
+    """The FluxTransformer2DModel of `transformer/config.json` with its parameters on the meta device (no memory),
+    built as diffusers' from_pretrained builds it: same config, default dtype, empty weights, eval mode."""
+    import torch
+    from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
-    tr = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype).to(device)
-    tr.requires_grad_(False)
-    return tr
+    config = FluxTransformer2DModel.load_config(model_dir, subfolder="transformer")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown method")
+        raise ModelError([f"{Path(model_dir) / 'transformer' / 'config.json'}: a pre-quantized transformer "
+                          f"({method}); pass the bf16 FLUX.1 Kontext transformer and pick base_model_precision "
+                          "(int8-quanto, fp8-quanto) to quantize it while it loads"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as from_pretrained: tensors made at construction get the compute dtype
+    try:
+        with init_empty_weights():  # parameters on meta; buffers stay real (the checkpoint may not hold them)
+            model = FluxTransformer2DModel.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.register_to_config(_name_or_path=model_dir)
+    model.eval()  # as from_pretrained, before quantization: the QLinear modules quanto makes stay in train mode
+    return model
+
+
+def block_names(transformer) -> list[str]:
+    """The units the transformer is loaded in, in module order: each element of a ModuleList child
+    (`transformer_blocks.N`, `single_transformer_blocks.N`), each other child (`x_embedder`, `norm_out`,
+    `proj_out`, ...), and "" first for tensors the root module holds itself (none in Flux)."""
+    import torch
+
+    own = list(transformer.named_parameters(recurse=False)) + list(transformer.named_buffers(recurse=False))
+    names = [""] if own else []
+    for child_name, child in transformer.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            names.extend(f"{child_name}.{i}" for i in range(len(child)))
+        else:
+            names.append(child_name)
+    return names
+
+
+def _block_of(key: str, blocks: set[str]) -> str:
+    parts = key.split(".")
+    if len(parts) > 2 and f"{parts[0]}.{parts[1]}" in blocks:
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0] if len(parts) > 1 and parts[0] in blocks else ""
+
+
+def _read_block(transformer, keys: list[str], files: dict[str, Path], dtype, device, fp32_modules) -> None:
+    """Replace the meta tensors `keys` of `transformer` with the checkpoint's, tensor by tensor: read (memory-mapped),
+    floating tensors cast to `dtype` on the CPU as from_pretrained casts them, copied to `device`. The files are
+    opened for this block only: once no tensor on the CPU views them (the block is on a GPU), the pages of the
+    blocks already read leave the process (they stay in the page cache, which the kernel can reclaim)."""
+    import contextlib
+
+    import torch
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for key in keys:
+            path = files[key]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            module_name, _, leaf = key.rpartition(".")
+            module = transformer.get_submodule(module_name)
+            empty = getattr(module, leaf)
+            tensor = handles[path].get_tensor(key)
+            if tuple(tensor.shape) != tuple(empty.shape):
+                raise ModelError([f"{path}: {key} has shape {tuple(tensor.shape)} but the model built from "
+                                  f"{path.parent / 'config.json'} expects {tuple(empty.shape)}: the config and the "
+                                  "weights belong to different models; download the model again"])
+            if tensor.is_floating_point():
+                keep_fp32 = any(m in key.split(".") for m in fp32_modules)
+                tensor = tensor.to(torch.float32 if keep_fp32 else dtype)
+            # a synchronous copy: the source may be a view of the memory-mapped file, closed right after
+            tensor = tensor.to(device)
+            if isinstance(empty, torch.nn.Parameter):
+                setattr(module, leaf, torch.nn.Parameter(tensor, requires_grad=False))
+            else:
+                setattr(module, leaf, tensor)
+
+
+def load_transformer(model_dir: Path, dtype, device, *, read_device=None, prepare=None, on_block=None,
+                     host_blocks=()):
+    """The frozen FluxTransformer2DModel of `model_dir/transformer`, streamed: built on the meta device from
+    config.json (no memory), then its weights read block by block (`block_names`: each double and single
+    block, and each other top-level module) from the safetensors file or the shards of the index, tensor by tensor,
+    cast to `dtype` (as from_pretrained) and copied to `device`; the tensors, config and eval mode are exactly
+    from_pretrained's. While loading onto a GPU the device holds the blocks loaded so far plus the one being read,
+    and the host about one block: its memory-mapped file pages (unmapped once the block is on the device) and, with
+    `read_device` "cpu", its tensors there.
+
+    `read_device` (default `device`): where a block's tensors land first. `prepare(name, transformer)` runs on
+    each block once its tensors are there (quantize.load_transformer quantizes it), before the block moves to
+    `device` and the next block is read. `on_block(name, done, total, transformer)` reports progress after each
+    block. `host_blocks`: names of blocks that end in CPU memory instead (the blocks block offload will stream, so a
+    card smaller than the whole base never holds it). ModelError (naming the file and the fix) when the checkpoint
+    and config.json disagree."""
+    import torch
+
+    device = torch.device(device)
+    read_device = device if read_device is None else torch.device(read_device)
+    files = transformer_weight_files(model_dir)
+    transformer = empty_transformer(model_dir, dtype)
+    folder = Path(model_dir) / "transformer"
+    expected = list(transformer.state_dict().keys())
+    missing = [k for k in expected if k not in files]
+    unexpected = sorted(set(files) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) that the model of its config.json "
+                        f"has: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"{folder}: the checkpoint holds {len(unexpected)} tensor(s) that the model of its "
+                        f"config.json lacks: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    if problems:
+        raise ModelError(problems + [f"{folder}: config.json and the weights do not belong together; download the "
+                                     "model again"])
+    blocks = block_names(transformer)
+    block_set = set(blocks)
+    keys_of: dict[str, list[str]] = {name: [] for name in blocks}
+    for key in expected:
+        keys_of[_block_of(key, block_set)].append(key)
+    fp32_modules = list(type(transformer)._keep_in_fp32_modules or [])
+    for done, name in enumerate(blocks, 1):
+        _read_block(transformer, keys_of[name], files, dtype, read_device if name else device, fp32_modules)
+        if prepare is not None:
+            prepare(name, transformer)
+        if name:
+            # after quantizing on the CPU; also brings buffers the checkpoint does not hold
+            transformer.get_submodule(name).to("cpu" if name in host_blocks else device)
+        if on_block is not None:
+            on_block(name, done, len(blocks), transformer)
+    transformer.requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the freed bf16 blocks: give the cached memory back, as from_pretrained does
+    return transformer
 
 
 def load_scheduler(model_dir: Path):
@@ -204,80 +404,21 @@ def free(*modules) -> None:
 
 
 # --------------------------------------------------------------------------------------------- tiny model
-
-_TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-_/()+&%#"
-
-
-def _tiny_tokenizer(max_length: int):
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for c in _TINY_CHARS:
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length), len(vocab)
+# The configurations and the writing code live in kontext_trainer.builder (one owner for the tiny and full variants).
 
 
 def build_tiny_pipeline(seed: int = 0, device: str = "cpu"):
-    """A FluxKontextPipeline of tiny random components with the real classes (see module docstring)."""
-    import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline,
-                           FluxTransformer2DModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    """A FluxKontextPipeline of tiny random components with the real classes (see module docstring).
 
-    tok, vocab_size = _tiny_tokenizer(77)
-    tok2, _ = _tiny_tokenizer(512)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-            guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-            latent_channels=4, norm_num_groups=4, sample_size=64, shift_factor=0.0609, scaling_factor=1.5035,
-            use_quant_conv=False, use_post_quant_conv=False,
-        )
-        clip = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-        ))
-        t5 = T5EncoderModel(T5Config(
-            vocab_size=vocab_size, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        ))
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )
-    pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok,
-                               text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
-    return pipe.to(device)
+    Built on the CPU and then moved, so a seed gives the same weights on every device."""
+    from kontext_trainer.builder import build_pipeline
+
+    return build_pipeline("tiny", seed=seed, device="cpu").to(device)
 
 
 def make_tiny_model(out_dir: Path | str, seed: int = 0) -> Path:
-    """Write a tiny random FLUX.1 Kontext model in diffusers layout to `out_dir` (created; files replaced)."""
-    import logging
+    """Write a tiny random FLUX.1 Kontext model in diffusers layout to `out_dir` (created; a random model written there
+    before is replaced). Built on the CPU: a seed gives the same files on every machine with the same libraries."""
+    from kontext_trainer.builder import make_random_model
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_pipeline(seed=seed)
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity(logging.ERROR)
-    try:
-        pipe.save_pretrained(out_dir)
-    finally:
-        dlog.set_verbosity(level)
-    info = {"kind": "kontext-toolkit tiny random model", "seed": seed,
-            "note": "random weights for tests and the demo; its outputs are noise until a LoRA is trained"}
-    (out_dir / "TINY_MODEL.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out_dir
+    return make_random_model(out_dir, variant="tiny", seed=seed, device="cpu")

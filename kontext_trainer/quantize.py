@@ -1,16 +1,18 @@
 """Quantized base models with optimum-quanto: int8-quanto (qint8 weights) and fp8-quanto (qfloat8 weights).
 
-In: a FluxTransformer2DModel loaded in bf16 and `base_model_precision`. Out: the same model with its Linear weights
-quantized and frozen (`optimum.quanto.quantize` + `freeze`), before any adapter is attached, so the adapter (LoRA
-or LoKr) stays a float32 module on top of the frozen quantized base. The adapter file holds only the adapter's
-full-precision weights: it loads into an unquantized pipeline as is. The guide's advice stands: infer at the
-precision you trained (an int8-trained adapter is best used on an int8 base).
+In: the model folder and `base_model_precision` (`load_transformer`, which streams the model in: see below), or a
+model already in memory (`quantize_transformer`). Out: the transformer with its Linear weights quantized and frozen
+(`optimum.quanto.quantize` + `freeze`), before any adapter is attached, so the adapter (LoRA or LoKr) stays a float32
+module on top of the frozen quantized base. The adapter file holds only the adapter's full-precision weights: it
+loads into an unquantized pipeline as is. The guide's advice stands: infer at the precision you trained (an
+int8-trained adapter is best used on an int8 base).
 
-Excluded from quantization, as SimpleTuner does (the patterns are fnmatch patterns over module names, so they name
-the modules themselves): `*.norm, *.norm1, *.norm2, *.norm2_context, proj_out, x_embedder, norm_out,
-context_embedder`. In practice this keeps the input/output projections (x_embedder, context_embedder, the final
-proj_out) in bf16; the adaLN modulation Linear inside a norm (`norm1.linear`, `norm_out.linear`) is quantized, as in
-SimpleTuner: these hold ~3 B of the 12 B parameters and keeping them in bf16 would cost ~6 GB.
+Excluded from quantization, as SimpleTuner does (fnmatch patterns over full module names, so they name the modules
+themselves: `proj_out` is the final projection, not `single_transformer_blocks.N.proj_out`): `*.norm, *.norm1,
+*.norm2, *.norm2_context, proj_out, x_embedder, norm_out, context_embedder`. In practice this keeps the input/output
+projections (x_embedder, context_embedder, the final proj_out) in bf16; the adaLN modulation Linear inside a norm
+(`norm1.linear`, `norm_out.linear`) is quantized, as in SimpleTuner: these hold ~3 B of the 12 B parameters and
+keeping them in bf16 would cost ~6 GB.
 
 `to_dequant_linears` (issue 7) then swaps every quanto QLinear for a `DequantLinear` holding the same int8/fp8 data
 and scales as plain tensors: the same arithmetic as quanto's CUDA path (dequantize to bf16, bf16 matmul), but made of
@@ -18,9 +20,17 @@ ordinary tensors and one autograd Function, so torch.compile can compile the blo
 make dynamo fail) and the dequantization fuses into one kernel; its backward re-dequantizes instead of keeping a
 bf16 copy of the weight.
 
-`quantize_on`: "gpu" moves the bf16 model to the training device first and quantizes there (fast; needs the bf16
-model's memory on the device, ~24 GB); "cpu" quantizes in RAM (~50 GB for the full model, the guide's
-`quantize_via=cpu`) and moves only the quantized model to the device.
+Loading (`load_transformer`, via kontext_trainer.model.load_transformer) streams the base: the model is built on the
+meta device from `transformer/config.json` (no memory), then its weights are read from the safetensors file or the
+shards of its index one block at a time, in module order (embedders, each double block, each single block, norm_out,
+proj_out), tensor by tensor, cast to the compute dtype and copied to the training device; the tensors are exactly
+from_pretrained's. For int8-quanto / fp8-quanto each block is quantized and frozen as soon as its weights are there,
+before the next block is read, so the whole bf16 model (~24 GB) never exists anywhere; data, scales and the
+QuantizeReport are exactly those of loading whole + `quantize_transformer`. For the full 12 B model in int8 (~11.1
+GiB once loaded): `quantize_on` "gpu" quantizes each block on the training device, whose peak is the blocks loaded
+so far plus one bf16 block (a double block is 0.63 GiB) and quanto's temporaries; the host holds about one block of
+memory-mapped file pages. "cpu" quantizes each block in RAM (one bf16 block and its int8 copy, ~1 GB) and then moves
+it: the device never holds a bf16 copy of a quantized weight.
 """
 
 from __future__ import annotations
@@ -83,20 +93,26 @@ def quantize_transformer(transformer: torch.nn.Module, precision: str,
     attaching an adapter. Raises ValueError for a precision that is not quantized."""
     if not is_quantized(precision):
         raise ValueError(f"{precision!r} is not a quantized precision ({', '.join(QUANTIZED_PRECISIONS)})")
-    from optimum.quanto import QLinear, freeze, quantize
+    from optimum.quanto import freeze, quantize
 
     transformer.requires_grad_(False)
     report = QuantizeReport(precision=precision, bytes_before=_param_bytes(transformer))
     quantize(transformer, weights=_weights_qtype(precision), exclude=list(exclude))
     freeze(transformer)
     transformer.requires_grad_(False)  # freeze() makes new Parameters that would otherwise require grad
+    _list_linears(transformer, report)
+    report.bytes_after = _param_bytes(transformer)
+    return report
+
+
+def _list_linears(transformer: torch.nn.Module, report: QuantizeReport) -> None:
+    from optimum.quanto import QLinear
+
     for name, module in transformer.named_modules():
         if isinstance(module, QLinear):
             report.quantized.append(name)
         elif isinstance(module, torch.nn.Linear):
             report.kept.append(name)
-    report.bytes_after = _param_bytes(transformer)
-    return report
 
 
 class _DequantLinearFn(torch.autograd.Function):
@@ -162,21 +178,47 @@ def to_dequant_linears(model: torch.nn.Module) -> int:
     return len(targets)
 
 
-def load_transformer(model_dir: Path | str, precision: str, device: torch.device | str,
-                     quantize_on: str = "gpu"):
-    """The frozen base transformer at `precision` on `device`: bf16/fp32 as stored, or quantized (see the module
-    docstring for `quantize_on`). Returns (transformer, QuantizeReport or None)."""
+def _quantize_block(transformer: torch.nn.Module, name: str, precision: str, exclude: tuple[str, ...],
+                    report: QuantizeReport) -> None:
+    """Quantize and freeze the Linear modules of one loaded block `name` of `transformer`, as quantize_transformer
+    does for the whole model: the exclusions match full module names (`proj_out` is the top-level one only)."""
+    from optimum.quanto import freeze, quantize
+
+    if not name:  # tensors of the root module itself: no Linear to quantize
+        report.bytes_before += sum(t.numel() * t.element_size() for t in (
+            *transformer.parameters(recurse=False), *transformer.buffers(recurse=False)))
+        return
+    report.bytes_before += _param_bytes(transformer.get_submodule(name))
+    # quantize() walks the whole model: `include` limits it to this block, and the module names it matches and
+    # records (QLinear.name) are the full ones, so `exclude` means what it means for the whole model
+    quantize(transformer, weights=_weights_qtype(precision), include=[name, f"{name}.*"], exclude=list(exclude))
+    block = transformer.get_submodule(name)
+    freeze(block)
+    block.requires_grad_(False)  # freeze() makes new Parameters that would otherwise require grad
+
+
+def load_transformer(model_dir: Path | str, precision: str, device: torch.device | str, quantize_on: str = "gpu",
+                     on_block=None, host_blocks=()):
+    """The frozen base transformer at `precision` on `device`, streamed block by block (module docstring):
+    bf16/fp32 as stored, or quantized block by block on the device (`quantize_on` "gpu") or in RAM ("cpu").
+    `on_block(name, done, total, transformer)` is called after each block is in place (quantized, on `device`).
+    `host_blocks`: blocks that end in CPU memory (those block offload streams), quantized where the others are.
+    Returns (transformer, QuantizeReport or None). ModelError (kontext_trainer.model) for a checkpoint that does not
+    match its config.json or cannot be streamed."""
     from kontext_trainer import model as model_mod
 
     dtype = compute_dtype(precision)
     if not is_quantized(precision):  # bf16, fp32, fp8-matmul (converted after the adapter: see to_fp8_matmul)
-        return model_mod.load_transformer(model_dir, dtype, device), None
+        return model_mod.load_transformer(model_dir, dtype, device, on_block=on_block, host_blocks=host_blocks), None
     if quantize_on not in ("gpu", "cpu"):
         raise ValueError(f"quantize_on {quantize_on!r} is not one of gpu, cpu")
-    first = device if quantize_on == "gpu" else "cpu"
-    transformer = model_mod.load_transformer(model_dir, dtype, first)
-    report = quantize_transformer(transformer, precision)
-    transformer.to(device)
+    report = QuantizeReport(precision=precision)
+    transformer = model_mod.load_transformer(
+        model_dir, dtype, device, read_device=device if quantize_on == "gpu" else "cpu", on_block=on_block,
+        prepare=lambda name, tr: _quantize_block(tr, name, precision, QUANTO_EXCLUDE, report),
+        host_blocks=host_blocks)
+    _list_linears(transformer, report)
+    report.bytes_after = _param_bytes(transformer)
     return transformer, report
 
 

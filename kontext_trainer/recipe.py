@@ -27,13 +27,14 @@ import torch
 
 from kontext_trainer import adapters, fuse as fuse_mod, model as model_mod, optim as optim_mod, quantize as quantize_mod
 from kontext_trainer import fa4 as fa4_mod, speed
-from kontext_trainer.cache import FeatureCache, latent_key, text_key
+from kontext_trainer.cache import CacheError, FeatureCache, latent_key, text_key
 from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import BLANK_CAPTION, BucketBatchSampler, KeyBook, Sample, choose_caption, load_batch, \
     samples_from_records
 from kontext_trainer.data import choose_references, materialize_on_demand, read_manifests, record_problems
 from kontext_trainer.distributed import Dist, init_distributed, shard_indices
 from kontext_trainer.flow import attention_context, kontext_step, sample_sigmas
+from kontext_trainer.phases import PhaseClock
 
 EventFn = Callable[[str, dict], None]
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -62,6 +63,8 @@ class TrainResult:
     validation_dirs: list[Path] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
     seconds_per_step: float = 0.0
+    timings: dict[str, Any] = field(default_factory=dict)
+    """The phase table of the run (kontext_trainer.phases.PhaseClock.summary)."""
 
 
 def check_records(records: list[dict], verify: bool) -> list[str]:
@@ -147,6 +150,8 @@ class KontextLoRARecipe:
         self.scheduler = None
         self.writer = None
         self.dist = Dist()
+        self.clock = PhaseClock()
+        self.offload_report = None
 
     def emit(self, kind: str, **data) -> None:
         self._emit_fn(kind, data)
@@ -158,6 +163,7 @@ class KontextLoRARecipe:
 
         cfg = self.cfg
         paths = cfg.manifest_paths
+        t_manifest = time.perf_counter()
         records, options, problems = read_manifests(paths)
         if len(paths) == 1 and problems:
             try:
@@ -174,6 +180,7 @@ class KontextLoRARecipe:
             self._check_resolution(opts)
         self.samples = samples_from_records(train_records)
         self.val_samples = self._pick_validation(samples_from_records([r for r in records if r["split"] == "eval"]))
+        self.clock.add("manifest", time.perf_counter() - t_manifest)
 
         try:
             self.model_dir = model_mod.resolve_model_dir(cfg.model, allow_download=cfg.download)
@@ -186,11 +193,15 @@ class KontextLoRARecipe:
         self.dtype = quantize_mod.compute_dtype(cfg.base_model_precision)  # bf16 for quantized bases
         if self.dist.enabled:
             self.emit("stage", message=f"data parallel: {self.dist.describe(self.device)}")
+        self._limit_memory()
         self.emit("stage", message=f"model {self.model_dir} on {self.device} ({cfg.base_model_precision}); "
                                    f"{len(self.samples)} training samples in {self._n_buckets()} bucket(s), "
                                    f"{len(self.val_samples)} validation sample(s)")
         self._check_attention()
-        self._build_caches()
+        try:
+            self._build_caches()
+        except CacheError as exc:
+            raise TrainError([f"{exc.path}: {exc}"], title="caching") from None
         self._build_model()
         self.sampler = BucketBatchSampler(self.samples, cfg.train_batch_size, cfg.seed)
         if cfg.resume_from_checkpoint:
@@ -226,6 +237,33 @@ class KontextLoRARecipe:
         else:
             self.emit("stage", message=f"attention: FlashAttention 4 from {fa4_mod.AUTO_MIN_TOKENS:,} tokens per "
                                        f"sample, cuDNN below (auto)")
+
+    def _limit_memory(self) -> None:
+        """memory_limit_gib: hold PyTorch's allocator to that much of the card (the memory plan uses it too)."""
+        limit = self.cfg.memory_limit_gib
+        if limit is None:
+            return
+        if self.device.type != "cuda":
+            self.emit("warning", message=f"memory_limit_gib {limit:g}: only CUDA devices have a limit; ignored on "
+                                         f"{self.device.type}")
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        if limit >= total:
+            self.emit("warning", message=f"memory_limit_gib {limit:g} is not below the card's {total:.1f} GiB: "
+                                         "the whole card is used")
+            return
+        torch.cuda.set_per_process_memory_fraction(limit / total, self.device)
+        self.emit("stage", message=f"memory limit: {limit:g} of the card's {total:.1f} GiB (memory_limit_gib)")
+
+    def _card_gib(self) -> float:
+        """GiB the run may use on its CUDA device: the card, or memory_limit_gib below it."""
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        return min(total, self.cfg.memory_limit_gib or total)
+
+    def _synchronize(self) -> None:
+        """Wait for the device, so a phase's wall time includes its queued work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _uses_fa4(self, tokens: int) -> bool:
         """Whether the longest sample's attention runs FlashAttention 4 (the memory plan counts its extra share)."""
@@ -282,24 +320,33 @@ class KontextLoRARecipe:
                                                self.dist.world_size)
         if missing_text:
             self.emit("stage", message=f"encoding {len(missing_text)} of {len(text_keys)} caption(s)")
-            enc = model_mod.load_text_encoders(self.model_dir, self.dtype, self.device)
-            stats["text_encoded"] = self.cache.encode_text(enc, {k: c for c, k in text_keys.items()}, self.device,
-                                                           cfg.cache_batch_size, cfg.max_sequence_length, progress,
-                                                           rank=self.dist.rank, world_size=self.dist.world_size)
+            with self.clock.phase("text encoders load"):
+                enc = model_mod.load_text_encoders(self.model_dir, self.dtype, self.device)
+            t = time.perf_counter()
+            stats["text_encoded"] = self.cache.encode_text(
+                enc, {k: c for c, k in text_keys.items()}, self.device,
+                cfg.cache_batch_size or None, cfg.max_sequence_length, progress,
+                rank=self.dist.rank, world_size=self.dist.world_size)
+            self._synchronize()
+            self.clock.add("text cache", time.perf_counter() - t, stats["text_encoded"])
             model_mod.free(enc.text_encoder, enc.text_encoder_2)
             del enc
         self.dist.barrier()  # every rank's share of the captions is written
-        self.vae = model_mod.load_vae(self.model_dir, self.dtype, self.device)
+        with self.clock.phase("vae load"):
+            self.vae = model_mod.load_vae(self.model_dir, self.dtype, self.device)
         if cfg.vae_tiling:
             self.vae.enable_tiling()
         missing_lat = self.cache.missing_latents({k: e for e, k in latent_keys.items()}, self.dist.rank,
                                                  self.dist.world_size)
         if missing_lat:
             self.emit("stage", message=f"encoding {len(missing_lat)} of {len(latent_keys)} image(s) with the VAE")
-            stats["latent_encoded"] = self.cache.encode_latents(self.vae, {k: e for e, k in latent_keys.items()},
-                                                                self.device, cfg.cache_batch_size, load_image,
-                                                                progress, rank=self.dist.rank,
-                                                                world_size=self.dist.world_size)
+            t = time.perf_counter()
+            stats["latent_encoded"] = self.cache.encode_latents(
+                self.vae, {k: e for e, k in latent_keys.items()}, self.device,
+                cfg.cache_batch_size or None, load_image, progress,
+                rank=self.dist.rank, world_size=self.dist.world_size)
+            self._synchronize()
+            self.clock.add("latent cache", time.perf_counter() - t, stats["latent_encoded"])
         self.dist.barrier()  # every rank's share of the latents is written
         self.vae.to("cpu")  # back on the device only for validation
         if self.device.type == "cuda":
@@ -311,19 +358,34 @@ class KontextLoRARecipe:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        # model side (issue 6): quantized (int8/fp8-quanto) and frozen before the adapter is attached
-        self.transformer, self.quantize_report = quantize_mod.load_transformer(
-            self.model_dir, cfg.base_model_precision, self.device, cfg.quantize_on)
+        self._decide_compile()
+        # The memory plan comes first, from the model's shapes alone: blocks it offloads are loaded straight into CPU
+        # memory, so a card smaller than the whole base (int8 FLUX is 11.1 GiB) never has to hold it.
+        meta = model_mod.empty_transformer(self.model_dir, self.dtype)
+        self._base_params = sum(p.numel() for p in meta.parameters())
+        plan = speed.MemoryPlan(0.0, 0.0, "no checkpointing (gradient_checkpointing false)")
+        if cfg.gradient_checkpointing or cfg.activation_memory_budget is not None:  # an explicit budget wins
+            plan = self._checkpoint_plan()
+        plan = self._offload_plan(plan, speed.estimate_block_bytes(meta, cfg.base_model_precision))
+        host_blocks = [n for n in model_mod.block_names(meta)  # speed.transformer_blocks' order: double, then single
+                       if n.startswith(("transformer_blocks.", "single_transformer_blocks."))][:plan.offload_blocks]
+        del meta
+        # quantized (int8/fp8-quanto) and frozen before the adapter is attached
+        with self.clock.phase("model load"):
+            self.transformer, self.quantize_report = quantize_mod.load_transformer(
+                self.model_dir, cfg.base_model_precision, self.device, cfg.quantize_on, host_blocks=set(host_blocks))
         if self.quantize_report is not None:
             r = self.quantize_report
             self.emit("stage", message=f"{r.precision}: {len(r.quantized)} Linear modules quantized, "
                                        f"{_kept_and_weights(r)}")
-        self._base_params = sum(p.numel() for p in self.transformer.parameters())  # before any conversion
         try:
             self.lora_config = adapters.attach_from_config(self.transformer, cfg)
         except ValueError as exc:
             raise TrainError([str(exc)], title="lora_targets") from None
-        if cfg.base_model_precision == quantize_mod.FP8_MATMUL:  # issue 7: after the adapter, which stays float32
+        for p in adapters.trainable_parameters(self.transformer):  # the adapter of a block loaded into CPU memory
+            if p.device != self.device:
+                p.data = p.data.to(self.device)
+        if cfg.base_model_precision == quantize_mod.FP8_MATMUL:  # after the adapter, which stays float32
             try:
                 r = quantize_mod.to_fp8_matmul(self.transformer, self.device)
             except RuntimeError as exc:
@@ -342,19 +404,13 @@ class KontextLoRARecipe:
                                        + ("" if n == total else " (attentions with LoKr, or with only some of q/k/v "
                                                                   "adapted, stay unfused)"))
         self.transformer.train()
-        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else self.device.type == "cuda"
-        if self.compile and self.device.type == "cuda" and not speed.can_compile_cuda():
-            if cfg.compile_blocks:
-                raise TrainError(["compile_blocks: torch.compile needs Triton for CUDA, and it is not installed "
-                                  "(pip install triton, or set compile_blocks false)"], title="compile_blocks")
-            self.compile = False
-            self.emit("warning", message="torch.compile needs Triton, which is not installed: the transformer "
-                                         "blocks run eager (about 1.25x slower steps; pip install triton)")
-        plan = speed.MemoryPlan(0.0, 0.0, "no checkpointing (gradient_checkpointing false)")
-        if cfg.gradient_checkpointing or cfg.activation_memory_budget is not None:  # an explicit budget wins
-            plan = self._checkpoint_plan()
-            speed.set_activation_checkpointing(self.transformer, plan.fraction)
+        speed.set_activation_checkpointing(self.transformer, plan.fraction)
         self.emit("stage", message=f"memory: {plan.reason}")
+        if plan.offload_blocks:
+            from kontext_trainer import offload
+
+            self.offload_report = offload.enable_block_offload(self.transformer, plan.offload_blocks, self.device)
+            self.emit("stage", message=self.offload_report.describe())
         if self.compile:
             speed.compile_blocks(self.transformer, memory_budget=plan.budget)
             why = "compile_blocks" if cfg.compile_blocks else "on CUDA by default; compile_blocks=false turns it off"
@@ -378,16 +434,50 @@ class KontextLoRARecipe:
         self.emit("stage", message=f"{kind} on {len(self.lora_config.target_modules)} modules "
                                    f"({n:,} trainable parameters), optimizer {cfg.optimizer}")
 
-    def _checkpoint_plan(self) -> "speed.MemoryPlan":
-        """The checkpointed fraction: the config's, else on CUDA the fastest that fits the card, else all."""
+    def _decide_compile(self) -> None:
+        cfg = self.cfg
+        self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else self.device.type == "cuda"
+        if self.compile and self.device.type == "cuda" and not speed.can_compile_cuda():
+            if cfg.compile_blocks:
+                raise TrainError(["compile_blocks: torch.compile needs Triton for CUDA, and it is not installed "
+                                  "(pip install triton, or set compile_blocks false)"], title="compile_blocks")
+            self.compile = False
+            self.emit("warning", message="torch.compile needs Triton, which is not installed: the transformer "
+                                         "blocks run eager (about 1.25x slower steps; pip install triton)")
+
+    def _step_shape(self) -> "speed.StepShape":
         cfg = self.cfg
         tokens = max((speed.sample_tokens(s.target.size, [r.size for r in s.references]) for s in self.samples),
                      default=0)
-        params = self._base_params
-        shape = speed.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
-                                wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
-                                scale=min(1.0, params / speed.FULL_TRANSFORMER_PARAMS),
-                                fa4=self._uses_fa4(tokens))
+        return speed.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
+                               wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
+                               scale=min(1.0, self._base_params / speed.FULL_TRANSFORMER_PARAMS),
+                               fa4=self._uses_fa4(tokens))
+
+    def _offload_plan(self, plan: "speed.MemoryPlan", sizes: list[int]) -> "speed.MemoryPlan":
+        """offload_blocks N: the first N blocks offloaded (and checkpointed); default on CUDA: as few as make the
+        step fit the card when the plan alone does not. `sizes`: the frozen bytes of each block once loaded."""
+        cfg = self.cfg
+        if cfg.offload_blocks:
+            n = cfg.offload_blocks
+            if n > len(sizes):
+                raise TrainError([f"offload_blocks {n}: the transformer has {len(sizes)} blocks"],
+                                 title="offload_blocks")
+            resident = sum(sorted(sizes[:n], reverse=True)[:speed.OFFLOAD_SLOTS])
+            fraction = max(plan.fraction, n / len(sizes))
+            peak = max(0.0, plan.peak_gib - (sum(sizes[:n]) - resident) / 2**30) if plan.peak_gib else 0.0
+            return speed.MemoryPlan(fraction, peak, f"{plan.reason}; offloading the first {n} blocks "
+                                                    f"(offload_blocks; they are checkpointed)", plan.budget, n)
+        if cfg.offload_blocks == 0 or self.device.type != "cuda" or not plan.peak_gib:
+            return plan
+        limit = self._card_gib() - speed.allocator_headroom_gib()
+        return speed.plan_with_offload(plan, limit, sizes, self._step_shape(), self.compile)
+
+    def _checkpoint_plan(self) -> "speed.MemoryPlan":
+        """The checkpointed fraction: the config's, else on CUDA the fastest that fits the card, else all."""
+        cfg = self.cfg
+        shape = self._step_shape()
+
         def peak(fraction, budget=1.0):
             return shape.peak_gib(fraction, budget, self.compile)
 
@@ -404,8 +494,8 @@ class KontextLoRARecipe:
             return speed.MemoryPlan(1.0, peak(1.0), "checkpointing every block (blocks not compiled)")
         if self.device.type != "cuda":
             return speed.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
-        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        return speed.plan_memory(total, shape, headroom_gib=speed.allocator_headroom_gib(), compiled=self.compile)
+        return speed.plan_memory(self._card_gib(), shape, headroom_gib=speed.allocator_headroom_gib(),
+                                 compiled=self.compile)
 
     # ------------------------------------------------------------------------------------------- train
 
@@ -427,6 +517,7 @@ class KontextLoRARecipe:
                 t0 = time.perf_counter()
                 step_loss = 0.0
                 failure = None
+                shapes = []
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in range(cfg.gradient_accumulation_steps):
                     epoch, position, idx = next(it)
@@ -436,6 +527,7 @@ class KontextLoRARecipe:
                     if not shard:
                         continue  # contributes zero gradients to the all-reduce
                     batch_samples = [self.samples[i] for i in shard]
+                    shapes.append((batch_samples[0].bucket, len(batch_samples)))
                     captions = [self._caption_for(s, epoch) for s in batch_samples]
                     chosen = choose_references(batch_samples, cfg.reference_sampling, cfg.seed, epoch)
                     batch = load_batch(batch_samples, self.cache, self.keys, captions, chosen).to(self.device,
@@ -458,7 +550,7 @@ class KontextLoRARecipe:
                 step_loss = self.dist.sum_scalar(step_loss, self.device)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
                     self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-                if not math.isfinite(grad_norm):  # model side (issue 6): never step on inf/NaN gradients
+                if not math.isfinite(grad_norm):  # never step on inf/NaN gradients
                     raise self._diverged(f"non-finite gradient norm {grad_norm} (loss {step_loss})")
                 self.optimizer.step()
                 self.lr_scheduler.step()
@@ -466,6 +558,7 @@ class KontextLoRARecipe:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
+                self.clock.step(dt, shapes)
                 lr = self.lr_scheduler.get_last_lr()[0]
                 losses.append((self.step, step_loss))
                 metrics.write(json.dumps({"step": self.step, "loss": step_loss, "lr": lr, "step_time": dt,
@@ -483,16 +576,19 @@ class KontextLoRARecipe:
         if not cfg.skip_final_validation:
             validation_dirs.append(self.validate())
         self.dist.barrier()
-        lora_path = self.save_final()
+        with self.clock.phase("save"):
+            lora_path = self.save_final()
         if cfg.checkpointing_steps:
             self.save_checkpoint()
         if self.writer:
             self.writer.flush()
             self.writer.close()
         n_steps = max(1, self.step - first_step)
+        timings = self.clock.summary(self.device)
+        self.emit("timings", **timings)
         return TrainResult(lora_path=lora_path, config_path=self.output_dir / "config.resolved.json", losses=losses,
                            validation_dirs=validation_dirs, checkpoints=list_checkpoints(self.output_dir),
-                           seconds_per_step=(time.perf_counter() - started) / n_steps)
+                           seconds_per_step=(time.perf_counter() - started) / n_steps, timings=timings)
 
     # ------------------------------------------------------------------------------------------- validation
 
@@ -514,7 +610,8 @@ class KontextLoRARecipe:
             self.dist.barrier()
             return out_dir
         try:
-            return self._validate()
+            with self.clock.phase("validation"):
+                return self._validate()
         finally:
             self.dist.barrier()
 
@@ -572,7 +669,8 @@ class KontextLoRARecipe:
             self.dist.barrier()
             return self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         try:
-            return self._save_checkpoint()
+            with self.clock.phase("checkpoint"):
+                return self._save_checkpoint()
         finally:
             self.dist.barrier()
 
@@ -651,7 +749,7 @@ def hash_seed(*parts: int) -> int:
     return xxhash.xxh64_intdigest(":".join(str(p) for p in parts).encode()) & ((1 << 63) - 1)
 
 
-build_optimizer = optim_mod.build_optimizer  # re-export (model side, issue 6: moved to kontext_trainer/optim.py)
+build_optimizer = optim_mod.build_optimizer  # re-export: it lives in kontext_trainer/optim.py
 
 
 def train(config: TrainConfig, on_event: EventFn | None = None) -> TrainResult:

@@ -8,8 +8,9 @@ In: a FluxTransformer2DModel (with its adapter). Out: the same model set up for 
 - `set_activation_checkpointing(model, fraction)`: checkpoint only the first `fraction` of the 57 blocks (1.0 = all,
   0 = none): memory scales with the blocks kept, speed with the blocks recomputed.
 - `compile_blocks(model, memory_budget)`: regional torch.compile of the repeated transformer blocks (one compile per
-  block type), with the compiler's activation memory budget: instead of recomputing whole blocks, torch's
-  partitioner keeps the activations that are dear to recompute up to that fraction and recomputes the rest.
+  block type for every sequence length: dynamic shapes), with the compiler's activation memory budget: instead of
+  recomputing whole blocks, torch's partitioner keeps the activations that are dear to recompute up to that
+  fraction and recomputes the rest.
 - `keep_attention_outputs()`: makes that partitioner count cuDNN attention as expensive, so the attention outputs
   are the first thing it keeps; without it every budget below ~0.5 re-ran all 57 attention forwards in backward.
   H100, 1024 px, bf16, budget 0.2: 1.023 -> 0.939 s/step (27.75 -> 29.66 GiB), against 1.14 s at 26.6 GiB with
@@ -134,15 +135,20 @@ def keep_attention_outputs() -> bool:
     return True
 
 
-RECOMPILE_LIMIT = 64  # shapes per compiled block: every bucket of a run, plus validation
+RECOMPILE_LIMIT = 64  # graphs per compiled block: a safety margin above the few that dynamic shapes need
 
 
-def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = True, **kwargs) -> None:
-    """Regional compilation: torch.compile each repeated block (diffusers' compile_repeated_blocks), static shapes.
+def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = True, dynamic: bool | None = True,
+                   **kwargs) -> None:
+    """Regional compilation: torch.compile each repeated block (diffusers' compile_repeated_blocks), with dynamic
+    sequence lengths, so one compile per block type serves every bucket of a run.
 
-    Each bucket shape compiles once. dynamo's default limit of 8 shapes per code object is fewer than the buckets
-    of a multi-aspect dataset plus validation, and past it dynamo silently runs the block eagerly: the limit is
-    raised to RECOMPILE_LIMIT (never lowered).
+    With static shapes (dynamic=False) every bucket shape compiled its own graph, so a dataset of many aspect
+    ratios paid for each compile in its first steps (benchmarks/full_run.py times them); dynamic shapes
+    keep that to one graph per block type and grad mode (training, validation), whatever the number of buckets
+    (counted in tests/trainer/test_speed.py). Sizes of 0 or 1 (a batch of one) stay specialized, as dynamo does.
+    The recompile limit is still raised to RECOMPILE_LIMIT (never lowered): a shape dynamo must specialize (say, an
+    image sequence as long as the text) costs one more graph instead of dynamo's silent eager fallback.
 
     `memory_budget` (0..1] is torch's `activation_memory_budget` for the blocks' backward graphs: 1.0 keeps what the
     default partitioner keeps; lower values recompute more (cheapest per byte first). It is a process-wide setting
@@ -157,7 +163,7 @@ def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = Tru
     if keep_attention:
         keep_attention_outputs()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    model.compile_repeated_blocks(**({"dynamic": False} | kwargs))
+    model.compile_repeated_blocks(dynamic=dynamic, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,9 @@ class MemoryPlan:
     reason: str
     budget: float = 1.0
     """Activation memory budget of the compiled blocks (1.0 = the compiler's default; only with compiled blocks)."""
+    offload_blocks: int = 0
+    """The first N blocks keep their frozen weights in pinned CPU memory (kontext_trainer.offload); they are
+    checkpointed."""
 
 
 # Fitted to the H100 runs in benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26b-*.json
@@ -323,6 +332,66 @@ def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0, c
         return MemoryPlan(1.0, p, f"checkpointing every block (predicted peak {p:.1f} GiB {where})")
     return MemoryPlan(1.0, p, f"checkpointing every block; the predicted peak {p:.1f} GiB is over the card's "
                               f"{total_gib:.0f} GiB: lower the resolution or use fp8-matmul / int8-quanto")
+
+
+OFFLOAD_SLOTS = 2  # offloaded blocks on the device at once: the one running and the next one being copied
+
+
+def blocks_to_offload(block_bytes: list[int], need_gib: float, slots: int = OFFLOAD_SLOTS) -> int | None:
+    """The fewest first blocks (in `transformer_blocks` order: the blocks checkpointing and offloading take first)
+    whose offloading frees `need_gib` of the device, counting that `slots` of the offloaded blocks are on the device
+    at any time (the largest ones, to be safe). 0 when nothing is needed; None when offloading every block is not
+    enough."""
+    if need_gib <= 0:
+        return 0
+    for n in range(1, len(block_bytes) + 1):
+        resident = sum(sorted(block_bytes[:n], reverse=True)[:slots])
+        if (sum(block_bytes[:n]) - resident) / 2**30 >= need_gib:
+            return n
+    return None
+
+
+_WEIGHT_BYTES = {"bf16": 2, "fp32": 4, "int8-quanto": 1, "fp8-quanto": 1, "fp8-matmul": 1}
+_SCALE_BYTES = {"int8-quanto": 2, "fp8-quanto": 2, "fp8-matmul": 4}  # one scale per output row (bf16 for quanto)
+
+
+def estimate_block_bytes(model, precision: str) -> list[int]:
+    """Frozen bytes of each block in `transformer_blocks` order once loaded at `precision`, from the parameters'
+    shapes alone (the model may be on the meta device, before any weight is read): the blocks' Linear weights at the
+    base's bytes per weight plus one scale per output row where quantized, everything else in the compute
+    dtype. Inside the blocks every Linear is quantized (the quantization exclusions name modules outside them), so
+    this is what offload.block_bytes measures after loading, up to alignment."""
+    weight = _WEIGHT_BYTES.get(precision, 2)
+    other = 4 if precision == "fp32" else 2
+    sizes = []
+    for block in transformer_blocks(model):
+        total = 0
+        for m in block.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if isinstance(m, torch.nn.Linear) and name == "weight":
+                    total += p.numel() * weight + m.out_features * _SCALE_BYTES.get(precision, 0)
+                else:
+                    total += p.numel() * other
+        sizes.append(total)
+    return sizes
+
+
+def plan_with_offload(plan: MemoryPlan, limit_gib: float, block_bytes: list[int], shape: "StepShape",
+                      compiled: bool) -> MemoryPlan:
+    """When `plan` does not fit `limit_gib` (the card less headroom), the plan that does: every block checkpointed
+    and the fewest first blocks offloaded to pinned CPU memory. `plan` itself when it fits or when even offloading
+    every block would not."""
+    if plan.peak_gib <= limit_gib:
+        return plan
+    base = shape.peak_gib(1.0, 1.0, compiled)
+    n = blocks_to_offload(block_bytes, base - limit_gib)
+    if not n:
+        return plan
+    resident = sum(sorted(block_bytes[:n], reverse=True)[:OFFLOAD_SLOTS])
+    peak = base - (sum(block_bytes[:n]) - resident) / 2**30
+    return MemoryPlan(1.0, peak, f"checkpointing every block and offloading the first {n} of {len(block_bytes)} "
+                                 f"blocks to pinned CPU memory (predicted peak {peak:.1f} GiB of {limit_gib:.1f} "
+                                 f"usable, {shape.tokens:,} tokens per sample)", 1.0, n)
 
 
 def sample_tokens(target_size: tuple[int, int], reference_sizes, text_tokens: int = 512) -> int:

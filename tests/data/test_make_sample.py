@@ -120,3 +120,28 @@ def test_cli_writes_the_dataset_and_rejects_bad_arguments(ms, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="size"):
         ms.make_sample(tmp_path / "bad", size=10)
+
+
+def test_aspects_fill_as_many_buckets_of_about_the_same_area(ms, tmp_path):
+    """--aspects N: Kontext's preferred resolutions in turn (the whole-run benchmark's multi-bucket dataset), and
+    `kontext-data pair` puts them in N buckets."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    counts = ms.make_sample(tmp_path / "d", n=12, size=256, aspects=6)
+    assert counts["pairs"] == 12
+    sizes = {Image.open(p).size for p in (tmp_path / "d" / "edited").rglob("*.png")}
+    assert len(sizes) == 6 and all(abs(w * h / 256 ** 2 - 1) < 0.1 for w, h in sizes)
+    assert ms.make_sample(tmp_path / "e", n=12, size=256, aspects=6) and \
+        _files(tmp_path / "d") == _files(tmp_path / "e")
+    out = tmp_path / "m.parquet"
+    proc = subprocess.run([sys.executable, "-c", "from kontext_data.cli import main; main()", "pair",
+                           str(tmp_path / "d" / "edited"), str(tmp_path / "d" / "reference"), "--out", str(out),
+                           "--resolution", "256"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = pq.read_table(out, columns=["bucket_width", "bucket_height"]).to_pylist()
+    assert len({(r["bucket_width"], r["bucket_height"]) for r in rows}) == 6
+    with pytest.raises(ValueError, match="aspects"):
+        ms.make_sample(tmp_path / "bad", aspects=18)

@@ -112,3 +112,27 @@ def test_attention_backend_said_at_start_up_and_gpu_only_kernels_warned_on_the_c
         else:
             assert not warnings
     assert losses["fa4"] == losses["auto"]
+
+
+def test_offloaded_blocks_train_the_same_losses_and_the_run_reports_its_phases(sample_manifest, tiny_model, tmp_path):
+    """offload_blocks through the whole recipe (validation and checkpoints included): the same seeded losses as
+    without, said at start-up; and the phase table a user reads at the end of a run."""
+    runs = {}
+    for n in (0, 2):
+        events = []
+        cfg = _cfg(sample_manifest, tiny_model, tmp_path / f"o{n}", max_train_steps=4, offload_blocks=n,
+                   checkpointing_steps=2, validation_steps=2, skip_final_validation=False, memory_limit_gib=8)
+        runs[n] = train(cfg, on_event=lambda k, d: events.append((k, d))), events
+    assert [l for _, l in runs[2][0].losses] == pytest.approx([l for _, l in runs[0][0].losses], rel=1e-6)
+    stages = [d["message"] for k, d in runs[2][1] if k == "stage"]
+    assert any("offloading 2 of 2 blocks" in s for s in stages), stages
+    assert not any("offloading" in d["message"] for k, d in runs[0][1] if k == "stage")
+    warnings = [d["message"] for k, d in runs[0][1] if k == "warning"]
+    assert any("memory_limit_gib 8: only CUDA devices" in w for w in warnings)
+    t = runs[0][0].timings
+    assert t["steps"] == 4 and 1 <= t["step_shapes"] <= 4
+    for key in ("manifest_s", "text cache_s", "text cache_per_s", "latent cache_s", "latent cache_per_s",
+                "model load_s", "first_steps_of_shapes_s", "validation_s", "checkpoint_s", "save_s", "total_s"):
+        assert t[key] >= 0, key
+    assert t["validation_count"] == 2 and t["checkpoint_count"] == 2  # step 2, the end (and step 4's final save)
+    assert [e for k, e in runs[0][1] if k == "timings"] == [t]

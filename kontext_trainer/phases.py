@@ -1,0 +1,72 @@
+"""Where the time of a whole run goes: the phase table a user (and benchmarks/full_run.py) reads.
+
+In: the recipe's phases as they happen (`with clock.phase("model load"):`), every optimizer step's wall time with
+the shapes it ran, and the device. Out: `summary()`, a JSON-ready dict: seconds per phase (text and latent caching
+with their rates), the first step of each new step shape (where torch.compile compiles, if it does), the median
+of the other steps (the steady state), validation / checkpoint / save totals, peak GPU memory, the whole run.
+
+A step shape is what the compiled blocks see: the bucket (target and reference sizes) and the micro-batch size.
+The steady state leaves out those first steps, so compile time shows up in its own line instead of inflating it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+
+@dataclass
+class PhaseClock:
+    started: float = field(default_factory=time.perf_counter)
+    phases: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    rates: dict[str, float] = field(default_factory=dict)
+    step_times: list[float] = field(default_factory=list)
+    first_of_shape: list[float] = field(default_factory=list)
+    _seen: set = field(default_factory=set)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a block of work and add it to `name` (phases that repeat, e.g. validation, accumulate)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t)
+
+    def add(self, name: str, seconds: float, items: int = 0) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if items:
+            self.rates[name] = items / max(seconds, 1e-9)
+
+    def step(self, seconds: float, shapes: list[Hashable]) -> bool:
+        """Record one optimizer step that ran micro-batches of `shapes`; True when one of them is new (its first
+        step pays for compiling that shape, where anything compiles)."""
+        new = [s for s in shapes if s not in self._seen]
+        self._seen.update(new)
+        (self.first_of_shape if new else self.step_times).append(seconds)
+        return bool(new)
+
+    def summary(self, device=None) -> dict[str, Any]:
+        out: dict[str, Any] = {f"{k}_s": round(v, 3) for k, v in self.phases.items()}
+        out.update({f"{k}_per_s": round(v, 2) for k, v in self.rates.items()})
+        out.update({f"{k}_count": n for k, n in self.counts.items() if n > 1 or k in ("validation", "checkpoint")})
+        out["steps"] = len(self.step_times) + len(self.first_of_shape)
+        out["step_shapes"] = len(self._seen)
+        out["first_steps_of_shapes_s"] = round(sum(self.first_of_shape), 3)
+        out["steady_s_per_step"] = round(statistics.median(self.step_times), 4) if self.step_times else None
+        out["steps_s"] = round(sum(self.step_times) + sum(self.first_of_shape), 3)
+        out["total_s"] = round(time.perf_counter() - self.started, 3)
+        if device is not None and getattr(device, "type", "") == "cuda":
+            import torch
+
+            out["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            out["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+            free, total = torch.cuda.mem_get_info(device)
+            # the CUDA context and the libraries' own workspaces: on the card, but not in PyTorch's allocator
+            out["outside_allocator_gib"] = round((total - free - torch.cuda.memory_reserved(device)) / 2**30, 2)
+        return out
