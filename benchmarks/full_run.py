@@ -143,7 +143,9 @@ def projection(t: dict, steps: int = 1000, validations: int = 4, checkpoints: in
     """Time to a LoRA of `steps` steps from one run's phases: the fixed costs (model load, compiles, validations,
     checkpoints, save) against the steps' time, validations and checkpoints scaled to the counts given."""
     steady = t.get("steady_s_per_step") or 0.0
-    per_validation = t.get("validation_s", 0.0) / max(1, t.get("validation_count", 1))
+    # the validation loss runs at every validation and once more before the first step: per validation, its share
+    per_validation = (t.get("validation_s", 0.0) / max(1, t.get("validation_count", 1))
+                      + t.get("validation loss_s", 0.0) / max(1, t.get("validation loss_count", 1)))
     per_checkpoint = t.get("checkpoint_s", 0.0) / max(1, t.get("checkpoint_count", 1))
     fixed = (t.get("model load_s", 0.0) + t.get("first_steps_of_shapes_s", 0.0) + validations * per_validation
              + checkpoints * per_checkpoint + t.get("save_s", 0.0))
@@ -157,6 +159,7 @@ def table(results: dict) -> str:
             ("vae load_s", "vae load"), ("latent cache_s", "latent cache"), ("latent cache_per_s", "latents/s"),
             ("model load_s", "model load"), ("first_steps_of_shapes_s", "first steps (compile)"),
             ("step_shapes", "step shapes"), ("steady_s_per_step", "steady s/step"), ("validation_s", "validation"),
+            ("validation loss_s", "validation loss"),
             ("checkpoint_s", "checkpoints"), ("save_s", "save"), ("total_s", "total"),
             ("peak_gpu_reserved_gib", "peak GPU reserved GiB"), ("outside_allocator_gib", "outside allocator GiB")]
     names = list(results)

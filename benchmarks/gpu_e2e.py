@@ -78,8 +78,8 @@ def main() -> int:
         proc, wall = run(cmd + RUNS[name], env)
         events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         stages = [e["message"] for e in events if e["event"] == "stage"]
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-            if (out / "metrics.jsonl").exists() else []
+        metrics = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m] \
+            if (out / "metrics.jsonl").exists() else []  # step lines (validation-loss lines have val_loss)
         losses = [m["loss"] for m in metrics]
         k = max(1, len(losses) // 5)
         lora = name not in ("lokr", "lokr-int8")

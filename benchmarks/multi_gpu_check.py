@@ -117,8 +117,8 @@ def main() -> int:
             cmd += ["--num-processes", str(n)]
         proc, wall = run(cmd, env)
         events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-            if (out / "metrics.jsonl").exists() else []
+        metrics = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m] \
+            if (out / "metrics.jsonl").exists() else []  # step lines (validation-loss lines have val_loss)
         cache = next((e for e in events if e["event"] == "cache"), {})
         results[n] = {
             "returncode": proc.returncode, "wall_s": round(wall, 1),

@@ -44,4 +44,11 @@ kontext-train "$MANIFEST" --model "$OUTDIR/tiny-kontext" --config "$OUTDIR/train
 echo
 echo "LoRA (diffusers format): $OUTDIR/lora/pytorch_lora_weights.safetensors"
 echo "Validation strips (reference | output | target): $OUTDIR/lora/validation/"
+echo "Validation loss (the 'validation loss ... at step N' lines above; fixed sigmas and noise, so the steps compare):"
+python - "$OUTDIR/lora/metrics.jsonl" <<'PY'
+import json, sys
+for m in map(json.loads, open(sys.argv[1])):
+    if "val_loss" in m:
+        print("  step %4d: validation %.4f, training samples %.4f" % (m["step"], m["val_loss"], m["train_eval_loss"]))
+PY
 echo "TensorBoard logs: tensorboard --logdir $OUTDIR/lora/logs"

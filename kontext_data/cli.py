@@ -81,12 +81,14 @@ def write_json_atomic(path: Path, data) -> None:
     epilog="Examples:\n\n"
     "  kontext-data pair ./edited ./reference\n\n"
     "  kontext-data pair ./edited ./ref_a ./ref_b --out data/manifest.parquet --report report.json\n\n"
-    "  kontext-data pair ./edited ./reference --match stem --resolution 512 --eval-fraction 0.05",
+    "  kontext-data pair ./edited ./reference --match stem --resolution 512 --eval-fraction 0.05\n\n"
+    "  kontext-data pair ./edited ./reference --masks ./masks",
 )
 def pair(
     edited: Path = typer.Argument(..., help="Folder of edited images (the training targets), searched recursively."),
     references: Optional[List[Path]] = typer.Argument(None, help="Reference folders; files pair by relative path. None: reference-free (text-to-image) samples."),
     out_path: Path = typer.Option(Path("manifest.parquet"), "--out", "-o", help="Manifest to write (replaced atomically)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of loss masks: one per edited image, same relative name (any image extension), same size; white = the region the edit changes. The trainer weighs the loss by it."),
     match: str = typer.Option("exact", help="exact: same name incl. extension (SimpleTuner's rule) | stem: any extension."),
     captions: str = typer.Option("textfile", help="textfile (<stem>.txt beside the image) | filename | instanceprompt | none."),
     instance_prompt: Optional[str] = typer.Option(None, help="The caption of every sample with --captions instanceprompt."),
@@ -119,9 +121,9 @@ def pair(
 ) -> None:
     """Check that EDITED and REFERENCE folders pair 1-to-1 and write the training manifest.
 
-    Every problem (missing or misnamed pairs, broken images, missing captions, ...) is found in one pass and
-    reported together, each with the files and the fix. Exit code: 0 all paired, 1 problems found (no manifest
-    unless --allow-partial), 2 usage error.
+    Every problem (missing or misnamed pairs, broken images, missing captions, missing or wrong-size masks, ...) is
+    found in one pass and reported together, each with the files and the fix. Exit code: 0 all paired, 1 problems
+    found (no manifest unless --allow-partial), 2 usage error.
     """
     from kontext_data.geometry import GeometryOptions
     from kontext_data.pairing import PairConfig, pair_folders
@@ -130,6 +132,7 @@ def pair(
     config = PairConfig(
         edited=edited,
         references=tuple(references or ()),
+        masks=masks,
         out=out_path,
         match=match,
         captions=captions,
@@ -184,8 +187,9 @@ def print_pair_summary(result, report: Optional[Path]) -> None:
     from rich.table import Table
 
     stats = result.stats
+    masks = f", {stats['mask_images']} mask" if "mask_images" in stats else ""
     out.print(f"[bold]Images:[/bold] {stats['edited_images']} edited, "
-              f"{' + '.join(map(str, stats['reference_images']))} reference "
+              f"{' + '.join(map(str, stats['reference_images']))} reference{masks} "
               f"({stats['probed']} read, {stats['cached']} from cache)")
     if result.reused:
         out.print("Nothing changed since the last run with these options: its result was reused.")
@@ -263,7 +267,7 @@ def import_simpletuner(
             "config_problems": plan.problems,
             "jobs": [{"dataset_id": j.dataset_id, "split": j.split is not None, "generated": [str(d.out) for d in j.degrade],
                       "edited": str(j.pair.edited), "references": [str(r) for r in j.pair.references],
-                      "manifest": str(j.pair.out)} for j in plan.jobs]}
+                      "manifest": str(j.pair.out), "repeats": j.repeats} for j in plan.jobs]}
     if not as_json:
         for note in plan.notes:
             out.print(f"[cyan]note:[/cyan] {note}")
@@ -271,7 +275,10 @@ def import_simpletuner(
             out.print("[yellow]Not supported (ignored):[/yellow] " + "; ".join(plan.unsupported))
         for job in data["jobs"]:
             steps = (["split composites"] if job["split"] else []) + [f"generate {g}" for g in job["generated"]]
-            out.print(f"[bold]{job['dataset_id']}[/bold]: {' -> '.join(steps + ['pair'])} -> {job['manifest']}")
+            seen = (f" (repeats {job['repeats']}: seen {job['repeats'] + 1} times per epoch when training on "
+                    f"{Path(out_dir) / 'manifest.parquet'})"
+                    if job["repeats"] else "")
+            out.print(f"[bold]{job['dataset_id']}[/bold]: {' -> '.join(steps + ['pair'])} -> {job['manifest']}{seen}")
     if plan.problems:
         for p in plan.problems:
             err.print(f"[red]error:[/red] {p}")

@@ -93,6 +93,8 @@ def _print_inspect(data: dict) -> None:
     out.print(f"[bold]{data['manifest']}[/bold]: {data['samples']} samples")
     out.print(f"  references per sample: {counts(data['references_per_sample'])}"
               f"  (degraded {data['degraded_references']}, on demand {data['on_demand_references']})")
+    if data.get("masked_samples"):
+        out.print(f"  loss masks (pair --masks): {data['masked_samples']} of {data['samples']} samples")
     for key in ("splits", "datasets", "conditioning_types", "caption_sources"):
         out.print(f"  {key.replace('_', ' ')}: {counts(data[key])}")
     t = Table(title=f"{data['bucket_count']} bucket(s)", title_justify="left")

@@ -25,6 +25,7 @@ def split(
     layout: str = typer.Option("horizontal", "--layout", help="horizontal | vertical | 'grid RxC' (rows x columns, panels numbered row by row)."),
     roles: str = typer.Option("edit=0,reference=1", "--roles", help="ROLE=PANEL pairs naming the output folders; any number of references."),
     edit_role: str = typer.Option("edit", "--edit-role", help="The role holding the edited (target) panel."),
+    mask_role: Optional[str] = typer.Option(None, "--mask-role", help="The role holding the loss mask of the edited panel (white = the region the edit changes), e.g. --roles edit=0,reference=1,mask=2 --mask-role mask: written like any role; --manifest pairs it as --masks, not as a reference."),
     image_column: str = typer.Option("image", "--image-column", help="Column with the composite: bytes, a path, or the {bytes, path} image struct."),
     caption_column: List[str] = typer.Option([], "--caption-column", "-c", help="Dotted path to a caption (description.description_0) for the edit role, or ROLE=PATH for another role. Repeatable."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column (dotted path) naming the output files (default: zero-padded row index)."),
@@ -58,7 +59,7 @@ def split(
         cols, rows = sp.parse_layout(layout, panels)
         config = sp.SplitConfig(
             sources=tuple(src), out=out, cols=cols, rows=rows, roles=sp.parse_roles(roles),
-            edit_role=edit_role, image_column=image_column,
+            edit_role=edit_role, mask_role=mask_role, image_column=image_column,
             caption_columns=sp.parse_caption_columns(caption_column, edit_role), id_column=id_column,
             gutter=sp.parse_gutter(gutter), gutter_tolerance=gutter_tolerance, format=fmt.lower(),
             quality=quality, source_kind=source_kind, split=split_name, streaming=streaming,
@@ -108,6 +109,7 @@ def write_manifest_from_split(config, manifest: Path) -> dict[str, Any]:
     pair_config = PairConfig(
         edited=dirs[config.edit_role],
         references=tuple(dirs[role] for role in config.reference_roles()),
+        masks=dirs[config.mask_role] if config.mask_role else None,
         out=manifest,
     )
     try:

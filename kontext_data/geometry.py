@@ -143,15 +143,18 @@ def compute_geometry(width: int, height: int, opts: GeometryOptions, rng: "np.ra
     return Geometry(iw, ih, left, top, bw, bh)
 
 
-def apply_geometry(image, geometry: Mapping[str, Any]):
-    """Resize a PIL image to the recorded intermediary size (Lanczos) and crop the recorded bucket."""
+def apply_geometry(image, geometry: Mapping[str, Any], resample=None):
+    """Resize a PIL image to the recorded intermediary size (Lanczos, or `resample`) and crop the recorded bucket.
+
+    `resample` is for loss masks (`manifest.load_mask`): Lanczos rings at a mask's hard edges; the crop box is the
+    same whatever the filter, so a mask stays aligned with its image."""
     from PIL import Image
 
     iw, ih = int(geometry["intermediary_width"]), int(geometry["intermediary_height"])
     left, top = int(geometry["crop_left"]), int(geometry["crop_top"])
     bw, bh = int(geometry["bucket_width"]), int(geometry["bucket_height"])
     if image.size != (iw, ih):
-        image = image.resize((iw, ih), Image.Resampling.LANCZOS)
+        image = image.resize((iw, ih), Image.Resampling.LANCZOS if resample is None else resample)
     if (left, top, bw, bh) != (0, 0, iw, ih):
         image = image.crop((left, top, left + bw, top + bh))
     return image

@@ -238,6 +238,29 @@ def open_rgb(path: Path | str):
         return img.convert("RGB")
 
 
+def open_mask(path: Path | str):
+    """Open a loss mask as an 8-bit gray ("L") image with EXIF orientation applied: white (255) = the region the edit
+    changes, black (0) = the rest, grays in between. Color masks count by their luminance, 16-bit ones are scaled to
+    8 bits, and transparent pixels count as black: a mask drawn as a white shape on a transparent layer means the
+    shape (the opposite of `open_rgb`, which puts transparent pixels onto white)."""
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = None
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            import numpy as np
+
+            arr = np.asarray(img, dtype=np.float64)
+            peak = 65535.0 if arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, rgba)
+        return img.convert("L")
+
+
 @dataclass(frozen=True)
 class ProbeWorker:
     """Picklable pool worker (kept in this light module so spawned workers start fast): probes a chunk of

@@ -93,6 +93,7 @@ def inspect_manifest(path: Path | str, config: InspectConfig = InspectConfig()) 
         stats[key] = dict(Counter(r[col] for r in rows).most_common())
     stats["degraded_references"] = sum(1 for r in rows for d in r["reference_degradations"] if d)
     stats["on_demand_references"] = sum(1 for r in rows for d in r["reference_degradations"] if parse_degradation(d))
+    stats["masked_samples"] = sum(1 for r in rows if r.get("mask_path"))
 
     buckets = Counter((r["bucket_width"], r["bucket_height"]) for r in rows)
     bucket_list = [(w, h, c) for (w, h), c in sorted(buckets.items(), key=lambda kv: (-kv[1], kv[0]))]

@@ -21,8 +21,9 @@ from kontext_data import __version__
 if TYPE_CHECKING:
     import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
-"""major.minor. Readers accept any minor of a major they know and refuse a newer major."""
+SCHEMA_VERSION = "1.1"
+"""major.minor. Readers accept any minor of a major they know and refuse a newer major. 1.1 added the nullable
+`mask_path` and `mask_hash` columns (OPTIONAL_COLUMNS): a 1.0 manifest reads as rows without masks."""
 
 HASH_ALGORITHM = "xxh3_128"
 
@@ -66,8 +67,14 @@ _COLUMN_SPECS = (
     ("reference_hashes", "list<string>", False),
     ("seed", "int64", False),
     ("reference_degradations", "list<string>", False),
+    # schema 1.1: the loss mask of the edited image (`kontext-data pair --masks`); null for a sample without one
+    ("mask_path", "string", True),
+    ("mask_hash", "string", True),
 )
 COLUMNS = tuple(name for name, _, _ in _COLUMN_SPECS)
+OPTIONAL_COLUMNS = ("mask_path", "mask_hash")
+"""Columns added by a minor version: a manifest without them reads as if they were null in every row, and a row
+given to `write_manifest` without them writes null."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,7 +117,7 @@ def write_manifest(
     options: Mapping[str, Any] | None = None,
     created_by: str = "kontext-data",
 ) -> Path:
-    """Write `rows` (dicts with every column in COLUMNS) to `path` atomically.
+    """Write `rows` (dicts with every column in COLUMNS; OPTIONAL_COLUMNS may be left out: null) to `path` atomically.
 
     The file is written to a temporary name in the same folder and renamed over `path`, so an existing manifest
     is either fully replaced or left untouched. `options` (JSON-serializable) are stored in the key-value metadata.
@@ -123,8 +130,8 @@ def write_manifest(
     rows = list(rows)
     schema = arrow_schema()
     # Table.from_arrays, not pa.table(dict): the latter imports pandas (~0.2 s) to look for DataFrames
-    table = pa.Table.from_arrays([pa.array([row[f.name] for row in rows], type=f.type) for f in schema],
-                                 schema=schema)
+    table = pa.Table.from_arrays([pa.array([row.get(f.name) if f.name in OPTIONAL_COLUMNS else row[f.name]
+                                            for row in rows], type=f.type) for f in schema], schema=schema)
     metadata = {
         META_SCHEMA_VERSION: SCHEMA_VERSION,
         META_TOOL_VERSION: __version__,
@@ -169,11 +176,14 @@ class Manifest:
         return p if p.is_absolute() else self.root / p
 
     def records(self) -> list[dict[str, Any]]:
-        """One dict per row, with `target_path` and `reference_paths` resolved to absolute path strings."""
+        """One dict per row, with `target_path`, `reference_paths` and `mask_path` (when set) resolved to absolute
+        path strings."""
         out = self.table.to_pylist()
         for row in out:
             row["target_path"] = str(self.resolve(row["target_path"]))
             row["reference_paths"] = [str(self.resolve(p)) for p in row["reference_paths"]]
+            if row.get("mask_path"):
+                row["mask_path"] = str(self.resolve(row["mask_path"]))
         return out
 
 
@@ -213,11 +223,12 @@ def read_manifest(path: Path | str) -> Manifest:
                 f"schema version {version_text} was written by a newer kontext-toolkit "
                 f"(this one, {__version__}, reads {ours[0]}.x): upgrade with `pip install -U kontext-toolkit`."
             )
-    missing = [name for name in COLUMNS if name not in table.column_names]
+    missing = [name for name in COLUMNS if name not in table.column_names and name not in OPTIONAL_COLUMNS]
     if missing:
         problems.append(f"missing column(s): {', '.join(missing)}")
     if problems:
         raise ManifestError(path, problems)
+    table = _add_optional_columns(table)
     problems.extend(_check_values(table))
     if problems:
         raise ManifestError(path, problems)
@@ -229,6 +240,19 @@ def read_manifest(path: Path | str) -> Manifest:
         "options": json.loads(meta.get(META_OPTIONS, "{}") or "{}"),
     }
     return Manifest(path=path, table=table, metadata=metadata)
+
+
+def _add_optional_columns(table: "pa.Table") -> "pa.Table":
+    """A manifest of an older minor version (1.0: no mask columns) with those columns added as nulls, so every
+    reader sees one set of columns."""
+    import pyarrow as pa
+
+    schema = arrow_schema()
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names:
+            f = schema.field(name)
+            table = table.append_column(f, pa.nulls(table.num_rows, type=f.type))
+    return table
 
 
 def _check_values(table: "pa.Table") -> list[str]:
@@ -248,6 +272,11 @@ def _check_values(table: "pa.Table") -> list[str]:
         bad_rows = [i for i, (a, b) in enumerate(zip(n_refs, lens)) if a != b]
         if bad_rows:
             problems.append(f"column {name}: length differs from reference_paths in row(s) {bad_rows[:10]}")
+    paths, hashes = table.column("mask_path").to_pylist(), table.column("mask_hash").to_pylist()
+    bad_rows = [i for i, (p, h) in enumerate(zip(paths, hashes)) if bool(p) != bool(h)]
+    if bad_rows:
+        problems.append(f"columns mask_path and mask_hash: one is set without the other in row(s) {bad_rows[:10]}; "
+                        "re-create the manifest with `kontext-data pair --masks`")
     return problems
 
 
@@ -261,3 +290,24 @@ def load_image(path: Path | str, geometry: Mapping[str, Any]):
     from kontext_data.imageio import open_rgb
 
     return apply_geometry(open_rgb(path), geometry)
+
+
+def load_mask(path: Path | str, geometry: Mapping[str, Any]):
+    """The loss mask of a row at the bucket's pixel size: float32 NumPy array (height, width) in [0, 1], 1 = the
+    region the edit changes.
+
+    `geometry` is the TARGET's (a manifest record): a mask has no geometry of its own, it follows the edited
+    image's resize and crop exactly (`apply_geometry`, area-averaged when shrinking, bilinear when enlarging, so
+    values stay within the mask's range). How a file becomes gray values: `imageio.open_mask`.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from kontext_data.geometry import apply_geometry
+    from kontext_data.imageio import open_mask
+
+    img = open_mask(path).convert("F")
+    w, h = int(geometry["intermediary_width"]), int(geometry["intermediary_height"])
+    shrink = w <= img.width and h <= img.height
+    img = apply_geometry(img, geometry, resample=Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(img, dtype=np.float32) / 255.0, 0.0, 1.0)

@@ -1,8 +1,12 @@
 """`pair`: validate that edited and reference folders pair 1-to-1 and build the manifest rows.
 
-In: a `PairConfig` (folders, matching, caption, geometry and split options). Out: a `PairResult` with every
-problem found in one pass (each naming the files and the fix), warnings, the rows, and the manifest path when one
-was written. Never prints, never exits: the CLI does.
+In: a `PairConfig` (folders, matching, caption, geometry and split options, an optional folder of loss masks). Out:
+a `PairResult` with every problem found in one pass (each naming the files and the fix), warnings, the rows, and
+the manifest path when one was written. Never prints, never exits: the CLI does.
+
+Loss masks (`--masks`) pair with edited images by relative path and stem (any image extension), must have the
+edited image's size after EXIF orientation, and are read (hash + header) with the other images; the mask folder
+is listed last, after the reference folders.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ PROBLEM_KINDS = {
     "no_images": "the edited folder holds no image files",
     "on_demand_source_missing": "an on-demand reference (kontext-data degrade --on-demand) whose source image is "
                                 "not in the edited folder",
+    "missing_mask": "--masks: an edited image has no mask with the same relative name (any image extension)",
+    "mask_size_mismatch": "--masks: a mask whose size differs from its edited image's (after EXIF orientation)",
+    "mask_without_edit": "--masks: a mask with no edited image of the same relative name",
 }
 
 
@@ -55,6 +62,9 @@ class PairConfig:
     """Folder of edited images (the loss targets) [instance_data_dir of the edit dataset]."""
     references: tuple[Path, ...]
     """One folder per reference set, in order [conditioning_data]. None: reference-free (text-to-image) samples."""
+    masks: Path | None = None
+    """Folder of loss masks: one per edited image, same relative path and stem, any image extension (`x.jpg` ->
+    `x.png`), same size; white = the region the edit changes. None: no masks."""
     out: Path = Path("manifest.parquet")
     match: str = "exact"
     """exact: same relative path including extension (SimpleTuner's rule); stem: extension may differ."""
@@ -103,13 +113,22 @@ class PairConfig:
             out.append(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
         if self.eval_fraction and self.split == "eval":
             out.append("--split eval and --eval-fraction exclude each other (everything is already eval)")
-        folders = [self.edited, *self.references]
+        folders = [self.edited, *self.references] + ([self.masks] if self.masks is not None else [])
         for folder in folders:
             if not Path(folder).is_dir():
                 out.append(f"{folder}: no such folder")
         resolved = [os.path.realpath(f) for f in folders]
         if len(set(resolved)) != len(resolved):
-            out.append("the edited and reference folders must all be different folders")
+            out.append("the edited, reference and mask folders must all be different folders")
+        elif self.masks is not None:
+            masks, edited = resolved[-1], resolved[0]
+            for inner, outer, what in ((masks, edited, "its masks would be read as edited images"),
+                                       (edited, masks, "the edited images would be read as masks")):
+                rel = os.path.relpath(inner, outer)
+                if not rel.startswith("..") and not any(part.startswith(".") for part in Path(rel).parts):
+                    out.append(f"--masks {self.masks} and EDITED {self.edited}: one lies inside the other, so {what}. "
+                               f"Fix: keep the masks in a folder beside the edited one (e.g. ./masks next to "
+                               f"./edited)")
         return out
 
 
@@ -191,6 +210,10 @@ class _Pairing:
         self.provenance: list[dict[str, dict]] = [{} for _ in listings]
         self.virtual: list[dict[str, str]] = [{} for _ in listings]
         self.roots = [str(lst.root) for lst in listings]
+        # with --masks, the mask folder is the last listing (after the references)
+        self.mask_folder: int | None = len(listings) - 1 if config.masks is not None else None
+        self.n_refs = len(config.references)
+        self.masks: dict[str, str] = {}  # edited rel -> mask rel
 
     def add(self, kind: str, files: list, message: str, bad: list[tuple[int, str]] = ()) -> None:
         self.problems.append(Problem(kind, tuple(str(f) for f in files), message))
@@ -203,6 +226,8 @@ class _Pairing:
         """Read every caption file (and import pyarrow for the manifest) while the process pool reads images:
         the main process would only wait otherwise. Unreadable files are left for _read_caption to report."""
         for folder, lst in enumerate(self.listings):
+            if folder == self.mask_folder:
+                continue  # text files beside masks are no captions
             for rel in lst.captions:
                 try:
                     with open(self.path(folder, rel), "rb") as fh:
@@ -220,7 +245,7 @@ class _Pairing:
     def attach_provenance(self) -> None:
         """Read degrade records of reference folders; on-demand outputs become virtual files (their source)."""
         edited = self.listings[0]
-        for i, lst in enumerate(self.listings[1:], start=1):
+        for i, lst in enumerate(self.listings[1:1 + self.n_refs], start=1):
             if not lst.has_sidecar:
                 continue
             from kontext_data.degrade import read_provenance
@@ -259,6 +284,8 @@ class _Pairing:
                 if info.problem:
                     self.add(info.problem, [p], f"{p}: {info.detail}. Fix: {fixes[info.problem]}.", [(folder, rel)])
                     continue
+                if folder == self.mask_folder:
+                    continue  # a mask's size is checked against its edited image's (match_masks)
                 if info.width * info.height > self.c.max_pixels:
                     self.add("too_many_pixels", [p],
                              f"{p}: {info.width}x{info.height} = {info.width * info.height:,} pixels is over "
@@ -283,13 +310,16 @@ class _Pairing:
                     self.add("case_collision", files,
                              f"{', '.join(map(str, files))} differ only in letter case: they collide on macOS and "
                              f"Windows. Fix: rename one of them.", [(folder, r) for r in rels])
-            if self.c.match == "stem" or self.c.captions == "textfile":
+            if self.c.match == "stem" or self.c.captions == "textfile" or folder == self.mask_folder:
                 for stem, rels in by_stem.items():
                     if len(rels) > 1:
                         rels.sort()
                         files = [self.path(folder, r) for r in rels]
                         what = "both would pair with the same reference" if self.c.match == "stem" else \
                             f"both would use the caption {stem}.txt"
+                        if folder == self.mask_folder:
+                            what = "masks pair by name without the extension, so both would be the mask of one " \
+                                   "edited image"
                         self.add("ambiguous_stem", files,
                                  f"{', '.join(map(str, files))}: one name with {len(rels)} extensions; {what}. "
                                  f"Fix: rename or remove all but one.", [(folder, r) for r in rels])
@@ -300,7 +330,7 @@ class _Pairing:
         key = _stem_key if self.c.match == "stem" else (lambda r: r)
         edited = self.listings[0].images
         ref_maps = []
-        for lst in self.listings[1:]:
+        for lst in self.listings[1:1 + self.n_refs]:
             m: dict[str, str] = {}
             for rel in lst.images:
                 m.setdefault(key(rel), rel)
@@ -349,6 +379,54 @@ class _Pairing:
                          [(i, ref)])
         # a second file with the same key in one reference folder is reported by check_collisions
         return pairs
+
+    def match_masks(self) -> None:
+        """--masks: the mask of every edited image (same relative path without the extension), its size checked
+        against the edited image's; problems for edited images without a mask and masks without an edited image.
+        Every edited image is looked at (not only complete pairs), so all mask problems come in the same pass."""
+        if self.mask_folder is None:
+            return
+        mf = self.mask_folder
+        same_stem: dict[str, list[str]] = {}
+        for rel in sorted(self.listings[mf].images):
+            same_stem.setdefault(_stem_key(rel), []).append(rel)
+        # two masks of one stem are reported by check_collisions (ambiguous_stem); the first stands for both
+        by_stem = {stem: rels[0] for stem, rels in same_stem.items()}
+        by_lower = {k.lower(): v for k, v in by_stem.items()}
+        used: set[str] = set()
+        mroot = self.roots[mf]
+        for rel in sorted(self.listings[0].images):
+            e, stem = self.path(0, rel), _stem_key(rel)
+            mask = by_stem.get(stem)
+            if mask is None:
+                near = by_lower.get(stem.lower())
+                hint = (f" ({self.path(mf, near)} differs only in letter case: rename it)" if near is not None
+                        else "")
+                if near is not None:
+                    used.update(same_stem[_stem_key(near)])
+                self.add("missing_mask", [e],
+                         f"{e} has no mask in {mroot} (expected {os.path.join(mroot, stem)}.png, or any image "
+                         f"extension){hint}. Fix: add the mask (white where the edit changes the image, black "
+                         f"elsewhere, the edited image's size), or move the edited image out of the dataset.",
+                         [(0, rel)])
+                continue
+            used.update(same_stem[stem])
+            self.masks[rel] = mask
+            t, m = self.infos[0].get(rel), self.infos[mf].get(mask)
+            if t is None or m is None or t.problem or m.problem:
+                continue  # an unreadable file is reported by check_files
+            if (t.width, t.height) != (m.width, m.height):
+                p = self.path(mf, mask)
+                self.add("mask_size_mismatch", [p, e],
+                         f"{p} is {m.width}x{m.height} but its edited image {e} is {t.width}x{t.height} (sizes "
+                         f"after EXIF orientation). Fix: re-export the mask at the edited image's size (masks "
+                         f"follow the edited image's resize and crop, pixel for pixel).", [(mf, mask)])
+        for mask in sorted(set(self.listings[mf].images) - used):
+            p = self.path(mf, mask)
+            self.add("mask_without_edit", [p],
+                     f"{p} has no edited image in {self.roots[0]} (expected "
+                     f"{os.path.join(self.roots[0], _stem_key(mask))} with any image extension). Fix: rename it to "
+                     f"its edited image's name, or remove it.", [(mf, mask)])
 
     # -- captions --------------------------------------------------------------------------------------
     def _read_caption(self, folder: int, rel: str) -> tuple[list[str] | None, str]:
@@ -420,6 +498,9 @@ class _Pairing:
             captions, source = self.captions_for(rel, refs)
             sample_id = f"{dataset_id}:{rel}"
             files = [(0, rel)] + [(i, r) for i, r in enumerate(refs, start=1)]
+            mask = self.masks.get(rel)
+            if mask is not None:
+                files.append((self.mask_folder, mask))
             if any(f in self.bad for f in files):
                 dropped.append(sample_id)
                 continue
@@ -463,6 +544,8 @@ class _Pairing:
                 "reference_hashes": ref_hashes,
                 "seed": seed,
                 "reference_degradations": ref_degradations,
+                "mask_path": stored[self.mask_folder](mask) if mask is not None else None,
+                "mask_hash": self.infos[self.mask_folder][mask].hash if mask is not None else None,
             })
         return rows, dropped
 
@@ -481,6 +564,7 @@ def options_record(config: PairConfig) -> dict[str, Any]:
     out = asdict(config)
     out["edited"] = os.path.abspath(config.edited)
     out["references"] = [os.path.abspath(r) for r in config.references]
+    out["masks"] = os.path.abspath(config.masks) if config.masks is not None else None
     out["out"] = os.path.abspath(config.out)
     out.pop("cache_dir", None)
     out.pop("workers", None)
@@ -537,7 +621,9 @@ def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | N
     bad_options = config.problems()
     if bad_options:
         raise ValueError("; ".join(bad_options))
-    listings = [list_folder(Path(f)) for f in (config.edited, *config.references)]
+    # the mask folder is listed (and fingerprinted, so a changed mask is noticed) like the others, last
+    folders = (config.edited, *config.references) + ((config.masks,) if config.masks is not None else ())
+    listings = [list_folder(Path(f)) for f in folders]
     memo = _RunMemo(config, listings) if config.cache_dir is not None else None
     reused = memo.load() if memo else None
     if reused is not None:
@@ -563,6 +649,7 @@ def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | N
     p.check_files()
     p.check_collisions()
     pairs = p.match()
+    p.match_masks()
     dataset_id = config.dataset_id or Path(os.path.abspath(config.edited)).name
     out = Path(config.out)
     rows, dropped = p.rows(pairs, dataset_id, Path(os.path.abspath(out)).parent)
@@ -570,9 +657,12 @@ def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | N
     splits: dict[str, int] = {}
     for row in rows:
         splits[row["split"]] = splits.get(row["split"], 0) + 1
+    stats = {**stats, "edited_images": len(listings[0].images),
+             "reference_images": [len(lst.images) for lst in listings[1:1 + len(config.references)]]}
+    if config.masks is not None:
+        stats["mask_images"] = len(listings[-1].images)
     result = PairResult(samples=len(rows), problems=p.problems, warnings=p.warnings, dropped=dropped, rows=rows,
-                        stats={**stats, "edited_images": len(listings[0].images),
-                               "reference_images": [len(lst.images) for lst in listings[1:]]}, splits=splits)
+                        stats=stats, splits=splits)
     if rows and (result.ok or config.allow_partial):
         result.manifest = write_manifest(rows, out, options_record(config), created_by="kontext-data pair")
     if memo:

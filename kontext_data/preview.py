@@ -6,9 +6,11 @@ from disk (file://) with no network and stays light for 10,000+ samples (one pag
 
 Every pair shows: the original edited image with the recorded crop box drawn on it, each reference and the edited
 image after the recorded resize + crop (the trainer's pixels: ``manifest.load_image``; on-demand references are
-synthesized), and under them the sample id, bucket, split, similarity and flags of the content check, and the
-caption. ``sort="worst"`` shows the lowest `pair_similarity` first (the column written by `kontext-data check
---write-manifest`, or the content check run on the spot when the manifest has none).
+synthesized), for a row with a loss mask (``pair --masks``) a "mask" panel: the cropped edited image with the masked
+region tinted red and the rest darkened (``mask_overlay``), and under them the sample id, bucket, split, similarity
+and flags of the content check, and the caption. ``sort="worst"`` shows the lowest `pair_similarity` first (the
+column written by `kontext-data check --write-manifest`, or the content check run on the spot when the manifest has
+none).
 
 The HTML page records its state in attributes of <body> for scripts and tests: ``data-total`` (samples),
 ``data-shown`` (pairs on the current page), ``data-page``, ``data-pages``, ``data-errors`` (JavaScript errors
@@ -162,6 +164,30 @@ def _original_with_box(path: str, rec: dict, max_side: int):
     return img
 
 
+MASK_TINT = (235, 30, 30)
+
+
+def mask_overlay(target_path: str, rec: dict, mask_path: str, size: tuple[int, int], exact: bool = False):
+    """The edited image after the recorded crop, scaled to `size`, with its loss mask drawn on it: the masked region
+    (white in the mask) tinted red, the rest darkened, grays in between. The mask follows the target's geometry
+    (``manifest.load_mask``), so this is exactly the region the trainer's loss favours."""
+    import numpy as np
+    from PIL import Image
+
+    from kontext_data.check import view_image
+    from kontext_data.manifest import load_mask
+
+    img = view_image(target_path, rec, None, size, exact=exact)
+    m = Image.fromarray(np.round(load_mask(mask_path, rec) * 255).astype(np.uint8), "L")
+    if m.size != img.size:
+        m = m.resize(img.size, Image.Resampling.BOX)
+    a = np.asarray(m, dtype=np.float32)[..., None] / 255.0
+    x = np.asarray(img, dtype=np.float32)
+    inside = 0.55 * x + 0.45 * np.asarray(MASK_TINT, dtype=np.float32)
+    out = a * inside + (1.0 - a) * (0.35 * x)
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), "RGB")
+
+
 def _fit(geom: dict, max_side: int) -> tuple[int, int]:
     bw, bh = int(geom["bucket_width"]), int(geom["bucket_height"])
     s = max_side / max(bw, bh)
@@ -169,7 +195,8 @@ def _fit(geom: dict, max_side: int) -> tuple[int, int]:
 
 
 def render_pair(rec: dict, max_side: int, exact: bool) -> tuple[list, list[str]]:
-    """[original with crop box, reference 1..k, edited] as PIL images (None where unreadable) + error messages."""
+    """[original with crop box, reference 1..k, edited, + the mask overlay for a row with a mask] as PIL images
+    (None where unreadable) + error messages."""
     from kontext_data.check import view_image
 
     images: list = []
@@ -187,6 +214,9 @@ def render_pair(rec: dict, max_side: int, exact: bool) -> tuple[list, list[str]]
         images.append(attempt(lambda: view_image(path, geom, deg, _fit(geom, max_side), exact=exact), path))
     images.append(attempt(lambda: view_image(rec["target_path"], rec, None, _fit(rec, max_side), exact=exact),
                           rec["target_path"]))
+    if rec.get("mask_path"):
+        images.append(attempt(lambda: mask_overlay(rec["target_path"], rec, rec["mask_path"], _fit(rec, max_side),
+                                                   exact=exact), rec["mask_path"]))
     return images, errors
 
 
@@ -214,6 +244,8 @@ def _caption_lines(text: str, font, width: int, max_lines: int, draw) -> list[st
 
 def _status(rec: dict, sim, flags) -> str:
     parts = [f"bucket {rec['bucket_width']}x{rec['bucket_height']}", rec["split"]]
+    if rec.get("mask_path"):
+        parts.append("masked loss")
     if sim is not None:
         parts.append(f"similarity {sim:.2f}")
     if flags:
@@ -232,7 +264,8 @@ def contact_sheet(records: list[dict], rows: list[int], sims, flags, config: Pre
     small = ImageFont.load_default(size=max(10, t // 16))
     fh = max(11, t // 14) + 4
     max_refs = max([len(records[i]["reference_paths"]) for i in rows] or [1])
-    panels = max_refs + 2
+    any_mask = any(records[i].get("mask_path") for i in rows)
+    panels = max_refs + 2 + int(any_mask)
     cell_w = panels * t + (panels - 1) * gap
     cell_h = fh + t + 5 * fh + pad
     cols = max(1, min(config.columns, len(rows)))
@@ -248,10 +281,15 @@ def contact_sheet(records: list[dict], rows: list[int], sims, flags, config: Pre
         y0 = pad + (k // cols) * (cell_h + pad)
         nref = len(rec["reference_paths"])
         names = ["original + crop"] + [f"reference {j + 1}" if nref > 1 else "reference" for j in range(nref)] + ["edited"]
+        # the edited image in the column after the most references of the sheet, its mask overlay after it
+        columns = list(range(nref + 1)) + [max_refs + 1]
+        if rec.get("mask_path"):
+            names.append("mask")
+            columns.append(max_refs + 2)
         bg = (255, 235, 235) if flags[i] else (244, 244, 244)
         d.rectangle((x0 - pad // 2, y0 - pad // 2, x0 + cell_w + pad // 2, y0 + cell_h - pad // 2), fill=bg)
-        for j, (img, name) in enumerate(zip(images, names)):
-            px = x0 + j * (t + gap) if j < len(images) - 1 else x0 + (panels - 1) * (t + gap)
+        for img, name, col in zip(images, names, columns):
+            px = x0 + col * (t + gap)
             d.text((px, y0), name, fill=(90, 90, 90), font=small)
             py = y0 + fh
             if img is None:
@@ -281,6 +319,8 @@ class ThumbJob:
     path: str
     geometry: tuple[tuple[str, int], ...]
     degradation: str | None
+    mask: str = ""
+    """kind "mask": the loss mask drawn over `path` (the edited image)."""
 
 
 @dataclass(frozen=True)
@@ -307,6 +347,8 @@ class ThumbWorker:
                 geom = dict(job.geometry)
                 if job.kind == "original":
                     img = _original_with_box(job.path, geom, self.max_side)
+                elif job.kind == "mask":
+                    img = mask_overlay(job.path, geom, job.mask, _fit(geom, self.max_side))
                 else:
                     img = view_image(job.path, geom, job.degradation, _fit(geom, self.max_side))
                 img.save(os.path.join(self.folder, job.name), format="JPEG", quality=self.quality, optimize=False)
@@ -316,21 +358,28 @@ class ThumbWorker:
         return out
 
 
-def _job(kind: str, path: str, geometry: dict, degradation: str | None, max_side: int) -> ThumbJob:
-    """A job named by its content: the file's path, size and mtime, the geometry and degradation. Samples that share
-    a file and geometry share the thumbnail, and a later run reuses every thumbnail whose file did not change."""
+def _job(kind: str, path: str, geometry: dict, degradation: str | None, max_side: int, mask: str = "") -> ThumbJob:
+    """A job named by its content: the file's path, size and mtime, the geometry and degradation (and the mask's path,
+    size and mtime). Samples that share a file and geometry share the thumbnail, and a later run reuses every
+    thumbnail whose file did not change."""
     import xxhash
 
     from kontext_data.manifest import GEOMETRY_FIELDS
 
     geom = tuple((k, int(geometry[k])) for k in GEOMETRY_FIELDS)
-    try:
-        st = os.stat(path)
-        ident = f"{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        ident = "missing"
-    key = xxhash.xxh3_64_hexdigest(json.dumps([kind, path, ident, geom, degradation, max_side]).encode())
-    return ThumbJob(f"{key}.jpg", kind, path, geom, degradation)
+
+    def ident(p: str) -> str:
+        try:
+            st = os.stat(p)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            return "missing"
+
+    parts = [kind, path, ident(path), geom, degradation, max_side]
+    if mask:
+        parts += [mask, ident(mask)]
+    key = xxhash.xxh3_64_hexdigest(json.dumps(parts).encode())
+    return ThumbJob(f"{key}.jpg", kind, path, geom, degradation, mask)
 
 
 _PAGE = """<!DOCTYPE html>
@@ -459,6 +508,8 @@ def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title:
                                                   rec["reference_degradations"])):
             panels.append((f"reference {j + 1}" if nref > 1 else "reference", _job("view", path, geom, deg, max_side)))
         panels.append(("edited", _job("view", rec["target_path"], rec, None, max_side)))
+        if rec.get("mask_path"):
+            panels.append(("mask", _job("mask", rec["target_path"], rec, None, max_side, mask=rec["mask_path"])))
         for _, job in panels:
             jobs[job.name] = job
         items.append((rec, i, panels))

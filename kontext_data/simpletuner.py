@@ -3,7 +3,9 @@
 In: the dataloader JSON (comments and trailing commas allowed), optionally SimpleTuner's config.json (for
 `eval_dataset_id`), and path substitutions for the folders/dataset names it mentions. Out: an `ImportPlan` (one
 job per edit dataset: pair, degrade + pair, or split + pair, with every problem and every unsupported key listed
-together), and, when run, one manifest per edit dataset plus their union in OUT/manifest.parquet.
+together), and, when run, one manifest per edit dataset plus their union in OUT/manifest.parquet. Each edit
+dataset's `repeats` goes into the union's options as `dataset_repeats` {dataset id: repeats}, which kontext-train
+applies (seen repeats + 1 times per epoch, SimpleTuner's meaning).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ USED = {
     "id", "type", "disabled", "dataset_type", "instance_data_dir", "conditioning_data", "conditioning_type",
     "source_dataset_id", "caption_strategy", "instance_prompt", "resolution", "resolution_type",
     "minimum_image_size", "maximum_image_size", "target_downsample_size", "crop", "crop_style", "crop_aspect",
-    "conditioning", "dataset_name", "huggingface", "caption_column", "image_column", "split",
+    "conditioning", "dataset_name", "huggingface", "caption_column", "image_column", "split", "repeats",
 }
 HF_USED = {"caption_column", "image_column", "composite_image_config"}
 COMPOSITE_USED = {"enabled", "image_count", "select_index"}
@@ -68,6 +70,8 @@ class Job:
     pair: PairConfig
     split: Any = None  # kontext_data.split.SplitConfig
     degrade: list = field(default_factory=list)  # kontext_data.degrade.DegradeConfig, one per generator
+    repeats: int = 0
+    """SimpleTuner's `repeats` of the edit dataset: kontext-train sees its samples repeats + 1 times per epoch."""
 
 
 @dataclass
@@ -154,6 +158,21 @@ class _Planner:
             self.problem(f"dataset {did!r}: {p.replace('--', '').replace('-', '_')}")
         return g, edge(entry.get("minimum_image_size")) or 0
 
+    def repeats(self, entry: dict) -> int:
+        """The dataset's `repeats` (0 = seen once per epoch), or a problem."""
+        value = entry.get("repeats", 0)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.problem(f"dataset {entry.get('id')!r}: repeats {value!r} is not a whole number >= 0 (0 = each "
+                         f"sample once per epoch, as in SimpleTuner)")
+            return 0
+        if value and entry.get("id") == self.eval_id:
+            self.plan.notes.append(f"dataset {entry.get('id')!r}: repeats {value} does nothing on the eval dataset "
+                                   "(eval rows are not trained)")
+            return 0
+        return value
+
     def folder(self, entry: dict) -> Path | None:
         did = entry.get("id")
         raw = entry.get("instance_data_dir")
@@ -206,6 +225,12 @@ class _Planner:
                              f"text_embeds)")
                 continue
             if dtype == "conditioning" or did in referenced:
+                if entry.get("repeats"):
+                    users = sorted(e.get("id") for e in self.entries if did in _as_list(e.get("conditioning_data"))
+                                   or e.get("id") == entry.get("source_dataset_id"))
+                    self.plan.notes.append(f"dataset {did!r}: repeats on a reference dataset is ignored: samples are "
+                                           f"counted by their edit dataset ({', '.join(map(str, users)) or '?'}); "
+                                           "put repeats there")
                 continue  # a reference set: planned with its edit dataset
             kind = entry.get("type", "local")
             if kind == "huggingface":
@@ -258,7 +283,8 @@ class _Planner:
         # generated references may change the extension (a blurred x.jpg is stored as x.png)
         match = "stem" if degrade_jobs else "exact"
         self.plan.jobs.append(Job(did, self.pair_config(entry, edited, refs, conditioning or "reference_strict",
-                                                        match=match), degrade=degrade_jobs))
+                                                        match=match), degrade=degrade_jobs,
+                                  repeats=self.repeats(entry)))
 
     def degrade_job(self, did: str, k: int, gen: Any, src: Path | None):
         from kontext_data import degrade as dg
@@ -329,7 +355,7 @@ class _Planner:
         refs = [split_out / r for r, _ in roles[1:]]
         pair_cfg = self.pair_config(entry, edited, refs, conditioning or "reference_strict")
         # panels carry reference captions only when a reference caption column was given: keep SimpleTuner's rule
-        self.plan.jobs.append(Job(did, pair_cfg, split=split_cfg))
+        self.plan.jobs.append(Job(did, pair_cfg, split=split_cfg, repeats=self.repeats(entry)))
 
 
 def plan_import(cfg: ImportConfig) -> ImportPlan:
@@ -395,9 +421,13 @@ def run_import(cfg: ImportConfig, plan: ImportPlan,
         # the per-dataset manifests lie in OUT like the union: their stored (relative) paths stay valid
         rows = [row for pres in result.pair_results.values() for row in read_manifest(pres.manifest).table.to_pylist()]
         result.samples = len(rows)
-        result.manifest = write_manifest(rows, Path(cfg.out) / "manifest.parquet",
-                                         {"imported_from": str(Path(cfg.backend).resolve()),
-                                          "datasets": list(result.pair_results)},
+        options: dict[str, Any] = {"imported_from": str(Path(cfg.backend).resolve()),
+                                   "datasets": list(result.pair_results)}
+        repeats = {job.dataset_id: job.repeats for job in plan.jobs
+                   if job.repeats and job.dataset_id in result.pair_results}
+        if repeats:  # read by kontext-train (kontext_trainer.weighting); only the union carries it
+            options["dataset_repeats"] = repeats
+        result.manifest = write_manifest(rows, Path(cfg.out) / "manifest.parquet", options,
                                          created_by="kontext-data import-simpletuner")
     return result
 

@@ -80,6 +80,9 @@ class SplitConfig:
     """(folder name, panel index) pairs; panels are numbered row-major from the top-left."""
     edit_role: str = "edit"
     """The role whose panel is the edited image (the loss target); its caption is the instruction."""
+    mask_role: str | None = None
+    """The role whose panel is the loss mask of the edited panel (white = the region the edit changes): written
+    like any panel, but `pair --masks` material, not a reference. None: no mask panel."""
     image_column: str = "image"
     """Column holding the composite: raw bytes, a path, or the Hugging Face ``{bytes, path}`` struct."""
     caption_columns: tuple[tuple[str, str], ...] = ()
@@ -126,7 +129,7 @@ class SplitConfig:
         return {role: Path(self.out) / role for role, _ in self.roles}
 
     def reference_roles(self) -> list[str]:
-        return [role for role, _ in self.roles if role != self.edit_role]
+        return [role for role, _ in self.roles if role not in (self.edit_role, self.mask_role)]
 
 
 def parse_layout(layout: str, panels: int | None) -> tuple[int, int]:
@@ -220,6 +223,14 @@ def validate_config(config: SplitConfig) -> None:
     role_names = [r for r, _ in config.roles]
     if config.edit_role not in role_names:
         errors.append(f"the edit role {config.edit_role!r} is not among --roles ({', '.join(role_names)})")
+    if config.mask_role is not None:
+        if config.mask_role not in role_names:
+            errors.append(f"--mask-role {config.mask_role!r} is not among --roles ({', '.join(role_names)}); e.g. "
+                          f"--roles edit=0,reference=1,{config.mask_role}=2")
+        elif config.mask_role == config.edit_role:
+            errors.append(f"--mask-role {config.mask_role!r} is the edit role: the mask is a panel of its own")
+        if any(role == config.mask_role for role, _ in config.caption_columns):
+            errors.append(f"--caption-column for the mask role {config.mask_role!r}: a mask takes no caption")
     for role, path in config.caption_columns:
         if role not in role_names:
             errors.append(f"--caption-column {role}={path}: {role!r} is not a role ({', '.join(role_names)})")

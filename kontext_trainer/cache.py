@@ -2,7 +2,8 @@
 
 In: the captions and the image entries of a manifest, a model directory. Out: one safetensors file per unique
 caption (`text/<key>.safetensors`: T5 `prompt_embeds` (L, D) and CLIP `pooled` (P,)) and one per image entry
-(`latents/<k2>/<key>.safetensors`: `latent` (C, h, w), already normalized as `(mode - shift) * scale`).
+(`latents/<k2>/<key>.safetensors`: `latent` (C, h, w), already normalized as `(mode - shift) * scale`), and one per
+loss mask (`masks/<k2>/<key>.safetensors`: `mask` (h, w) float32 in [0, 1] at latent resolution).
 
 Keys:
 - text:   xxh3_128 of (CLIP + T5 fingerprints, max_sequence_length, the caption text);
@@ -11,6 +12,9 @@ Keys:
   An on-demand reference (`kontext-data degrade --on-demand`: no file, synthesized from its source with the
   record's seed) adds the record's `params_hash` and `seed` to the key of its source file: the record fixes
   every random draw, so its pixels are the same on every call and its latent is cached like any other.
+- mask:   xxh3_128 of (MASK_FORMAT, the mask file's manifest hash, its size and mtime, the TARGET's six geometry
+  fields, the latent factor). No model fingerprint: a mask is computed from its file alone (`mask_latent`), so
+  changing the VAE or the dtype keeps it, and a changed mask file or crop recomputes that mask only.
 Reshuffling, resuming or editing the manifest cannot pair a caption with the wrong image: a sample looks its
 entries up by its own content keys. Files are written to a temp name and renamed (atomic).
 
@@ -41,6 +45,11 @@ from kontext_trainer.encode import check_t5_bias_patch, patch_t5_position_bias  
 
 ProgressFn = Callable[[str, int, int], None]
 CACHE_FORMAT = 1
+MASK_FORMAT = 1
+"""Version of how a mask file becomes its cached tensor (`mask_latent`); changing that procedure must bump it, so
+every cached mask is recomputed rather than silently reused."""
+LATENT_FACTOR = 8
+"""Pixels per latent pixel: FLUX's AutoencoderKL (and the tiny test model's) downsamples 3 times by 2."""
 
 
 class CacheError(RuntimeError):
@@ -107,6 +116,31 @@ def latent_key(vae_fingerprint: str, entry: ImageEntry, dtype: str) -> str:
         rec = entry.synth_record
         key["synth"] = {"params_hash": rec.get("params_hash"), "seed": rec.get("seed")}
     return _hash(key)
+
+
+def mask_key(entry: ImageEntry) -> str:
+    """The cache key of a loss mask: `entry` holds the mask file, its manifest hash and the TARGET's geometry."""
+    try:
+        st = os.stat(entry.path)
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = None
+    return _hash({"v": MASK_FORMAT, "kind": "mask", "hash": entry.file_hash, "stat": stamp,
+                  "geometry": entry.geometry, "factor": LATENT_FACTOR})
+
+
+def mask_latent(entry: ImageEntry, factor: int = LATENT_FACTOR) -> torch.Tensor:
+    """The loss mask of `entry` at latent resolution: (H/factor, W/factor) float32 in [0, 1], each value the mean of
+    the factor x factor pixels of the cropped mask it covers (`kontext_data.manifest.load_mask`: the target's resize
+    and crop). An area average, so a latent pixel half inside the mask weighs half, and an all-white mask gives
+    exactly 1.0 everywhere."""
+    from kontext_data.manifest import load_mask
+
+    px = torch.from_numpy(load_mask(entry.path, entry.geometry_dict))
+    h, w = px.shape
+    if h % factor or w % factor:
+        raise ValueError(f"{entry.path}: a {w}x{h} crop is not a multiple of the latent factor {factor}")
+    return px.reshape(h // factor, factor, w // factor, factor).mean(dim=(1, 3)).clamp_(0.0, 1.0).contiguous()
 
 
 def load_entry_image(entry: ImageEntry, load_image: Callable | None = None):
@@ -176,6 +210,14 @@ class FeatureCache:
         from safetensors.torch import load_file
 
         return load_file(str(self.latent_path(key)))["latent"]
+
+    def mask_path(self, key: str) -> Path:
+        return self.root / "masks" / key[:2] / f"{key}.safetensors"
+
+    def load_mask(self, key: str) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.mask_path(key)))["mask"]
 
     # ----------------------------------------------------------------------------------- text
 
@@ -303,6 +345,51 @@ class FeatureCache:
                 for f in loads:
                     f.cancel()
             loader.shutdown(wait=True, cancel_futures=True)
+
+    # ----------------------------------------------------------------------------------- masks
+
+    def missing_masks(self, keyed_entries: Mapping[str, ImageEntry], rank: int = 0,
+                      world_size: int = 1) -> dict[str, ImageEntry]:
+        """Masks without a cache file, among this rank's share of the keys (as `missing_text`)."""
+        return {k: keyed_entries[k] for k in shard_of(keyed_entries, rank, world_size)
+                if not self.mask_path(k).is_file()}
+
+    def encode_masks(self, keyed_entries: Mapping[str, ImageEntry], progress: ProgressFn | None = None,
+                     rank: int = 0, world_size: int = 1, workers: int | None = None) -> int:
+        """Compute and store every missing mask of this rank's share (`mask_latent`) on `workers` threads (None: up to
+        8; PIL and torch release the GIL while decoding and resizing). No model is needed. Returns how many were
+        written. A mask that cannot be read raises CacheError naming it, after the work in flight has settled.
+        `progress("masks", done, total)` follows the files written."""
+        todo = sorted(self.missing_masks(keyed_entries, rank, world_size).items())
+        if not todo:
+            return 0
+        if progress:
+            progress("masks", 0, len(todo))
+
+        def one(item) -> None:
+            key, entry = item
+            try:
+                mask = mask_latent(entry)
+            except Exception as exc:
+                raise CacheError(entry.path, f"{entry.path}: cannot read this loss mask ({type(exc).__name__}: "
+                                             f"{exc})") from exc
+            _save_or_raise({"mask": mask}, self.mask_path(key), {"path": entry.path, "hash": entry.file_hash})
+
+        done = 0
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1),
+                                thread_name_prefix="kontext-cache-mask") as pool:
+            futures = [pool.submit(one, item) for item in todo]
+            try:
+                for f in futures:
+                    f.result()
+                    done += 1
+                    if progress:
+                        progress("masks", done, len(todo))
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        return done
 
     def _write_latents(self, chunk, latents: torch.Tensor, ready) -> int:
         encode_mod.wait(ready)

@@ -8,8 +8,11 @@ Exit codes: 0 ok, 1 problems found (manifest, model, training), 2 usage/configur
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -98,10 +101,11 @@ class _Reporter:
 
     def __call__(self, kind: str, data: dict) -> None:
         if self.json_lines and kind in ("step", "validation", "checkpoint", "saved", "cache", "stage", "warning",
-                                        "note", "timings"):
+                                        "note", "timings", "validation_loss"):
             print(json.dumps({"event": kind, **data}), flush=True)
         if kind == "progress":
-            name = {"text": "text embeddings", "latents": "VAE latents"}.get(data["stage"], data["stage"])
+            name = {"text": "text embeddings", "latents": "VAE latents", "masks": "loss masks"}.get(data["stage"],
+                                                                                                   data["stage"])
             t = self.task(name, data["total"])
             rate = data["done"] / max(time.perf_counter() - self.start[name], 1e-9)
             self.bar.update(t, completed=data["done"], total=data["total"], info=f"{rate:,.1f} items/s")
@@ -115,11 +119,16 @@ class _Reporter:
             self._line(f"[yellow]warning:[/yellow] {data['message']}")
         elif kind == "validation":
             self._line(f"validation strips (step {data['step']}): {data['dir']}")
+        elif kind == "validation_loss":
+            self._line(_validation_loss_line(data))
         elif kind == "checkpoint":
             self._line(f"checkpoint: {data['path']}")
         elif kind == "cache":
+            masks = (f", {data.get('mask_encoded', 0)} of {data['mask_total']} loss masks computed"
+                     if data.get("mask_total") else "")
             self._line(f"cache {data['cache_dir']}: {data.get('text_encoded', 0)} of {data['text_total']} captions "
-                       f"and {data.get('latent_encoded', 0)} of {data['latent_total']} images encoded, rest reused")
+                       f"and {data.get('latent_encoded', 0)} of {data['latent_total']} images encoded{masks}, rest "
+                       f"reused")
 
     def _line(self, text: str) -> None:
         if self.quiet:
@@ -127,11 +136,24 @@ class _Reporter:
         (self.bar.console if self.bar else err).print(text)
 
 
+def _validation_loss_line(d: dict) -> str:
+    """`validation loss 0.4123 (train 0.3987) at step 200`, with `; EMA ...` when the EMA is validated too."""
+    def pair(prefix: str) -> str:
+        text = f"{d[prefix + 'val_loss']:.4f}"
+        if prefix + "train_eval_loss" in d:
+            text += f" (train {d[prefix + 'train_eval_loss']:.4f})"
+        return text
+
+    line = f"validation loss {pair('')} at step {d['step']}"
+    return line + (f"; EMA {pair('ema_')}" if "ema_val_loss" in d else "")
+
+
 def _timings_line(t: dict) -> str:
     """One line of where the run's time went (the --json summary has the whole table)."""
     parts = [f"{name} {t[key]:.1f}s" for name, key in (
         ("model load", "model load_s"), ("first steps of new shapes", "first_steps_of_shapes_s"),
-        ("validation", "validation_s"), ("checkpoints", "checkpoint_s"), ("save", "save_s")) if key in t]
+        ("validation", "validation_s"), ("validation loss", "validation loss_s"), ("checkpoints", "checkpoint_s"),
+        ("save", "save_s")) if key in t]
     cache = sum(t.get(k, 0.0) for k in ("text encoders load_s", "text cache_s", "vae load_s", "latent cache_s"))
     if cache:
         parts.insert(0, f"caching {cache:.1f}s")
@@ -142,16 +164,51 @@ def _timings_line(t: dict) -> str:
     return head + ("; " + ", ".join(parts) if parts else "")
 
 
+_NUMBER_LIKE = re.compile(r"[-+]?[0-9.]*([eE][-+]?[0-9]*)?|[-+]?(inf(inity)?|nan)", re.IGNORECASE)
+
+
+def parse_manifest_arguments(args: list[str]) -> tuple[list[str], dict[str, float], list[str]]:
+    """MANIFEST arguments, each PATH or PATH:WEIGHT: (paths, {path: weight}, problems).
+
+    An argument naming an existing file is a path whatever it contains, so paths with ':' work as they are. Else a
+    last ':' followed by something number-like (or preceded by an existing file) is a weight: a number above 0,
+    the times each sample of that manifest is seen per epoch (the config's dataset_weights; SimpleTuner's repeats
+    r is a weight of r + 1)."""
+    paths: list[str] = []
+    weights: dict[str, float] = {}
+    problems: list[str] = []
+    for arg in args:
+        head, sep, tail = arg.rpartition(":")
+        if os.path.exists(arg) or not sep or not (os.path.isfile(head) or _NUMBER_LIKE.fullmatch(tail.strip())):
+            paths.append(arg)
+            continue
+        try:
+            weight = float(tail)
+        except ValueError:
+            weight = float("nan")
+        if not (math.isfinite(weight) and weight > 0):
+            problems.append(f"MANIFEST argument {arg!r}: the weight {tail!r} after the last ':' is not a number above "
+                            f"0; write PATH:WEIGHT, e.g. {head}:2 to see its samples twice per epoch ({head}:0.5 for a "
+                            "seeded half)")
+            continue
+        paths.append(head)
+        weights[head] = weight
+    return paths, weights, problems
+
+
 @app.command(
     "train",
     epilog="Examples:\n\n"
     "  kontext-train manifest.parquet --model ./FLUX.1-Kontext-dev\n\n"
     "  kontext-train manifest.parquet --model DIR --config config.json --max-train-steps 2000\n\n"
-    "  kontext-train manifest.parquet --config config.json --set lora_targets=attention+ffs --set optimizer=lion",
+    "  kontext-train manifest.parquet --config config.json --set lora_targets=attention+ffs --set optimizer=lion\n\n"
+    "  kontext-train faces.parquet:2 scenes.parquet --validation-prompts prompts.jsonl",
 )
 def train_cmd(
     manifest: List[Path] = typer.Argument(..., help="Parquet manifest(s) written by `kontext-data pair`; several "
-                                          "are trained as one (sample ids must be unique across them)."),
+                                          "are trained as one (sample ids must be unique across them). PATH:WEIGHT "
+                                          "weighs one: a.parquet:2 sees its samples twice per epoch, :0.5 a seeded "
+                                          "half (dataset_weights)."),
     reference_sampling: Optional[str] = typer.Option(None, "--reference-sampling", help="Samples with several "
                                                      "references: combined (all, every step) | random (one per "
                                                      "sample per step, seeded)."),
@@ -177,6 +234,9 @@ def train_cmd(
     validation_samples: Optional[int] = typer.Option(None, "--validation-samples",
                                                      help="Validate on N training samples when there is no eval "
                                                           "split."),
+    validation_prompts: Optional[Path] = typer.Option(None, "--validation-prompts", help="JSONL of extra validation "
+                                                      "edits: {\"image\": ..., \"prompt\": ...} per line, rendered "
+                                                      "at every validation (checked at start-up)."),
     checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps"),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
     cache_batch_size: Optional[int] = typer.Option(None, "--cache-batch-size", help="Batch of VAE/text encoding."),
@@ -191,6 +251,9 @@ def train_cmd(
     lycoris_config: Optional[Path] = typer.Option(None, "--lycoris-config", help="SimpleTuner lycoris_config.json "
                                                   "(algo lokr); implies --adapter lokr."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    mask_loss: Optional[bool] = typer.Option(None, "--mask-loss/--no-mask-loss", help="Weigh the loss by the "
+                                             "manifest's loss masks (kontext-data pair --masks; default) or ignore "
+                                             "them. The weight outside a mask: --set mask_loss_weight=W."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash images and compare with the manifest first."),
     download: bool = typer.Option(False, "--download", help="Allow downloading --model from the hub."),
     set_: List[str] = typer.Option([], "--set", help="Any config key: --set key=value (repeatable). See "
@@ -203,7 +266,8 @@ def train_cmd(
 
     Example: kontext-train manifest.parquet --model ./FLUX.1-Kontext-dev --config config.json
     """
-    from kontext_trainer.config import ConfigError, parse_set_options, read_config_file, resolve_config
+    from kontext_trainer.config import ConfigError, join_manifest_paths, parse_set_options, read_config_file, \
+        resolve_config
 
     problems: list[str] = []
     file_values: dict = {}
@@ -215,16 +279,20 @@ def train_cmd(
     sets, set_problems = parse_set_options(set_)
     problems += set_problems
     overrides: dict = dict(sets)
+    manifest_paths, manifest_weights, weight_problems = parse_manifest_arguments([str(m) for m in manifest])
+    problems += weight_problems
     explicit = {
-        "manifest": os.pathsep.join(str(m) for m in manifest), "model": model, "output_dir": output_dir, "cache_dir": cache_dir,
+        "manifest": join_manifest_paths(manifest_paths), "model": model, "output_dir": output_dir,
+        "cache_dir": cache_dir,
         "max_train_steps": max_train_steps, "learning_rate": learning_rate, "train_batch_size": train_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps, "lora_rank": lora_rank,
         "lora_targets": lora_targets, "optimizer": optimizer, "seed": seed, "validation_steps": validation_steps,
         "validation_samples": validation_samples, "checkpointing_steps": checkpointing_steps,
         "resume_from_checkpoint": resume, "cache_batch_size": cache_batch_size, "vae_tiling": vae_tiling,
         "base_model_precision": precision, "device": device, "reference_sampling": reference_sampling,
-        "quantize_on": quantize_on, "adapter": adapter,
+        "quantize_on": quantize_on, "adapter": adapter, "mask_loss": mask_loss,
         "lycoris_config": str(lycoris_config) if lycoris_config else None,
+        "validation_prompts": str(validation_prompts) if validation_prompts else None,
     }
     overrides.update({k: v for k, v in explicit.items() if v is not None})
     if verify:
@@ -242,6 +310,11 @@ def train_cmd(
     for n in resolved.notes:
         err.print(f"[cyan]note:[/cyan] {n}", highlight=False)
     cfg = resolved.config
+    if manifest_weights:  # PATH:WEIGHT arguments add to the config's dataset_weights, and win for their manifest
+        given = {os.path.abspath(p) for p in manifest_weights}
+        merged = {k: v for k, v in cfg.dataset_weights if os.path.abspath(k) not in given}
+        merged.update(manifest_weights)
+        cfg = dataclasses.replace(cfg, dataset_weights=tuple(sorted(merged.items())))
     if print_config:
         out.print_json(json.dumps(cfg.to_dict()))
         raise typer.Exit(EXIT_OK)
@@ -294,11 +367,15 @@ def train_cmd(
         "final_loss_mean_last_10pct": sum(last_n) / len(last_n) if last_n else float("nan"),
         "seconds_per_step": result.seconds_per_step,
         "timings": result.timings,
+        "validation_loss": result.validation_losses[-1] if result.validation_losses else None,
+        "ema_lora": str(result.ema_path) if result.ema_path else None,
     }
     if json_lines:
         print(json.dumps({"event": "done", **summary}), flush=True)
     else:
         out.print(f"LoRA: {result.lora_path}")
+        if result.ema_path:
+            out.print(f"EMA LoRA: {result.ema_path}")
         if result.validation_dirs:
             out.print(f"Validation strips: {result.validation_dirs[-1]}")
         out.print(f"Resolved config: {result.config_path}")

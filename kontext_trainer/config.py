@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -41,7 +42,9 @@ class TrainConfig:
 
     manifest: str = _f("", "Path of the Parquet manifest written by `kontext-data`; several manifests (rows "
                            "concatenated, sample ids unique across them) are joined with the OS path separator "
-                           "(':' on Linux), or given as a list in a config file / several CLI arguments.")
+                           "(':' on Linux), or given as a list in a config file / several CLI arguments "
+                           "(PATH:WEIGHT arguments weigh a manifest: see dataset_weights). Paths that contain the "
+                           "separator are kept as a JSON list.")
     model: str = _f(DEFAULT_MODEL, "Local FLUX.1 Kontext [dev] directory (diffusers layout) or a hub id, looked up "
                                    "in the local Hugging Face cache.")
     download: bool = _f(False, "Allow downloading --model from the hub when it is not cached.")
@@ -125,6 +128,12 @@ class TrainConfig:
     train_guidance: float = _f(1.0, "Guidance embedding value during training (1.0 by consensus).")
     caption_dropout_probability: float = _f(0.0, "Probability of blanking the instruction (the reference stays).",
                                             min=0.0, max=1.0)
+    mask_loss: bool = _f(True, "Weigh the loss by the manifest's loss masks (kontext-data pair --masks) where a "
+                               "sample has one; false ignores the masks (every token weighs 1).")
+    mask_loss_weight: float = _f(0.1, "Weight of the squared error outside a loss mask (1 inside, grays in between; "
+                                      "the loss is divided by the sum of the weights). Not 0: outside the edit the "
+                                      "model must still learn to keep the reference (ai-toolkit's mask_min_value).",
+                                 min=0.0, max=1.0)
 
     validation_steps: int = _f(0, "Validate every N optimizer steps (0: only at the end).", min=0)
     validation_samples: int = _f(0, "Validate on N training samples when the manifest has no eval split "
@@ -133,7 +142,19 @@ class TrainConfig:
     validation_num_inference_steps: int = _f(28, "Denoising steps for validation images.", min=1)
     validation_resolution: str = _f("", "WxH (or N for NxN) of validation outputs; empty: each sample's own size.")
     validation_seed: int = _f(0, "Seed of validation noise.")
-    skip_final_validation: bool = _f(False, "Do not validate at the end of training.")
+    skip_final_validation: bool = _f(False, "Do not render validation images at the end of training (the "
+                                            "validation loss still runs; validation_loss false turns it off).")
+    validation_loss: bool = _f(True, "Measure the flow-matching loss of the validation samples (and of as many "
+                                     "training samples) at fixed sigmas with fixed noise: before the first step, "
+                                     "every validation_steps and at the end.")
+    validation_sigmas: tuple[float, ...] = _f((0.1, 0.3, 0.5, 0.7, 0.9), "Sigmas of the validation loss (each in "
+                                              "(0, 1), no shift): a list, or comma-separated.")
+    validation_holdout: bool = _f(False, "Without an eval split: take the validation_samples training samples out "
+                                         "of training, so the validation loss is measured on pairs never trained on.")
+    ema_decay: float | None = _f(None, "Keep an EMA of the adapter with this decay (e.g. 0.999; none: off), saved as "
+                                       "pytorch_lora_weights_ema.safetensors.", min=0.0)
+    ema_warmup: bool = _f(True, "EMA warm-up: decay min(ema_decay, (1 + t) / (10 + t)) at step t + 1.")
+    ema_validate: bool = _f(False, "Also validate (loss and images) with the EMA weights.")
 
     checkpointing_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: off).", min=0)
     checkpoints_total_limit: int = _f(3, "Keep the newest K checkpoints.", min=1)
@@ -155,6 +176,18 @@ class TrainConfig:
         "combined", "Samples with several references: combined = all references in every step; random = one "
                     "reference per sample per step, drawn from (seed, sample id, epoch) (SimpleTuner's "
                     "conditioning_multidataset_sampling).")
+    dataset_weights: tuple[tuple[str, float], ...] = _f(
+        (), "Weight per dataset: {dataset id or manifest path: w}; its samples are seen w times per epoch (2 = twice, "
+            "0.5 = a seeded half each epoch). `kontext-train a.parquet:2` sets it for a manifest. Entries that apply "
+            "to a sample multiply, with each other and with its repeats.")
+    dataset_repeats: tuple[tuple[str, int], ...] = _f(
+        (), "SimpleTuner's repeats per dataset: {dataset id or manifest path: r}; seen r + 1 times per epoch (0 = "
+            "once). Replaces, for that dataset id, the repeats `kontext-data import-simpletuner` stored in the "
+            "manifest.")
+    validation_prompts: str = _f(
+        "", "A JSONL file of extra validation edits, one {\"image\" or \"images\", \"prompt\", optional \"seed\", "
+            "\"width\"/\"height\" or \"size\"} per line (image paths relative to the file's folder allowed); "
+            "rendered at every validation beside the eval strips, checked at start-up.")
 
     # --- model side (issue 6) ---
     quantize_on: Literal["gpu", "cpu"] = _f("gpu", "Where int8/fp8-quanto quantizes the base (the guide's "
@@ -180,9 +213,16 @@ class TrainConfig:
 
     @property
     def manifest_paths(self) -> list[str]:
-        """The manifest(s): `manifest` split on the OS path separator."""
+        """The manifest(s): `manifest` split on the OS path separator, or a JSON list (`join_manifest_paths` writes
+        one when a path contains the separator)."""
         import os
 
+        text = self.manifest.strip()
+        if text.startswith("["):
+            try:
+                return [str(p) for p in json.loads(text) if p]
+            except ValueError:
+                pass
         return [p for p in self.manifest.split(os.pathsep) if p]
 
     @property
@@ -282,7 +322,7 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
     # TOML/YAML tables are flattened one level ([lora] rank = 16 -> lora_rank)
     flat: dict[str, Any] = {}
     for k, v in data.items():
-        if isinstance(v, dict) and suffix != ".json":
+        if isinstance(v, dict) and suffix != ".json" and _norm_key(k) not in TABLE_KEYS:  # those stay tables
             for k2, v2 in v.items():
                 flat[f"{k}_{k2}"] = v2
         else:
@@ -291,6 +331,68 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ values
+
+# keys whose value is a table {dataset id or manifest path: number}, and the number each holds
+TABLE_KEYS = {"dataset_weights": float, "dataset_repeats": int}
+
+
+def join_manifest_paths(paths: list[str]) -> str:
+    """The `manifest` value for several paths: joined with the OS path separator, or a JSON list when a path
+    contains the separator (':' is legal in POSIX file names), which `TrainConfig.manifest_paths` reads back."""
+    import os
+
+    if any(os.pathsep in p or p.lstrip().startswith("[") for p in paths):
+        return json.dumps(list(paths))
+    return os.pathsep.join(paths)
+
+
+def parse_table(name: str, value: Any) -> tuple[tuple[tuple[str, Any], ...], str | None]:
+    """A dataset table from a config file's object, a list of [key, number] pairs (config.resolved.json), JSON
+    text or `KEY=N,KEY=N` (--set): sorted (key, number) pairs, or an error naming every bad entry."""
+    kind = TABLE_KEYS[name]
+    what = "a number above 0" if kind is float else "a whole number >= 0"
+    example = f'{{"faces": {2 if kind is float else 1}}}'
+    items: list = []
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return (), None
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            return (), f"{name}: {value!r} is not valid JSON ({exc}); e.g. {example}"
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, str):
+        for part in value.split(","):
+            key, sep, number = part.rpartition("=")
+            if not sep or not key.strip():
+                return (), f"{name}: {part.strip()!r} is not KEY=N; write {name}=faces=2,scenes=1 or JSON {example}"
+            items.append((key.strip(), number.strip()))
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        items = [tuple(p) for p in value]
+    else:
+        return (), f"{name}: {value!r} is not a table of dataset id or manifest: {what}; e.g. {example}"
+    out: dict[str, Any] = {}
+    bad: list[str] = []
+    for key, raw in items:
+        number = None
+        if not isinstance(raw, bool):
+            try:
+                if kind is float:
+                    number = float(raw)
+                    number = number if math.isfinite(number) and number > 0 else None
+                else:
+                    f = float(raw)
+                    number = int(f) if f.is_integer() and f >= 0 else None
+            except (TypeError, ValueError):
+                number = None
+        if not str(key).strip() or number is None:
+            bad.append(f"{key!r}: {raw!r}")
+            continue
+        out[str(key)] = number
+    if bad:
+        return (), f"{name}: {'; '.join(bad)}: each value must be {what}"
+    return tuple(sorted(out.items())), None
 
 
 def _norm_key(key: str) -> str:
@@ -419,6 +521,16 @@ def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> t
             problems.append(f"lr_scheduler: {value!r} is not one of {', '.join(SCHEDULER_ALIASES)}")
             return None, None
         return key, SCHEDULER_ALIASES[v]
+    if key == "validation_sigmas":  # a list, or comma-separated text (--set validation_sigmas=0.25,0.5,0.75)
+        items = value if isinstance(value, (list, tuple)) else str(value).strip().strip("[]()").split(",")
+        try:
+            sigmas = tuple(float(v) for v in items if str(v).strip())
+        except (TypeError, ValueError):
+            sigmas = ()
+        if not sigmas or not all(0.0 < v < 1.0 for v in sigmas):
+            problems.append(f"validation_sigmas: {value!r} is not a list of sigmas, each between 0 and 1 (exclusive)")
+            return None, None
+        return key, sigmas
     if key == "validation_resolution":
         text = str(value).strip()
         first = text.split(",")[0].strip()
@@ -437,9 +549,13 @@ def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> t
     if key in ("lora_targets",) and isinstance(value, (list, tuple)):
         return key, ",".join(str(v) for v in value)
     if key == "manifest" and isinstance(value, (list, tuple)):
-        import os
-
-        return key, os.pathsep.join(str(v) for v in value)
+        return key, join_manifest_paths([str(v) for v in value])
+    if key in TABLE_KEYS:  # {dataset id or manifest: number}, see kontext_trainer.weighting
+        table, error = parse_table(key, value)
+        if error:
+            problems.append(error)
+            return None, None
+        return key, table
     if key == "resume_from_checkpoint" and value is None:
         return key, ""
     if key == "attention_backend" and str(value) in ("diffusers", "sdpa"):
@@ -497,6 +613,8 @@ def resolve_config(file_values: Mapping[str, Any] | None = None, overrides: Mapp
     if values.get("activation_memory_budget") is not None and values.get("compile_blocks") is False:
         problems.append("activation_memory_budget: only compiled blocks have one; with compile_blocks false use "
                         "checkpoint_fraction")
+    if values.get("ema_decay") is not None and values["ema_decay"] >= 1.0:
+        problems.append(f"ema_decay: {values['ema_decay']} must be below 1 (0.999 is usual; none turns the EMA off)")
     if values.get("lycoris_config") and not problems:  # model side (issue 6): keys set explicitly win
         from kontext_trainer.adapters import read_lycoris_config
 

@@ -7,6 +7,8 @@ The sequence is `[noisy target tokens | reference tokens]`; target position ids 
 `(1, row, col)` (the same grid as FluxKontextPipeline builds); extra references are placed beside or below the
 ones before, as ComfyUI's default "offset" method does (`comfy/ldm/flux/model.py`), so they do not overlap. One timestep per
 sample for all tokens, guidance embedding 1.0, the prediction sliced back to the target tokens before the loss.
+With loss masks (`kontext-data pair --masks`) each target token's squared error is weighted by its mask
+(`masked_loss`); without, the loss is the plain mean.
 
 `kontext_step` is the one function the trainer and benchmarks/gpu_smoke.py call.
 """
@@ -173,13 +175,15 @@ class KontextBatch:
     """One bucketed batch: every sample has the same target size and the same number/sizes of references.
 
     target: (B, C, H, W) normalized latents; references: list of (B, C, h, w); prompt_embeds (B, L, D) T5;
-    pooled (B, P) CLIP."""
+    pooled (B, P) CLIP; mask: (B, H, W) loss masks at latent resolution in [0, 1] (1 = the edited region), None when
+    no sample of the batch has one (a sample without a mask has an all-ones mask in a batch with others)."""
 
     target: torch.Tensor
     references: list[torch.Tensor]
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
     sample_ids: list[str] | None = None
+    mask: torch.Tensor | None = None
 
     def to(self, device, dtype) -> "KontextBatch":
         return KontextBatch(
@@ -188,6 +192,8 @@ class KontextBatch:
             prompt_embeds=self.prompt_embeds.to(device=device, dtype=dtype),
             pooled=self.pooled.to(device=device, dtype=dtype),
             sample_ids=self.sample_ids,
+            # float32 whatever the model's dtype: the loss is computed in float32, and 1.0 stays exactly 1.0
+            mask=None if self.mask is None else self.mask.to(device=device, dtype=torch.float32),
         )
 
 
@@ -198,11 +204,47 @@ class StepOutput:
     num_target_tokens: int
 
 
+MASK_LOSS_WEIGHT = 0.1
+"""Default weight of the squared error outside a loss mask (TrainConfig.mask_loss_weight; docs/train.md says why)."""
+
+
+def token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) latent-resolution masks -> (B, H/2 * W/2, 1): each token's mask is the mean over its 2x2 latent
+    patch, packed exactly as `pack_latents` packs the latents, so token i's weight covers token i's pixels."""
+    return pack_latents(mask.unsqueeze(1)).mean(dim=-1, keepdim=True)
+
+
+def masked_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                mask_loss_weight: float = MASK_LOSS_WEIGHT) -> torch.Tensor:
+    """The weighted mean squared error of packed target tokens: with m the token's mask (`token_mask`) and
+    weight = m + mask_loss_weight * (1 - m) (1 inside the mask, mask_loss_weight outside),
+
+        loss = sum(weight * (prediction - target)^2) / sum(weight)        over every element (B, tokens, channels).
+
+    Dividing by the sum of the weights, not by the element count, keeps the loss a weighted MEAN: its scale does not
+    depend on how much of the image a mask covers, so a sample with a small edited region is not trained with a
+    smaller effective learning rate than one with a large region, and loss curves with and without masks read the
+    same. It also makes an all-ones mask (and a batch's unmasked samples) give exactly the plain mean.
+
+    Computed as mse(prediction * sqrt(w), target * sqrt(w)) * (N / sum(w)) with N the element count: the same value,
+    and with an all-ones mask every factor is exactly 1, so the result is bit for bit `F.mse_loss(prediction, target)`
+    on every device (the plain loss's own kernel runs). `prediction` and `target`: (B, T, D) float32; `mask`:
+    (B, H, W) with H/2 * W/2 = T. A batch whose weights are all 0 (mask_loss_weight 0 and empty masks) gives 0."""
+    m = token_mask(mask.to(device=prediction.device, dtype=torch.float32))
+    w = m + mask_loss_weight * (1.0 - m)  # (B, T, 1), broadcast over the channels
+    root = w.sqrt()
+    # tensor / tensor: IEEE division, so N / N is exactly 1 (`int / tensor` would multiply by a rounded reciprocal)
+    scale = w.new_tensor(float(w.numel())) / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return F.mse_loss(prediction * root, target * root, reduction="mean") * scale
+
+
 def kontext_forward(transformer, batch: KontextBatch, sigmas: torch.Tensor, noise: torch.Tensor,
-                    guidance: float = 1.0) -> StepOutput:
+                    guidance: float = 1.0, mask_loss_weight: float = MASK_LOSS_WEIGHT) -> StepOutput:
     """Forward of one Kontext training step; returns the loss on the target tokens and the full prediction.
 
     sigmas: (B,) in (0, 1); noise: like batch.target. Reference tokens are clean latents (no gradient into them).
+    With `batch.mask` the loss is `masked_loss` (errors outside the mask weigh `mask_loss_weight`); without, the
+    plain mean squared error.
     """
     z = batch.target
     b, c, h, w = z.shape
@@ -228,19 +270,23 @@ def kontext_forward(transformer, batch: KontextBatch, sigmas: torch.Tensor, nois
         return_dict=False,
     )[0]
     pred_target = prediction[:, :n_target]
-    loss = F.mse_loss(pred_target.float(), pack_latents(flow_target), reduction="mean")
+    if batch.mask is None:
+        loss = F.mse_loss(pred_target.float(), pack_latents(flow_target), reduction="mean")
+    else:
+        loss = masked_loss(pred_target.float(), pack_latents(flow_target), batch.mask, mask_loss_weight)
     return StepOutput(loss=loss, prediction=prediction, num_target_tokens=n_target)
 
 
 def kontext_step(transformer, batch: KontextBatch, generator: torch.Generator, *, scheme: str = "logit_normal",
                  shift: float = 3.0, logit_mean: float = 0.0, logit_std: float = 1.0, guidance: float = 1.0,
                  attention_backend: str = "auto", loss_scale: float = 1.0, backward: bool = True,
-                 sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> float:
+                 sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 mask_loss_weight: float = MASK_LOSS_WEIGHT) -> float:
     """One micro-step: sample sigmas and noise (from `generator`, on the CPU, so runs are reproducible on any
     device), forward, and backward of `loss * loss_scale` under the selected attention kernels. Returns the
     (unscaled) loss as a float. This is the function the trainer and the GPU benchmark call. `sigmas` / `noise`
     given (the trainer draws them per sample, so a batch split over processes sees the same ones) replace the
-    draws from `generator`."""
+    draws from `generator`. `mask_loss_weight`: the weight outside a loss mask (batches with `mask` only)."""
     b = batch.target.shape[0]
     if sigmas is None:
         sigmas = sample_sigmas(b, generator, scheme, shift, logit_mean, logit_std)
@@ -248,7 +294,7 @@ def kontext_step(transformer, batch: KontextBatch, generator: torch.Generator, *
         noise = torch.randn(batch.target.shape, generator=generator, dtype=torch.float32)
     noise = noise.to(device=batch.target.device, dtype=batch.target.dtype)
     with attention_context(attention_backend, batch.target.device):
-        out = kontext_forward(transformer, batch, sigmas, noise, guidance)
+        out = kontext_forward(transformer, batch, sigmas, noise, guidance, mask_loss_weight)
         if backward:
             (out.loss * loss_scale).backward()
     value = float(out.loss.detach())

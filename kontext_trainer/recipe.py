@@ -1,8 +1,9 @@
 """The Kontext LoRA training recipe: setup / train / save_checkpoint, composed of the component modules.
 
-In: a checked TrainConfig. Out, under output_dir: `pytorch_lora_weights.safetensors` (diffusers format),
-`config.resolved.json`, `metrics.jsonl`, `checkpoints/checkpoint-NNNNNN/` (resumable, newest K kept),
-`validation/step_NNNNNN/*.png` strips and TensorBoard logs in `logs/`.
+In: a checked TrainConfig. Out, under output_dir: `pytorch_lora_weights.safetensors` (diffusers format; with
+ema_decay also `pytorch_lora_weights_ema.safetensors`), `config.resolved.json`, `metrics.jsonl` (step lines and
+validation-loss lines), `checkpoints/checkpoint-NNNNNN/` (resumable, newest K kept), `validation/step_NNNNNN/*.png`
+strips and TensorBoard logs in `logs/`.
 
 Order of work (memory): manifest checks (all problems together, before any model loads) -> text encoders load,
 encode missing captions, freed -> VAE loads, encodes missing latents, is moved to the CPU (it comes back to the
@@ -27,12 +28,17 @@ import torch
 
 from kontext_trainer import adapters, fuse as fuse_mod, model as model_mod, optim as optim_mod, quantize as quantize_mod
 from kontext_trainer import fa4 as fa4_mod, speed
-from kontext_trainer.cache import CacheError, FeatureCache, latent_key, text_key
+from kontext_trainer.cache import CacheError, FeatureCache, latent_key, mask_key, text_key
 from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import BLANK_CAPTION, BucketBatchSampler, KeyBook, Sample, choose_caption, load_batch, \
     samples_from_records
 from kontext_trainer.data import choose_references, materialize_on_demand, read_manifests, record_problems
+from kontext_trainer.data import draw_epoch
+from kontext_trainer.prompts import read_validation_prompts
+from kontext_trainer.weighting import dataset_weighting
 from kontext_trainer.distributed import Dist, init_distributed, shard_indices
+from kontext_trainer.ema import EMA_WEIGHT_NAME, AdapterEMA
+from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
 from kontext_trainer.flow import attention_context, kontext_step, sample_sigmas
 from kontext_trainer.phases import PhaseClock
 
@@ -65,6 +71,10 @@ class TrainResult:
     seconds_per_step: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)
     """The phase table of the run (kontext_trainer.phases.PhaseClock.summary)."""
+    validation_losses: list[dict[str, Any]] = field(default_factory=list)
+    """Every validation-loss evaluation of this run, as written to metrics.jsonl (step, val_loss, ...)."""
+    ema_path: Path | None = None
+    """pytorch_lora_weights_ema.safetensors when ema_decay is set."""
 
 
 def check_records(records: list[dict], verify: bool) -> list[str]:
@@ -75,6 +85,8 @@ def check_records(records: list[dict], verify: bool) -> list[str]:
     for r in records:
         files = [(r["target_path"], r["target_hash"], "target")] + [
             (p, h, f"reference {i + 1}") for i, (p, h) in enumerate(zip(r["reference_paths"], r["reference_hashes"]))]
+        if r.get("mask_path"):
+            files.append((r["mask_path"], r["mask_hash"], "mask"))
         for path, expected, what in files:
             if not os.path.isfile(path):
                 problems.append(f"{r['sample_id']}: {what} file missing: {path}")
@@ -152,6 +164,10 @@ class KontextLoRARecipe:
         self.dist = Dist()
         self.clock = PhaseClock()
         self.offload_report = None
+        self.ema: AdapterEMA | None = None
+        self.train_eval_samples: list[Sample] = []
+        self.validation_losses: list[dict[str, Any]] = []
+        self._metrics = None  # train()'s open metrics.jsonl, so evaluation lines keep the order of the steps
 
     def emit(self, kind: str, **data) -> None:
         self._emit_fn(kind, data)
@@ -174,12 +190,31 @@ class KontextLoRARecipe:
         train_records = [r for r in records if r["split"] == "train"]
         if not train_records and records:
             problems.append("the manifest has no rows with split 'train'")
-        if problems:
-            raise TrainError(problems, title=f"manifest {', '.join(paths)}")
+        self.weighting = dataset_weighting(train_records, records, paths, options, cfg.dataset_weights,
+                                           cfg.dataset_repeats)
+        problems += self.weighting.problems
+        # the prompts file is checked now, with the manifest, so that a bad line stops the run before any model loads
+        self.val_prompts, prompt_problems = (read_validation_prompts(cfg.validation_prompts)
+                                             if cfg.validation_prompts else ([], []))
+        if problems or prompt_problems:
+            raise TrainError(problems + prompt_problems, title=" and ".join(
+                [f"manifest {', '.join(paths)}"] * bool(problems)
+                + [f"validation_prompts {cfg.validation_prompts}"] * bool(prompt_problems)))
         for opts in options:
             self._check_resolution(opts)
         self.samples = samples_from_records(train_records)
         self.val_samples = self._pick_validation(samples_from_records([r for r in records if r["split"] == "eval"]))
+        ignored_masks = 0
+        if not cfg.mask_loss:  # every token weighs 1, as without masks: they are neither cached nor loaded
+            import dataclasses
+
+            ignored_masks = sum(s.mask is not None for s in self.samples)
+            self.samples = [dataclasses.replace(s, mask=None) for s in self.samples]
+            self.val_samples = [dataclasses.replace(s, mask=None) for s in self.val_samples]
+        self._hold_out_validation()
+        if cfg.validation_loss:  # as many training samples beside them: over-fitting shows as the gap
+            self.train_eval_samples = pick_train_eval(self.samples, {s.sample_id for s in self.val_samples},
+                                                      len(self.val_samples), cfg.seed)
         self.clock.add("manifest", time.perf_counter() - t_manifest)
 
         try:
@@ -196,14 +231,24 @@ class KontextLoRARecipe:
         self._limit_memory()
         self.emit("stage", message=f"model {self.model_dir} on {self.device} ({cfg.base_model_precision}); "
                                    f"{len(self.samples)} training samples in {self._n_buckets()} bucket(s), "
-                                   f"{len(self.val_samples)} validation sample(s)")
+                                   f"{len(self.val_samples)} validation sample(s)"
+                                   + (f", {len(self.val_prompts)} validation prompt(s)" if self.val_prompts else ""))
+        self.emit("stage", message=self.weighting.describe([s.sample_id for s in self.samples]))
+        n_masked = sum(s.mask is not None for s in self.samples)
+        if n_masked:
+            self.emit("stage", message=f"masked loss: {n_masked} of {len(self.samples)} training samples have a loss "
+                                       f"mask; errors outside it weigh {cfg.mask_loss_weight:g} (mask_loss_weight)")
+        elif ignored_masks:
+            self.emit("stage", message=f"masked loss off (mask_loss false): the loss masks of {ignored_masks} "
+                                       "training samples are ignored")
         self._check_attention()
         try:
             self._build_caches()
         except CacheError as exc:
             raise TrainError([f"{exc.path}: {exc}"], title="caching") from None
         self._build_model()
-        self.sampler = BucketBatchSampler(self.samples, cfg.train_batch_size, cfg.seed)
+        weights, groups = self.weighting.for_samples([s.sample_id for s in self.samples])
+        self.sampler = BucketBatchSampler(self.samples, cfg.train_batch_size, cfg.seed, weights, groups)
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
         if cfg.report_to == "tensorboard" and self.dist.is_main:
@@ -294,6 +339,25 @@ class KontextLoRARecipe:
         ordered = sorted(self.samples, key=lambda s: s.sample_id)
         return ordered[: (n or 2)]
 
+    def _hold_out_validation(self) -> None:
+        """validation_holdout without an eval split: the picked training samples leave training, so the validation
+        loss is measured on pairs the adapter never saw."""
+        if not self.cfg.validation_holdout or not self.val_samples or self.val_samples[0].split == "eval":
+            return
+        import dataclasses
+
+        held = {s.sample_id for s in self.val_samples}
+        rest = [s for s in self.samples if s.sample_id not in held]
+        if not rest:
+            raise TrainError([f"validation_holdout: holding out the {len(held)} validation sample(s) leaves no "
+                              "training sample; lower validation_samples or turn validation_holdout off"],
+                             title="validation_holdout")
+        self.samples = rest
+        # marked as an eval split's samples are, so caching and validation treat them alike
+        self.val_samples = [dataclasses.replace(s, split="eval") for s in self.val_samples]
+        self.emit("stage", message=f"validation: {len(held)} training sample(s) held out of training "
+                                   "(validation_holdout)")
+
     # ------------------------------------------------------------------------------------------- caches
 
     def _build_caches(self) -> None:
@@ -301,7 +365,8 @@ class KontextLoRARecipe:
         from kontext_data.manifest import load_image
 
         all_samples = self.samples + [s for s in self.val_samples if s.split == "eval"]
-        captions = sorted({c for s in all_samples for c in s.captions} | {BLANK_CAPTION})
+        captions = sorted({c for s in all_samples for c in s.captions} | {BLANK_CAPTION}
+                          | {p.prompt for p in self.val_prompts})
         text_fp = model_mod.fingerprint(self.model_dir, "text_encoder") + model_mod.fingerprint(
             self.model_dir, "text_encoder_2") + model_mod.fingerprint(self.model_dir, "tokenizer") + \
             model_mod.fingerprint(self.model_dir, "tokenizer_2")
@@ -310,12 +375,15 @@ class KontextLoRARecipe:
         dtype_name = str(self.dtype).replace("torch.", "")
         entries = {e for s in all_samples for e in (s.target, *s.references)}
         latent_keys = {e: latent_key(vae_fp, e, dtype_name) for e in entries}
-        self.keys = KeyBook(text=text_keys, latent=latent_keys)
+        mask_keys = {s.mask: mask_key(s.mask) for s in all_samples if s.mask is not None}
+        self.keys = KeyBook(text=text_keys, latent=latent_keys, mask=mask_keys)
 
         def progress(stage, done, total):
             self.emit("progress", stage=stage, done=done, total=total)
 
         stats = {"text_total": len(text_keys), "latent_total": len(latent_keys)}
+        if mask_keys:
+            stats["mask_total"] = len(mask_keys)
         missing_text = self.cache.missing_text({k: c for c, k in text_keys.items()}, self.dist.rank,
                                                self.dist.world_size)
         if missing_text:
@@ -347,7 +415,10 @@ class KontextLoRARecipe:
                 rank=self.dist.rank, world_size=self.dist.world_size)
             self._synchronize()
             self.clock.add("latent cache", time.perf_counter() - t, stats["latent_encoded"])
-        self.dist.barrier()  # every rank's share of the latents is written
+        if mask_keys:  # loss masks need no model: computed from their files on the CPU
+            stats["mask_encoded"] = self.cache.encode_masks({k: e for e, k in mask_keys.items()}, progress,
+                                                            rank=self.dist.rank, world_size=self.dist.world_size)
+        self.dist.barrier()  # every rank's share of the latents (and masks) is written
         self.vae.to("cpu")  # back on the device only for validation
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -421,6 +492,11 @@ class KontextLoRARecipe:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
         self.scheduler = model_mod.load_scheduler(self.model_dir)
+        self.ema = self._make_ema()
+        if self.ema is not None:
+            self.emit("stage", message=f"EMA of the adapter: decay {cfg.ema_decay:g}"
+                                       + (" with warm-up" if cfg.ema_warmup else "")
+                                       + f", float32 on {self.device} (ema_decay)")
         n = sum(p.numel() for p in self.params)
         if cfg.adapter == "lokr" and cfg.lokr_factor != cfg.lokr_factor_ff and any(
                 adapters.is_feed_forward(m) for m in self.lora_config.target_modules):
@@ -433,6 +509,13 @@ class KontextLoRARecipe:
                 if cfg.adapter == "lokr" else f"LoRA rank {cfg.lora_rank}")
         self.emit("stage", message=f"{kind} on {len(self.lora_config.target_modules)} modules "
                                    f"({n:,} trainable parameters), optimizer {cfg.optimizer}")
+
+    def _make_ema(self) -> AdapterEMA | None:
+        """The EMA of the adapter's current weights (ema_decay), or None when off."""
+        if self.cfg.ema_decay is None:
+            return None
+        named = [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
+        return AdapterEMA(named, self.cfg.ema_decay, self.cfg.ema_warmup)
 
     def _decide_compile(self) -> None:
         cfg = self.cfg
@@ -499,7 +582,7 @@ class KontextLoRARecipe:
 
     # ------------------------------------------------------------------------------------------- train
 
-    def _caption_for(self, sample: Sample, epoch: int) -> str:
+    def _caption_for(self, sample: Sample, epoch: int | str) -> str:
         return choose_caption(sample, self.cfg.seed, epoch, self.cfg.caption_dropout_probability)
 
     def train(self) -> TrainResult:
@@ -507,12 +590,15 @@ class KontextLoRARecipe:
         metrics_path = self.output_dir / "metrics.jsonl"
         losses: list[tuple[int, float]] = []
         validation_dirs: list[Path] = []
-        it = self.sampler.iterate(self.epoch, self.position)
+        it = self.sampler.iterate(self.epoch, self.position, with_copy=True)
         started = time.perf_counter()
         first_step = self.step
         if not self.dist.is_main:
             metrics_path = Path(os.devnull)  # rank 0 alone writes outputs
+        if self.step == 0 and self._loss_on():
+            self.validate(images=False)  # the baseline every later validation loss is compared with
         with open(metrics_path, "a", encoding="utf-8") as metrics:
+            self._metrics = metrics
             while self.step < cfg.max_train_steps:
                 t0 = time.perf_counter()
                 step_loss = 0.0
@@ -520,7 +606,8 @@ class KontextLoRARecipe:
                 shapes = []
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in range(cfg.gradient_accumulation_steps):
-                    epoch, position, idx = next(it)
+                    epoch, position, idx, copy = next(it)
+                    draw = draw_epoch(epoch, copy)  # a repeated sample's viewings draw their captions anew
                     self.epoch, self.position = epoch, position
                     # this rank's shard of the global batch (all of it in one process)
                     shard = shard_indices(idx, self.dist.rank, self.dist.world_size)
@@ -528,8 +615,8 @@ class KontextLoRARecipe:
                         continue  # contributes zero gradients to the all-reduce
                     batch_samples = [self.samples[i] for i in shard]
                     shapes.append((batch_samples[0].bucket, len(batch_samples)))
-                    captions = [self._caption_for(s, epoch) for s in batch_samples]
-                    chosen = choose_references(batch_samples, cfg.reference_sampling, cfg.seed, epoch)
+                    captions = [self._caption_for(s, draw) for s in batch_samples]
+                    chosen = choose_references(batch_samples, cfg.reference_sampling, cfg.seed, draw)
                     batch = load_batch(batch_samples, self.cache, self.keys, captions, chosen).to(self.device,
                                                                                                   self.dtype)
                     sigmas, noise = self._sigmas_and_noise(batch_samples, batch, micro)
@@ -539,6 +626,7 @@ class KontextLoRARecipe:
                             self.transformer, batch, None, scheme=cfg.timestep_sampling, shift=cfg.flow_shift,
                             logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, guidance=cfg.train_guidance,
                             attention_backend=cfg.attention_backend, loss_scale=weight, sigmas=sigmas, noise=noise,
+                            mask_loss_weight=cfg.mask_loss_weight,
                         ) * weight
                     except FloatingPointError as exc:
                         failure = str(exc)
@@ -555,6 +643,8 @@ class KontextLoRARecipe:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.params, self.step)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -575,6 +665,8 @@ class KontextLoRARecipe:
                     validation_dirs.append(self.validate())
         if not cfg.skip_final_validation:
             validation_dirs.append(self.validate())
+        elif self._loss_on():
+            self.validate(images=False)  # skip_final_validation skips the images, not the cheap loss
         self.dist.barrier()
         with self.clock.phase("save"):
             lora_path = self.save_final()
@@ -588,7 +680,9 @@ class KontextLoRARecipe:
         self.emit("timings", **timings)
         return TrainResult(lora_path=lora_path, config_path=self.output_dir / "config.resolved.json", losses=losses,
                            validation_dirs=validation_dirs, checkpoints=list_checkpoints(self.output_dir),
-                           seconds_per_step=(time.perf_counter() - started) / n_steps, timings=timings)
+                           seconds_per_step=(time.perf_counter() - started) / n_steps, timings=timings,
+                           validation_losses=list(self.validation_losses),
+                           ema_path=self.output_dir / EMA_WEIGHT_NAME if self.ema is not None else None)
 
     # ------------------------------------------------------------------------------------------- validation
 
@@ -604,24 +698,88 @@ class KontextLoRARecipe:
             noise.append(torch.randn(tuple(z.shape), generator=gen, dtype=torch.float32))
         return torch.cat(sigmas), torch.stack(noise)
 
-    def validate(self) -> Path:
+    def validate(self, images: bool = True) -> Path:
+        """The validation loss (validation_loss), then the image strips (`images`); with ema_validate both again
+        with the EMA weights."""
         out_dir = self.output_dir / "validation" / f"step_{self.step:06d}"
         if not self.dist.is_main:  # rank 0 validates; the others wait
             self.dist.barrier()
             return out_dir
         try:
+            if self._loss_on():
+                with self.clock.phase("validation loss"):
+                    self._validation_loss()
+            if not images:
+                return out_dir
             with self.clock.phase("validation"):
-                return self._validate()
+                out_dir = self._validate()
+                if self.ema is not None and self.cfg.ema_validate:
+                    with self.ema.applied(self.params):
+                        self._validate(ema=True)
+                return out_dir
         finally:
             self.dist.barrier()
 
-    def _validate(self) -> Path:
+    def _loss_on(self) -> bool:
+        return self.cfg.validation_loss and bool(self.val_samples)
+
+    def _validation_loss(self) -> dict[str, Any]:
+        """Evaluate, then write metrics.jsonl's line, the TensorBoard scalars and the `validation_loss` event."""
+        record: dict[str, Any] = {"step": self.step}
+        try:
+            self._loss_into(record, "")
+            if self.ema is not None and self.cfg.ema_validate:
+                with self.ema.applied(self.params):
+                    self._loss_into(record, "ema_")
+        except FloatingPointError as exc:
+            self.emit("warning", message=f"validation loss at step {self.step}: {exc}")
+            return record
+        record["val_samples"] = len(self.val_samples)
+        record["train_eval_samples"] = len(self.train_eval_samples)
+        line = json.dumps(record) + "\n"
+        if self._metrics is not None and not self._metrics.closed:
+            self._metrics.write(line)
+        else:  # before or after train()'s loop
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(line)
+        if self.writer:
+            for prefix in ("", "ema_"):
+                for key, tag in (("val_loss", "val"), ("train_eval_loss", "train_eval")):
+                    if prefix + key not in record:
+                        continue
+                    tag += "_ema" if prefix else ""
+                    self.writer.add_scalar(f"{tag}/loss", record[prefix + key], self.step)
+                    for sigma, value in record[prefix + key + "_by_sigma"].items():
+                        self.writer.add_scalar(f"{tag}/loss_sigma_{sigma}", value, self.step)
+        self.validation_losses.append(record)
+        self.emit("validation_loss", **record)
+        return record
+
+    def _loss_into(self, record: dict[str, Any], prefix: str) -> None:
+        cfg = self.cfg
+
+        def load(group: list[Sample]):
+            return load_batch(group, self.cache, self.keys, [s.captions[0] for s in group])
+
+        # one process's share of a training micro-batch: the shapes (and memory) its training steps have
+        batch_size = -(-cfg.train_batch_size // self.dist.world_size)
+        for key, samples in (("val_loss", self.val_samples), ("train_eval_loss", self.train_eval_samples)):
+            report = evaluate_loss(self.transformer, samples, load, sigmas=cfg.validation_sigmas, seed=cfg.seed,
+                                   batch_size=batch_size, device=self.device, dtype=self.dtype,
+                                   guidance=cfg.train_guidance, attention_backend=cfg.attention_backend,
+                                   mask_loss_weight=cfg.mask_loss_weight)  # the training loss's own weighting
+            if report is not None:
+                record[prefix + key] = report.mean
+                record[prefix + key + "_by_sigma"] = report.by_sigma
+
+    def _validate(self, ema: bool = False) -> Path:
         from kontext_data.manifest import load_image
 
         from kontext_trainer.validate import run_validation
 
         cfg = self.cfg
         out_dir = self.output_dir / "validation" / f"step_{self.step:06d}"
+        out_dir, tag = (out_dir / "ema", "validation_ema") if ema else (out_dir, "validation")
         captions = [s.captions[0] for s in self.val_samples]
         embeddings = [self.cache.load_text(self.keys.text[c]) for c in captions]
         self.vae.to(self.device)
@@ -634,6 +792,7 @@ class KontextLoRARecipe:
                 seed=cfg.validation_seed, device=self.device, dtype=self.dtype,
                 attention_context=lambda: attention_context(cfg.attention_backend, self.device),
             )
+            results += self._validate_prompts(out_dir)
         finally:
             self.vae.to("cpu")
             if self.device.type == "cuda":
@@ -642,10 +801,27 @@ class KontextLoRARecipe:
             import numpy as np
 
             for r in results:
-                self.writer.add_image(f"validation/{r.sample_id}", np.asarray(r.strip), self.step, dataformats="HWC")
-                self.writer.add_text(f"validation/{r.sample_id}", r.caption or "(blank)", self.step)
-        self.emit("validation", step=self.step, dir=str(out_dir), files=[str(r.strip_path) for r in results])
+                self.writer.add_image(f"{tag}/{r.sample_id}", np.asarray(r.strip), self.step, dataformats="HWC")
+                self.writer.add_text(f"{tag}/{r.sample_id}", r.caption or "(blank)", self.step)
+        self.emit("validation", step=self.step, dir=str(out_dir), files=[str(r.strip_path) for r in results],
+                  **({"ema": True} if ema else {}))
         return out_dir
+
+    def _validate_prompts(self, out_dir: Path) -> list:
+        """The validation_prompts edits, beside the eval strips (same pipeline and settings); their strips join the
+        validation results (TensorBoard, the validation event)."""
+        if not self.val_prompts:
+            return []
+        from kontext_trainer.validate import run_prompt_validation
+
+        cfg = self.cfg
+        embeddings = [self.cache.load_text(self.keys.text[p.prompt]) for p in self.val_prompts]
+        area = max(w * h for w, h in (s.target.size for s in self.samples))
+        return run_prompt_validation(
+            self.transformer, self.vae, self.scheduler, self.val_prompts, embeddings, out_dir, area=area,
+            guidance=cfg.validation_guidance, num_inference_steps=cfg.validation_num_inference_steps,
+            resolution=cfg.validation_resolution, seed=cfg.validation_seed, device=self.device, dtype=self.dtype,
+            attention_context=lambda: attention_context(cfg.attention_backend, self.device))
 
     # ------------------------------------------------------------------------------------------- saving
 
@@ -654,6 +830,9 @@ class KontextLoRARecipe:
             return self.output_dir / adapters.LORA_WEIGHT_NAME
         path = adapters.save_lora(self.transformer, self.output_dir, training_config=self._training_metadata())
         self.emit("saved", path=str(path))
+        if self.ema is not None:
+            ema_path = self.ema.save(self.transformer, self.params, self.output_dir, self._training_metadata())
+            self.emit("saved", path=str(ema_path), ema=True)
         return path
 
     def _training_metadata(self) -> dict[str, Any]:
@@ -681,9 +860,12 @@ class KontextLoRARecipe:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             adapters.save_lora(self.transformer, tmp, training_config=self._training_metadata())
+            if self.ema is not None:
+                self.ema.save(self.transformer, self.params, tmp, self._training_metadata())
             torch.save({
                 "step": self.step, "epoch": self.epoch, "position": self.position,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
             }, tmp / "training_state.pt")
             (tmp / "config.resolved.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
             if final.exists():
@@ -740,6 +922,14 @@ class KontextLoRARecipe:
             self.optimizer, lr_lambda(self.cfg.lr_scheduler, self.cfg.lr_warmup_steps, self.cfg.max_train_steps))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        if self.ema is not None and state.get("ema") is not None:
+            try:
+                self.ema.load_state_dict(state["ema"])
+            except ValueError as exc:
+                raise TrainError([f"{ckpt}: {exc}"]) from None
+        elif self.ema is not None:
+            self.ema = self._make_ema()
+            self.emit("warning", message=f"{ckpt} holds no EMA (ema_decay was off): the EMA starts from its weights")
         self.emit("stage", message=f"resumed from {ckpt} at step {self.step}")
 
 

@@ -7,6 +7,9 @@ the same images returned for TensorBoard.
 The pipeline encodes the reference itself (VAE mode, minus shift_factor, times scaling_factor), which is the
 normalization the caches use for training: validation sees what training saw. The pipeline takes one reference;
 a sample with several is validated with its first (all are shown in the strip).
+
+`run_prompt_validation` renders the `validation_prompts` file's edits with the same pipeline and settings: strips
+reference(s) | output, `validation/step_NNNNNN/prompt-NN-<words>.png`.
 """
 
 from __future__ import annotations
@@ -115,6 +118,63 @@ def run_validation(transformer, vae, scheduler, samples: list[Sample], captions:
             strip.save(tmp)
             tmp.replace(path)
             results.append(ValidationResult(sample.sample_id, caption, path, strip))
+    finally:
+        if was_training:
+            transformer.train()
+    return results
+
+
+def run_prompt_validation(transformer, vae, scheduler, prompts: list,
+                          embeddings: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path, *, area: int,
+                          guidance: float, num_inference_steps: int, resolution: str, seed: int, device, dtype,
+                          attention_context=None) -> list[ValidationResult]:
+    """The `validation_prompts` edits (kontext_trainer.prompts.ValidationPrompt), with the pipeline and settings of
+    `run_validation`: one strip reference(s) | output per prompt, `out_dir/<prompt.name>.png`.
+
+    Each reference is sized as `kontext-data pair` sizes training images: its own aspect at about `area` pixels
+    (the largest training bucket's), sides multiples of 16. The output is the prompt's size, else `resolution`,
+    else the first reference's size. The seed is the prompt's, else `seed`."""
+    import contextlib
+
+    from diffusers import FluxKontextPipeline
+
+    from kontext_data.geometry import apply_geometry
+    from kontext_data.imageio import open_rgb
+    from kontext_trainer.prompts import reference_geometry
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = transformer.training
+    transformer.eval()
+    pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                               tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    fixed = parse_resolution(resolution)
+    results = []
+    try:
+        for prompt, (prompt_embeds, pooled) in zip(prompts, embeddings):
+            refs = []
+            for path in prompt.images:
+                img = open_rgb(path)
+                refs.append(apply_geometry(img, reference_geometry(img.size, area)))
+            width, height = prompt.size or fixed or refs[0].size
+            generator = torch.Generator(device="cpu").manual_seed(seed if prompt.seed is None else prompt.seed)
+            ctx = attention_context() if attention_context else contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                out = pipe(
+                    image=refs[0],
+                    prompt_embeds=prompt_embeds[None].to(device=device, dtype=dtype),
+                    pooled_prompt_embeds=pooled[None].to(device=device, dtype=dtype),
+                    height=height, width=width, max_area=height * width, _auto_resize=False,
+                    guidance_scale=guidance, num_inference_steps=num_inference_steps, generator=generator,
+                    output_type="pil",
+                ).images[0]
+            labels = [f"reference {i + 1}" for i in range(len(refs))] + ["output"]
+            strip = make_strip(refs + [out], prompt.prompt, labels)
+            path = out_dir / f"{prompt.name}.png"
+            tmp = path.with_suffix(".tmp.png")
+            strip.save(tmp)
+            tmp.replace(path)
+            results.append(ValidationResult(prompt.name, prompt.prompt, path, strip))
     finally:
         if was_training:
             transformer.train()

@@ -97,3 +97,23 @@ def test_check_content_adds_similarity_and_flags_an_identical_pair(tmp_path):
     assert "identical" in flagged["edited:a0.png"]
     table = pq.read_table(tmp_path / "manifest.parquet")
     assert "pair_similarity" in table.column_names and len(read_manifest(tmp_path / "manifest.parquet")) == 4
+
+
+def test_masks_option(tmp_path):
+    from PIL import Image
+
+    for i in range(2):
+        pair(tmp_path, f"a{i}.png", seed=i)
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (64, 48), 255).save(tmp_path / "masks" / "a0.png")
+    r = cli("pair", "edited", "reference", "--masks", "masks", cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "missing_mask" in r.stdout and "a1.png" in r.stdout and not (tmp_path / "manifest.parquet").exists()
+    Image.new("L", (64, 48), 0).save(tmp_path / "masks" / "a1.jpg")
+    r = cli("pair", "edited", "reference", "--masks", "masks", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 mask" in r.stdout
+    rows = read_manifest(tmp_path / "manifest.parquet").records()
+    assert [Path(r["mask_path"]).name for r in rows] == ["a0.png", "a1.jpg"]
+    r = cli("pair", "edited", "reference", "--masks", "edited", cwd=tmp_path)
+    assert r.returncode == 2 and "different folders" in r.stderr

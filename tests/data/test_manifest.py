@@ -120,3 +120,29 @@ def test_value_checks_list_every_problem(manifest, tmp_path):
     with pytest.raises(ManifestError) as exc:
         read_manifest(bad)
     assert len(exc.value.problems) == 3
+
+
+def test_schema_1_0_manifest_without_mask_columns_reads_as_no_masks(manifest, tmp_path):
+    """Schema 1.1 added mask_path and mask_hash; a 1.0 manifest (no such columns) still reads, every row without a
+    mask, and is written back with the columns (null)."""
+    assert SCHEMA_VERSION == "1.1"
+    table = pq.read_table(manifest)
+    old = table.drop_columns(["mask_path", "mask_hash"])
+    meta = dict(old.schema.metadata)
+    meta[b"kontext.schema_version"] = b"1.0"
+    pq.write_table(old.replace_schema_metadata(meta), manifest)
+    assert "mask_path" not in pq.read_table(manifest).column_names
+    m = read_manifest(manifest)
+    assert m.metadata["schema_version"] == "1.0" and len(m) == 5
+    assert m.table.column_names == list(COLUMNS)
+    assert all(r["mask_path"] is None and r["mask_hash"] is None for r in m.records())
+    rewritten = write_manifest(m.table.drop_columns(["mask_path", "mask_hash"]).to_pylist(), tmp_path / "new.parquet")
+    assert pq.read_table(rewritten).column("mask_path").null_count == 5
+
+
+def test_mask_path_and_hash_go_together(manifest, tmp_path):
+    rows = read_manifest(manifest).table.to_pylist()
+    rows[0]["mask_path"] = "masks/im0.png"
+    with pytest.raises(ManifestError) as exc:
+        read_manifest(write_manifest(rows, tmp_path / "bad.parquet"))
+    assert "mask_path and mask_hash" in str(exc.value) and "row(s) [0]" in str(exc.value)

@@ -49,7 +49,7 @@ def test_clean_folders_write_manifest_with_hashes_and_relative_paths(tmp_path):
     assert target == tmp_path / "edited" / "sub/deep/img_9.png"
     assert row["target_hash"] == xxhash.xxh3_128_hexdigest(target.read_bytes())
     assert row["reference_hashes"] == [xxhash.xxh3_128_hexdigest(Path(row["reference_paths"][0]).read_bytes())]
-    assert m.metadata["schema_version"] == "1.0"
+    assert m.metadata["schema_version"] == "1.1"
     assert m.options["references"] == [str(tmp_path / "reference")]
 
 
@@ -93,7 +93,9 @@ def test_every_problem_kind_is_reported_in_one_pass(tmp_path):
     assert k["latin.txt"] == {"caption_not_utf8"}
     assert "good.png" not in k
     reported = {p.kind for p in res.problems}
-    assert reported == set(PROBLEM_KINDS) - {"no_images", "on_demand_source_missing"}
+    # the mask kinds need --masks: test_mask_problems_are_reported_together_with_the_files
+    assert reported == set(PROBLEM_KINDS) - {"no_images", "on_demand_source_missing", "missing_mask",
+                                             "mask_size_mismatch", "mask_without_edit"}
     for p in res.problems:  # every message names its files and says how to fix
         assert p.files and all(f in p.message for f in p.files) and "Fix:" in p.message
     assert res.manifest is None and not (tmp_path / "manifest.parquet").exists()
@@ -349,3 +351,117 @@ def test_degrade_provenance_is_carried_and_on_demand_references_are_virtual(tmp_
     (src / "d1.txt").unlink()
     gone = pair_folders(PairConfig(edited=src, references=(tmp_path / "lazy",), out=tmp_path / "c.parquet", workers=1))
     assert [p.kind for p in gone.problems] == ["on_demand_source_missing"]
+
+
+# -- loss masks (--masks) ------------------------------------------------------------------------------------------
+
+
+def mask_image(size=(64, 48), left=0.5) -> Image.Image:
+    """White on the left `left` share of the width, black elsewhere."""
+    arr = np.zeros((size[1], size[0]), np.uint8)
+    arr[:, : int(size[0] * left)] = 255
+    return Image.fromarray(arr, "L")
+
+
+def test_masks_fill_the_mask_columns_by_stem_and_oriented_size(tmp_path):
+    e, mdir = tmp_path / "edited", tmp_path / "masks"
+    pair(tmp_path, "a.png", seed=1)
+    pair(tmp_path, "sub/b.jpg", seed=2)
+    pair(tmp_path, "rot.png", size=(64, 48), seed=3)
+    save(mdir / "a.png", mask_image())
+    save(mdir / "sub/b.png", mask_image(left=0.25))  # any extension: masks pair by relative path and stem
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48x64, shown 64x48: the size after EXIF orientation is what counts
+    save(mdir / "rot.jpg", mask_image((48, 64)), exif=exif.tobytes())
+    (mdir / "notes.txt").write_text("text files beside masks are ignored")
+    res = run(tmp_path, masks=mdir, geometry=GeometryOptions(resolution=64))
+    assert res.ok, res.problems
+    assert res.stats["mask_images"] == 3
+    m = read_manifest(res.manifest)
+    assert m.metadata["schema_version"] == "1.1" and m.options["masks"] == str(mdir)
+    rows = {r["sample_id"]: r for r in m.records()}
+    assert Path(rows["edited:sub/b.jpg"]["mask_path"]) == mdir / "sub/b.png"
+    assert m.table.column("mask_path").to_pylist()[0].startswith("masks/")  # stored like target_path
+    for row in rows.values():
+        assert row["mask_hash"] == xxhash.xxh3_128_hexdigest(Path(row["mask_path"]).read_bytes())
+    # the mask as the trainer reads it: at the bucket's size, values in [0, 1] (the 64x48 edit is its own bucket)
+    from kontext_data.manifest import load_mask
+
+    row = rows["edited:a.png"]
+    px = load_mask(row["mask_path"], row)
+    assert px.shape == (48, 64) == (row["bucket_height"], row["bucket_width"]) and px.dtype == np.float32
+    assert px[:, :32].min() == 1.0 and px[:, 32:].max() == 0.0
+    # without --masks the columns are null
+    plain = run(tmp_path, out_name="plain.parquet")
+    assert all(r["mask_path"] is None and r["mask_hash"] is None for r in read_manifest(plain.manifest).records())
+
+
+def test_mask_problems_are_reported_together_with_the_files(tmp_path):
+    e, mdir = tmp_path / "edited", tmp_path / "masks"
+    for name in ("good", "nomask", "small", "broken", "empty", "case", "twice"):
+        pair(tmp_path, f"{name}.png")
+    save(mdir / "good.png", mask_image())
+    save(mdir / "small.png", mask_image((32, 24)))
+    (mdir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (mdir / "empty.png").write_bytes(b"")
+    save(mdir / "Case.png", mask_image())
+    save(mdir / "twice.png", mask_image())
+    save(mdir / "twice.jpg", mask_image())
+    save(mdir / "stray.png", mask_image())
+    res = run(tmp_path, masks=mdir)
+    k = kinds_by_file(res)
+    assert k["nomask.png"] == {"missing_mask"}
+    assert k["small.png"] == {"mask_size_mismatch"}  # both the mask and its edit are named
+    assert k["broken.png"] == {"corrupt_image"} and k["empty.png"] == {"empty_file"}
+    assert k["case.png"] == {"missing_mask"} and "Case.png" not in k  # the near miss is named in the message
+    assert k["twice.png"] == k["twice.jpg"] == {"ambiguous_stem"}
+    assert k["stray.png"] == {"mask_without_edit"}
+    assert "good.png" not in k
+    small = next(p for p in res.problems if p.kind == "mask_size_mismatch")
+    assert set(small.files) == {str(mdir / "small.png"), str(e / "small.png")}
+    assert "32x24" in small.message and "64x48" in small.message
+    assert "differs only in letter case" in next(p.message for p in res.problems if "case.png" in p.message)
+    for p in res.problems:  # every message names its files and says how to fix
+        assert p.files and all(f in p.message for f in p.files) and "Fix:" in p.message
+    assert res.manifest is None and not (tmp_path / "manifest.parquet").exists()
+    # --allow-partial keeps the sample with a good mask only
+    part = run(tmp_path, masks=mdir, allow_partial=True)
+    assert [r["sample_id"] for r in read_manifest(part.manifest).records()] == ["edited:good.png"]
+    assert sorted(part.dropped) == [f"edited:{n}.png" for n in ("broken", "case", "empty", "nomask", "small",
+                                                                 "twice")]
+
+
+def test_mask_folder_options_are_checked(tmp_path):
+    pair(tmp_path, "a.png")
+    inside = tmp_path / "edited" / "masks"
+    inside.mkdir()
+    problems = " | ".join(PairConfig(edited=tmp_path / "edited", references=(tmp_path / "reference",),
+                                     masks=inside).problems())
+    assert "one lies inside the other" in problems and "Fix:" in problems
+    same = PairConfig(edited=tmp_path / "edited", references=(tmp_path / "reference",), masks=tmp_path / "reference")
+    assert any("different folders" in p for p in same.problems())
+    assert any("no such folder" in p for p in PairConfig(edited=tmp_path / "edited", references=(),
+                                                         masks=tmp_path / "nope").problems())
+
+
+def test_a_changed_mask_is_noticed_by_the_incremental_cache(tmp_path):
+    mdir = tmp_path / "masks"
+    for i in range(3):
+        pair(tmp_path, f"c{i}.png", seed=i)
+        save(mdir / f"c{i}.png", mask_image())
+    cache = tmp_path / "cache"
+    first = run(tmp_path, masks=mdir, cache_dir=cache)
+    assert first.ok and first.stats["probed"] == 9
+    assert run(tmp_path, masks=mdir, cache_dir=cache).reused
+    target = mdir / "c1.png"
+    save(target, mask_image(left=0.75))
+    os.utime(target, ns=(1, 1))
+    third = run(tmp_path, masks=mdir, cache_dir=cache)
+    assert not third.reused and third.stats["probed"] == 1
+    row = next(r for r in read_manifest(third.manifest).records() if r["sample_id"] == "edited:c1.png")
+    assert row["mask_hash"] == xxhash.xxh3_128_hexdigest(target.read_bytes()) != first.rows[1]["mask_hash"]
+    # a mask that stops fitting its edit is reported on the next run, not taken from the cache
+    save(target, mask_image((32, 24)))
+    os.utime(target, ns=(2, 2))
+    fourth = run(tmp_path, masks=mdir, cache_dir=cache)
+    assert [p.kind for p in fourth.problems] == ["mask_size_mismatch"]

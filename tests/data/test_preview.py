@@ -171,3 +171,48 @@ def test_sort_random_is_seeded_and_worst_puts_unscored_last():
     order = select(records, sims, flags, cfg(sort="worst", n=50))
     assert order[0] == 40 and order[1:4] == [49, 48, 47] and order[-1] == 3
     assert select(records, sims, flags, cfg(sort="manifest"))[:3] == [0, 1, 2]
+
+
+def test_rows_with_a_loss_mask_show_it(tmp_path):
+    """pair --masks: a "mask" panel after the edited one, the cropped edited image with the masked region tinted red
+    and the rest darkened; in the PNG sheet and in the HTML page, only for rows that have a mask."""
+    from kontext_data.preview import MASK_TINT, mask_overlay
+
+    make_sample_module().make_sample(tmp_path, n=4, size=128, seed=0)
+    for edited in sorted((tmp_path / "edited").rglob("*.png")):
+        rel = edited.relative_to(tmp_path / "edited")
+        w, h = Image.open(edited).size
+        arr = np.zeros((h, w), np.uint8)
+        arr[:, : w // 2] = 255  # the left half is the edited region
+        (tmp_path / "masks" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / "masks" / rel)
+    manifest = pair_dir(tmp_path, masks=tmp_path / "masks")
+    rec = read_manifest(manifest).records()[0]
+    size = (96, round(96 * rec["bucket_height"] / rec["bucket_width"]))
+    over = np.asarray(mask_overlay(rec["target_path"], rec, rec["mask_path"], size, exact=True), float)
+    from kontext_data.check import view_image
+
+    plain = np.asarray(view_image(rec["target_path"], rec, None, size, exact=True), float)
+    left, right = slice(0, size[0] // 2 - 2), slice(size[0] // 2 + 2, size[0])
+    tint = np.asarray(MASK_TINT, float)
+    assert np.allclose(over[:, left], 0.55 * plain[:, left] + 0.45 * tint, atol=1.0)  # tinted inside
+    assert np.allclose(over[:, right], 0.35 * plain[:, right], atol=1.0)  # darkened outside
+    # PNG: one column more than the pairs without masks, holding that overlay
+    res = make_preview(manifest, PreviewConfig(out=tmp_path / "sheet.png", n=1, columns=1, thumb=96))
+    assert res.ok
+    with Image.open(tmp_path / "sheet.png") as im:
+        sheet = np.asarray(im.convert("RGB"), float)
+    assert sheet.shape[1] >= 4 * 96
+    found = min(np.abs(sheet[y:y + size[1], x:x + size[0]] - over).mean()
+                for y in range(0, 60) for x in range(3 * 96, sheet.shape[1] - size[0] + 1))
+    assert found < 2.0
+    # HTML: the mask panel and its thumbnail; a manifest without masks has none
+    res = make_preview(manifest, PreviewConfig(out=tmp_path / "p.html", workers=1))
+    data = json.loads(re.search(r'<script id="preview-data" type="application/json">(.*?)</script>',
+                                (tmp_path / "p.html").read_text(), re.S).group(1).replace("<\\/", "</"))
+    for item in data["items"]:
+        assert [p["name"] for p in item["panels"]] == ["original + crop", "reference", "edited", "mask"]
+        assert (tmp_path / "p_files" / item["panels"][-1]["src"]).is_file() and "masked loss" in item["status"]
+    plain_manifest = pair_dir(tmp_path, out="plain.parquet")
+    make_preview(plain_manifest, PreviewConfig(out=tmp_path / "q.html", workers=1))
+    assert '"name":"mask"' not in (tmp_path / "q.html").read_text()

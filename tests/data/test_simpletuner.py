@@ -67,9 +67,44 @@ def test_unmapped_paths_and_unknown_keys_are_reported_together(tmp_path):
     plan = plan_import(ImportConfig(backend=backend, out=tmp_path / "o"))
     text = " | ".join(plan.problems)
     assert "/nowhere/e does not exist" in text and "--path-map" in text and "'ghost'" in text and "'aws'" in text
-    assert any(u.startswith("repeats") for u in plan.unsupported)
+    assert not any(u.startswith("repeats") for u in plan.unsupported)  # imported (see the test below)
     assert any(u.startswith("probability") for u in plan.unsupported)
     assert any(u.startswith("crop_aspect_buckets") for u in plan.unsupported)
+
+
+def test_repeats_go_into_the_union_manifest_for_kontext_train(tmp_path):
+    """SimpleTuner's repeats (0 = seen once) per edit dataset: kept in OUT/manifest.parquet's options as
+    dataset_repeats, which kontext-train applies; on a reference dataset it is noted as doing nothing, and a bad value
+    is a config problem."""
+    for root, seed in (("a", 0), ("b", 10)):
+        for i in range(2):
+            pair(tmp_path / root, f"p{i}.png", seed=seed + i)
+    entries = [
+        {"id": "faces", "type": "local", "instance_data_dir": str(tmp_path / "a" / "edited"),
+         "conditioning_data": ["faces-ref"], "repeats": 3},
+        {"id": "faces-ref", "type": "local", "instance_data_dir": str(tmp_path / "a" / "reference"), "repeats": 5},
+        {"id": "scenes", "type": "local", "instance_data_dir": str(tmp_path / "b" / "edited"),
+         "conditioning_data": ["scenes-ref"], "repeats": 0},
+        {"id": "scenes-ref", "type": "local", "instance_data_dir": str(tmp_path / "b" / "reference")},
+    ]
+    backend = tmp_path / "backend.json"
+    backend.write_text(json.dumps(entries))
+    cfg = ImportConfig(backend=backend, out=tmp_path / "out", workers=1)
+    plan = plan_import(cfg)
+    assert plan.problems == [] and plan.unsupported == []
+    assert {j.dataset_id: j.repeats for j in plan.jobs} == {"faces": 3, "scenes": 0}
+    assert any("'faces-ref': repeats on a reference dataset is ignored" in n and "(faces)" in n for n in plan.notes)
+    result = run_import(cfg, plan)
+    assert result.ok
+    assert read_manifest(result.manifest).options["dataset_repeats"] == {"faces": 3}
+    assert "dataset_repeats" not in read_manifest(tmp_path / "out" / "faces.parquet").options  # the union only
+
+    entries[0]["repeats"] = -1
+    entries[2]["repeats"] = "two"
+    backend.write_text(json.dumps(entries))
+    problems = plan_import(cfg).problems
+    assert any("'faces': repeats -1 is not a whole number >= 0" in p for p in problems)
+    assert any("'scenes': repeats 'two'" in p for p in problems)
 
 
 def _subjects_parquet(folder: Path, n: int = 4) -> Path:

@@ -433,3 +433,32 @@ def test_parse_roles_rejects_bad_specs():
     with pytest.raises(SplitError) as err:
         parse_roles("edit=0,edit=1,../x=2,ref")
     assert len(err.value.messages) == 3
+
+
+def test_mask_role_is_split_like_a_panel_and_paired_as_masks(tmp_path, cli):
+    """[edit | reference | mask] composites: --mask-role writes the mask panel to its own folder, and --manifest
+    pairs it as `pair --masks` does (a mask per sample, one reference)."""
+    src = tmp_path / "c"
+    src.mkdir()
+    mask = np.zeros((PANEL, PANEL, 3), np.uint8)
+    mask[:, : PANEL // 2] = 255
+    for i in range(2):
+        cv2.imwrite(str(src / f"r{i}.png"), _composite([_panel(40 + i), _panel(50 + i), mask], 3, 1))
+        (src / f"r{i}.txt").write_text(f"edit {i}\n")
+    manifest = tmp_path / "m.parquet"
+    res = CliRunner().invoke(cli, ["split", str(src), "--out", str(tmp_path / "o"), "-j", "1", "--json",
+                                   "--panels", "3", "--roles", "edit=0,reference=1,mask=2", "--mask-role", "mask",
+                                   "--gutter", "0", "--manifest", str(manifest)])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(_read(tmp_path / "o/mask/r0.png"), mask)
+    rows = sorted(pq.read_table(manifest).to_pylist(), key=lambda r: r["target_path"])
+    assert [r["mask_path"] for r in rows] == ["o/mask/r0.png", "o/mask/r1.png"]
+    assert [r["reference_paths"] for r in rows] == [["o/reference/r0.png"], ["o/reference/r1.png"]]
+    with pytest.raises(SplitError) as err:
+        split_composites(_config(src, tmp_path / "x", cols=3, roles=(("edit", 0), ("reference", 1)),
+                                 mask_role="mask"))
+    assert "--mask-role 'mask' is not among --roles" in str(err.value)
+    with pytest.raises(SplitError) as err:
+        split_composites(_config(src, tmp_path / "x", cols=3, roles=(("edit", 0), ("mask", 2)), mask_role="mask",
+                                 caption_columns=(("mask", "caption"),)))
+    assert "a mask takes no caption" in str(err.value)

@@ -67,9 +67,12 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-kontext")
 
 
-def write_sample_manifest(folder: Path, n: int = 8, size: int = 64, seed: int = 0, eval_ids: int = 0) -> Path:
+def write_sample_manifest(folder: Path, n: int = 8, size: int = 64, seed: int = 0, eval_ids: int = 0,
+                          target_from_reference=None) -> Path:
     """Sample pairs under folder/data and a manifest written with kontext_data.manifest.write_manifest directly
-    (geometry: no resize, center crop to multiples of 16), independent of the pairing stage."""
+    (geometry: no resize, center crop to multiples of 16), independent of the pairing stage.
+    `target_from_reference(PIL image) -> PIL image`: every target is rewritten as that function of its reference
+    (a task the tiny model learns quickly, e.g. PIL.ImageOps.invert)."""
     import xxhash
     from PIL import Image
 
@@ -82,6 +85,9 @@ def write_sample_manifest(folder: Path, n: int = 8, size: int = 64, seed: int = 
         rel = target.relative_to(edited)
         ref = folder / "data" / "reference" / rel
         caption = target.with_suffix(".txt").read_text().strip()
+        if target_from_reference is not None:
+            with Image.open(ref) as im:
+                target_from_reference(im.convert("RGB")).save(target)
         with Image.open(target) as im:
             w, h = im.size
         geo = dict(intermediary_width=w, intermediary_height=h, bucket_width=w // 16 * 16,

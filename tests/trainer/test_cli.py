@@ -74,8 +74,12 @@ def test_train_end_to_end_and_load_in_diffusers(tiny_model, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     assert "fuse_qkv_projections" in result.output  # the note on the guide's false (ours needs no flash-attn)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]  # step lines; the others are validation losses
     assert len(losses) == 200
+    # the validation loss: before the first step, at the validation step and at the end, falling
+    evals = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in evals] == [0, 100, 200] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
     assert last < 0.75 * first, (first, last)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
@@ -132,3 +136,40 @@ def test_bare_manifest_argument_means_train(tmp_path, sample_manifest, monkeypat
         cli.main()
     assert exc.value.code == 0
 
+
+
+def test_manifest_weight_suffix(tmp_path, monkeypatch):
+    from kontext_trainer.cli import parse_manifest_arguments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.parquet").write_bytes(b"")
+    (tmp_path / "odd:name.parquet").write_bytes(b"")  # ':' is legal in a file name: an existing file is a path
+    paths, weights, problems = parse_manifest_arguments(
+        ["a.parquet:2", "odd:name.parquet", "odd:name.parquet:0.5", "missing.parquet:3", "C:\\data\\x.parquet"])
+    assert paths == ["a.parquet", "odd:name.parquet", "odd:name.parquet", "missing.parquet", "C:\\data\\x.parquet"]
+    assert weights == {"a.parquet": 2.0, "odd:name.parquet": 0.5, "missing.parquet": 3.0}
+    assert problems == []
+    for bad in ("a.parquet:0", "a.parquet:-1", "a.parquet:abc", "a.parquet:", "a.parquet:inf", "missing.parquet:1e"):
+        paths, weights, problems = parse_manifest_arguments([bad])
+        assert len(problems) == 1 and repr(bad) in problems[0] and "PATH:WEIGHT" in problems[0], (bad, problems)
+
+
+def test_weight_suffix_and_colon_paths_through_the_command(tmp_path, sample_manifest):
+    import shutil
+
+    odd = tmp_path / "x:y"
+    shutil.copytree(sample_manifest.parent, odd)
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset_weights:\n  edited: 3\ndataset_repeats: {edited: 1}\n")
+    result = CliRunner().invoke(app, ["train", f"{odd / 'manifest.parquet'}:2", "--config", str(config),
+                                      "--validation-prompts", "p.jsonl", "--print-config"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    from kontext_trainer.config import TrainConfig
+
+    assert TrainConfig(manifest=printed["manifest"]).manifest_paths == [str(odd / "manifest.parquet")]
+    assert printed["dataset_weights"] == [[str(odd / "manifest.parquet"), 2.0], ["edited", 3.0]]
+    assert printed["dataset_repeats"] == [["edited", 1]] and printed["validation_prompts"] == "p.jsonl"
+    bad = CliRunner().invoke(app, ["train", f"{sample_manifest}:zero", "--set", "dataset_repeats=edited=-2"])
+    assert bad.exit_code == 2
+    assert f"{sample_manifest}:zero" in bad.output and "dataset_repeats" in bad.output
