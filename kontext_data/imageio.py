@@ -216,26 +216,31 @@ def probe_file(path: Path | str, verify_decode: bool = False, buffer: bytearray 
     return probe_bytes(data, st.st_size, st.st_mtime_ns, verify_decode)
 
 
-def open_rgb(path: Path | str):
-    """Open an image as RGB with EXIF orientation applied (CMYK, 16-bit, palette, grayscale handled)."""
+def _open_oriented(path: Path | str, background: tuple[int, int, int, int]):
+    """An image with EXIF orientation applied, 16-bit grayscale scaled to 8 bits (not clipped) and transparent pixels
+    composited onto `background`; the caller converts it to its mode."""
     from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = None
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit grayscale: scale to 8 bits instead of clipping
             import numpy as np
 
             arr = np.asarray(img, dtype=np.float64)
             peak = 65535.0 if arr.max() > 255 else 255.0
             img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            # transparent pixels composite onto white, the convention of image editors
             rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
-        return img.convert("RGB")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
+        img.load()
+        return img
+
+
+def open_rgb(path: Path | str):
+    """Open an image as RGB with EXIF orientation applied (CMYK, 16-bit, palette, grayscale handled); transparent
+    pixels composite onto white, the convention of image editors."""
+    return _open_oriented(path, (255, 255, 255, 255)).convert("RGB")
 
 
 def open_mask(path: Path | str):
@@ -243,22 +248,7 @@ def open_mask(path: Path | str):
     changes, black (0) = the rest, grays in between. Color masks count by their luminance, 16-bit ones are scaled to
     8 bits, and transparent pixels count as black: a mask drawn as a white shape on a transparent layer means the
     shape (the opposite of `open_rgb`, which puts transparent pixels onto white)."""
-    from PIL import Image, ImageOps
-
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            import numpy as np
-
-            arr = np.asarray(img, dtype=np.float64)
-            peak = 65535.0 if arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            img = Image.alpha_composite(background, rgba)
-        return img.convert("L")
+    return _open_oriented(path, (0, 0, 0, 255)).convert("L")
 
 
 @dataclass(frozen=True)

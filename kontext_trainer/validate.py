@@ -14,6 +14,7 @@ reference(s) | output, `validation/step_NNNNNN/prompt-NN-<words>.png`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,49 +79,68 @@ def parse_resolution(text: str) -> tuple[int, int] | None:
     return int(w), int(h or w)
 
 
-def run_validation(transformer, vae, scheduler, samples: list[Sample], captions: list[str],
-                   embeddings: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path, *, load_image,
-                   guidance: float, num_inference_steps: int, resolution: str, seed: int, device, dtype,
-                   attention_context=None) -> list[ValidationResult]:
-    """Generate one edit per sample with the pipeline and save its strip under `out_dir`."""
-    import contextlib
-
+@contextlib.contextmanager
+def _edit_pipeline(transformer, vae, scheduler):
+    """A FluxKontextPipeline over the live transformer (no text encoders: embeddings come from the cache), the
+    transformer in eval mode meanwhile."""
     from diffusers import FluxKontextPipeline
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     was_training = transformer.training
     transformer.eval()
     pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                                tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
-    fixed = parse_resolution(resolution)
-    results = []
     try:
-        for sample, caption, (prompt_embeds, pooled) in zip(samples, captions, embeddings):
-            target_img = load_image(sample.target.path, sample.target.geometry_dict)
-            refs = [load_image(r.path, r.geometry_dict) for r in sample.references]
-            width, height = fixed or sample.target.size
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            ctx = attention_context() if attention_context else contextlib.nullcontext()
-            with ctx, torch.no_grad():
-                out = pipe(
-                    image=refs[0] if refs else None,
-                    prompt_embeds=prompt_embeds[None].to(device=device, dtype=dtype),
-                    pooled_prompt_embeds=pooled[None].to(device=device, dtype=dtype),
-                    height=height, width=width, max_area=height * width, _auto_resize=False,
-                    guidance_scale=guidance, num_inference_steps=num_inference_steps, generator=generator,
-                    output_type="pil",
-                ).images[0]
-            labels = [f"reference {i + 1}" for i in range(len(refs))] + ["output", "target"]
-            strip = make_strip(refs + [out, target_img], caption or "(blank caption)", labels)
-            path = out_dir / f"{_safe_name(sample.sample_id)}.png"
-            tmp = path.with_suffix(".tmp.png")
-            strip.save(tmp)
-            tmp.replace(path)
-            results.append(ValidationResult(sample.sample_id, caption, path, strip))
+        yield pipe
     finally:
         if was_training:
             transformer.train()
+
+
+def _edit(pipe, refs, embedding, width: int, height: int, seed: int, *, guidance: float, num_inference_steps: int,
+          device, dtype, attention_context=None):
+    """One edit of `refs` (the first reference, as FluxKontextPipeline takes one) with cached prompt embeddings."""
+    prompt_embeds, pooled = embedding
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ctx = attention_context() if attention_context else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        return pipe(
+            image=refs[0] if refs else None,
+            prompt_embeds=prompt_embeds[None].to(device=device, dtype=dtype),
+            pooled_prompt_embeds=pooled[None].to(device=device, dtype=dtype),
+            height=height, width=width, max_area=height * width, _auto_resize=False,
+            guidance_scale=guidance, num_inference_steps=num_inference_steps, generator=generator,
+            output_type="pil",
+        ).images[0]
+
+
+def _save_strip(strip, path: Path) -> Path:
+    tmp = path.with_suffix(".tmp.png")
+    strip.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def run_validation(transformer, vae, scheduler, samples: list[Sample], captions: list[str],
+                   embeddings: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path, *, load_image,
+                   guidance: float, num_inference_steps: int, resolution: str, seed: int, device, dtype,
+                   attention_context=None) -> list[ValidationResult]:
+    """Generate one edit per sample with the pipeline and save its strip under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fixed = parse_resolution(resolution)
+    results = []
+    with _edit_pipeline(transformer, vae, scheduler) as pipe:
+        for sample, caption, embedding in zip(samples, captions, embeddings):
+            target_img = load_image(sample.target.path, sample.target.geometry_dict)
+            refs = [load_image(r.path, r.geometry_dict) for r in sample.references]
+            width, height = fixed or sample.target.size
+            out = _edit(pipe, refs, embedding, width, height, seed, guidance=guidance,
+                        num_inference_steps=num_inference_steps, device=device, dtype=dtype,
+                        attention_context=attention_context)
+            labels = [f"reference {i + 1}" for i in range(len(refs))] + ["output", "target"]
+            strip = make_strip(refs + [out, target_img], caption or "(blank caption)", labels)
+            path = _save_strip(strip, out_dir / f"{_safe_name(sample.sample_id)}.png")
+            results.append(ValidationResult(sample.sample_id, caption, path, strip))
     return results
 
 
@@ -134,48 +154,25 @@ def run_prompt_validation(transformer, vae, scheduler, prompts: list,
     Each reference is sized as `kontext-data pair` sizes training images: its own aspect at about `area` pixels
     (the largest training bucket's), sides multiples of 16. The output is the prompt's size, else `resolution`,
     else the first reference's size. The seed is the prompt's, else `seed`."""
-    import contextlib
-
-    from diffusers import FluxKontextPipeline
-
     from kontext_data.geometry import apply_geometry
     from kontext_data.imageio import open_rgb
     from kontext_trainer.prompts import reference_geometry
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    was_training = transformer.training
-    transformer.eval()
-    pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                               tokenizer_2=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
     fixed = parse_resolution(resolution)
     results = []
-    try:
-        for prompt, (prompt_embeds, pooled) in zip(prompts, embeddings):
+    with _edit_pipeline(transformer, vae, scheduler) as pipe:
+        for prompt, embedding in zip(prompts, embeddings):
             refs = []
             for path in prompt.images:
                 img = open_rgb(path)
                 refs.append(apply_geometry(img, reference_geometry(img.size, area)))
             width, height = prompt.size or fixed or refs[0].size
-            generator = torch.Generator(device="cpu").manual_seed(seed if prompt.seed is None else prompt.seed)
-            ctx = attention_context() if attention_context else contextlib.nullcontext()
-            with ctx, torch.no_grad():
-                out = pipe(
-                    image=refs[0],
-                    prompt_embeds=prompt_embeds[None].to(device=device, dtype=dtype),
-                    pooled_prompt_embeds=pooled[None].to(device=device, dtype=dtype),
-                    height=height, width=width, max_area=height * width, _auto_resize=False,
-                    guidance_scale=guidance, num_inference_steps=num_inference_steps, generator=generator,
-                    output_type="pil",
-                ).images[0]
+            out = _edit(pipe, refs, embedding, width, height, seed if prompt.seed is None else prompt.seed,
+                        guidance=guidance, num_inference_steps=num_inference_steps, device=device, dtype=dtype,
+                        attention_context=attention_context)
             labels = [f"reference {i + 1}" for i in range(len(refs))] + ["output"]
             strip = make_strip(refs + [out], prompt.prompt, labels)
-            path = out_dir / f"{prompt.name}.png"
-            tmp = path.with_suffix(".tmp.png")
-            strip.save(tmp)
-            tmp.replace(path)
+            path = _save_strip(strip, out_dir / f"{prompt.name}.png")
             results.append(ValidationResult(prompt.name, prompt.prompt, path, strip))
-    finally:
-        if was_training:
-            transformer.train()
     return results
