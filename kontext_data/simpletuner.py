@@ -256,16 +256,24 @@ class _Planner:
             self.plan.notes.append(f"dataset {did!r} has no conditioning_data: its images train as reference-free "
                                    f"samples, which the manifest cannot hold yet: skipped")
             return
-        refs, conditioning = [], None
+        refs, conditioning, masks, mask_folder = [], None, [], None
         for rid in ref_ids:
             ref = self.by_id.get(rid)
             if ref is None:
                 self.problem(f"dataset {did!r}: conditioning_data names {rid!r}, which is not defined")
                 continue
             ctype = ref.get("conditioning_type", "reference_strict")
+            if ctype == "mask":  # SimpleTuner's loss-mask conditioning: our pair --masks
+                masks.append(rid)
+                folder = self.folder(ref)
+                if len(masks) > 1:
+                    self.problem(f"dataset {did!r}: more than one mask dataset ({', '.join(masks)}); keep one")
+                else:
+                    mask_folder = folder
+                continue
             if ctype not in ("reference_strict", "reference_loose"):
                 self.problem(f"dataset {rid!r}: conditioning_type {ctype!r} is not one of reference_strict, "
-                             f"reference_loose")
+                             f"reference_loose, mask")
             elif conditioning and ctype != conditioning:
                 self.problem(f"dataset {did!r}: its references mix reference_strict and reference_loose")
             conditioning = conditioning or ctype
@@ -278,12 +286,16 @@ class _Planner:
             if job is not None:
                 degrade_jobs.append(job)
                 refs.append(job.out)
-        if edited is None or len(refs) != len(ref_ids) + len(generators):
+        if edited is None or len(refs) != len(ref_ids) - len(masks) + len(generators):
+            return
+        if masks and not refs:
+            self.problem(f"dataset {did!r}: a mask dataset ({masks[0]}) but no reference: add conditioning_data "
+                         "with reference_strict or reference_loose images")
             return
         # generated references may change the extension (a blurred x.jpg is stored as x.png)
         match = "stem" if degrade_jobs else "exact"
         self.plan.jobs.append(Job(did, self.pair_config(entry, edited, refs, conditioning or "reference_strict",
-                                                        match=match), degrade=degrade_jobs,
+                                                        match=match, masks=mask_folder), degrade=degrade_jobs,
                                   repeats=self.repeats(entry)))
 
     def degrade_job(self, did: str, k: int, gen: Any, src: Path | None):

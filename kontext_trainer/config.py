@@ -258,7 +258,8 @@ ALIASES: dict[str, str] = {
 }
 # keys whose value we check but that map to no field (checked in _translate)
 CHECKED_ONLY = ("model_family", "model_flavour", "model_type", "lora_type", "flow_use_uniform_schedule",
-                "offload_during_startup", "mixed_precision")
+                "offload_during_startup", "mixed_precision", "use_ema", "ema_validation")
+SIMPLETUNER_EMA_DECAY = 0.995  # SimpleTuner's ema_decay default, for a config with use_ema true and no ema_decay
 
 OPTIMIZER_ALIASES = {
     "adamw": ("adamw", None),
@@ -487,6 +488,20 @@ def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> t
             problems.append(f"flow_use_uniform_schedule: {value!r} is not a boolean")
             return None, None
         return "timestep_sampling", "uniform" if ok else "logit_normal"
+    if key == "use_ema":  # SimpleTuner turns its EMA on with use_ema; resolve_config applies it with ema_decay
+        ok, err = _coerce("vae_tiling", value)
+        if err:
+            problems.append(f"use_ema: {value!r} is not a boolean")
+        return None, None
+    if key == "ema_validation":  # SimpleTuner: none | ema_only | comparison
+        v = str(value).strip().lower()
+        if v not in ("none", "ema_only", "comparison"):
+            problems.append(f"ema_validation: {value!r} is not one of none, ema_only, comparison")
+            return None, None
+        if v == "ema_only":
+            notes.append("ema_validation ema_only: kontext-train validates the plain adapter and the EMA side by "
+                         "side (comparison)")
+        return "ema_validate", v != "none"
     if key == "offload_during_startup":
         notes.append("offload_during_startup: encoders are always freed after caching here")
         return None, None
@@ -613,6 +628,13 @@ def resolve_config(file_values: Mapping[str, Any] | None = None, overrides: Mapp
     if values.get("activation_memory_budget") is not None and values.get("compile_blocks") is False:
         problems.append("activation_memory_budget: only compiled blocks have one; with compile_blocks false use "
                         "checkpoint_fraction")
+    use_ema = next((_coerce("vae_tiling", v)[0] for layer in (file_values or {}, overrides or {})
+                    for k, v in layer.items() if _norm_key(k) == "use_ema"), None)
+    if use_ema is False and values.get("ema_decay") is not None:
+        notes.append(f"use_ema false: the EMA is off (ema_decay {values['ema_decay']:g} ignored)")
+        values["ema_decay"] = None
+    elif use_ema and values.get("ema_decay") is None:
+        values["ema_decay"] = SIMPLETUNER_EMA_DECAY
     if values.get("ema_decay") is not None and values["ema_decay"] >= 1.0:
         problems.append(f"ema_decay: {values['ema_decay']} must be below 1 (0.999 is usual; none turns the EMA off)")
     if values.get("lycoris_config") and not problems:  # model side (issue 6): keys set explicitly win

@@ -179,3 +179,30 @@ def test_generator_examples_degrade_then_pair(tmp_path, fixture, root, kind):
         assert row["caption"] in block["captions"]  # the generator's captions replace the description
         assert Path(row["reference_paths"][0]).is_file()
         assert Path(row["reference_paths"][0]).parent == job.degrade[0].out
+
+
+def test_a_mask_conditioning_dataset_becomes_the_loss_masks(tmp_path):
+    """SimpleTuner's `conditioning_type: mask` dataset among an edit dataset's conditioning_data: paired as
+    `--masks` (the manifest's mask_path), not as a reference."""
+    for i in range(2):
+        pair(tmp_path, f"p{i}.png", seed=i)
+        save(tmp_path / "masks" / f"p{i}.png", Image.new("L", (64, 48), 255))
+    entries = [
+        {"id": "edits", "type": "local", "instance_data_dir": str(tmp_path / "edited"),
+         "conditioning_data": ["edits-ref", "edits-mask"]},
+        {"id": "edits-ref", "type": "local", "instance_data_dir": str(tmp_path / "reference")},
+        {"id": "edits-mask", "type": "local", "instance_data_dir": str(tmp_path / "masks"),
+         "conditioning_type": "mask"},
+    ]
+    backend = tmp_path / "backend.json"
+    backend.write_text(json.dumps(entries))
+    cfg = ImportConfig(backend=backend, out=tmp_path / "out", workers=1)
+    plan = plan_import(cfg)
+    assert plan.problems == [] and plan.unsupported == []
+    (job,) = plan.jobs
+    assert job.pair.references == (tmp_path / "reference",) and job.pair.masks == tmp_path / "masks"
+    result = run_import(cfg, plan)
+    assert result.ok
+    rows = read_manifest(result.manifest).records()
+    assert all(Path(r["mask_path"]).name == Path(r["target_path"]).name for r in rows)
+    assert all(len(r["reference_paths"]) == 1 for r in rows)

@@ -111,3 +111,20 @@ def test_compile_blocks_with_a_quanto_base_is_accepted_and_a_budget_needs_compil
     assert "activation_memory_budget" in str(exc.value) and "checkpoint_fraction" in str(exc.value)
     with pytest.raises(ConfigError, match="above 0"):
         resolve_config({"manifest": m, "activation_memory_budget": 0})
+
+
+def test_simpletuner_ema_keys_keep_their_meaning():
+    """use_ema turns the EMA on (SimpleTuner's default decay 0.995 when no ema_decay is given) or off (whatever
+    ema_decay says); ema_validation comparison/ema_only validates the EMA too, none does not."""
+    from kontext_trainer.config import ConfigError, resolve_config
+
+    on = resolve_config({"use_ema": True, "manifest": "m.parquet"}).config
+    assert on.ema_decay == 0.995 and not on.ema_validate
+    off = resolve_config({"use_ema": False, "ema_decay": 0.99, "manifest": "m.parquet"})
+    assert off.config.ema_decay is None and any("use_ema false" in n for n in off.notes)
+    both = resolve_config({"use_ema": "true", "ema_decay": 0.9, "ema_validation": "comparison",
+                           "manifest": "m.parquet"}).config
+    assert both.ema_decay == 0.9 and both.ema_validate
+    assert not resolve_config({"ema_validation": "none", "manifest": "m.parquet"}).config.ema_validate
+    with pytest.raises(ConfigError, match="ema_validation"):
+        resolve_config({"ema_validation": "sometimes", "manifest": "m.parquet"})
