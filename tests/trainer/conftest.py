@@ -133,3 +133,15 @@ def forward_backward(model, call_args: dict, params: list) -> tuple:
     out = model(**call_args)[0]
     out.float().square().mean().backward()
     return out.float().detach(), torch.cat([p.grad.flatten() for p in params])
+
+
+def tiny_cpu_config(manifest, model, out, **kw):
+    """A TrainConfig for a short fp32 run of the tiny model on the CPU (no TensorBoard, no final strips); `kw`
+    overrides any key."""
+    from kontext_trainer.config import TrainConfig
+
+    base = dict(manifest=str(manifest), model=str(model), output_dir=str(out), base_model_precision="fp32",
+                max_train_steps=4, lora_rank=4, learning_rate=1e-3, report_to="none", skip_final_validation=True,
+                device="cpu", train_batch_size=2, validation_num_inference_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -11,14 +11,11 @@ import torch
 
 from kontext_trainer.config import ConfigError, TrainConfig, resolve_config
 from kontext_trainer.recipe import KontextLoRARecipe, train
+from conftest import tiny_cpu_config
 
 
 def _cfg(manifest, model, out, **kw):
-    base = dict(manifest=str(manifest), model=str(model), output_dir=str(out), base_model_precision="fp32",
-                max_train_steps=4, lora_rank=4, learning_rate=1e-3, report_to="none", skip_final_validation=True,
-                device="cpu", train_batch_size=2, validation_num_inference_steps=2)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cpu_config(manifest, model, out, **kw)
 
 
 def _metrics(out):

@@ -12,9 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kontext_trainer.cli import app
-from kontext_trainer.config import TrainConfig
 from kontext_trainer.prompts import read_validation_prompts, reference_geometry
 from kontext_trainer.recipe import KontextLoRARecipe, TrainError
+from conftest import tiny_cpu_config
 
 
 def _prompts_file(folder, lines):
@@ -67,11 +67,7 @@ def test_every_problem_is_listed_with_its_line(tmp_path):
 
 
 def _cfg(manifest, model, out, **kw):
-    base = dict(manifest=str(manifest), model=str(model), output_dir=str(out), base_model_precision="fp32",
-                max_train_steps=2, lora_rank=4, learning_rate=1e-3, report_to="none", skip_final_validation=True,
-                device="cpu", train_batch_size=2, validation_num_inference_steps=2)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cpu_config(manifest, model, out, **{"max_train_steps": 2, **kw})
 
 
 def test_problems_stop_the_run_at_start_up_with_exit_1(sample_manifest, tmp_path):

@@ -10,18 +10,14 @@ import torch
 from typer.testing import CliRunner
 
 from kontext_data.manifest import read_manifest, write_manifest
-from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import BucketBatchSampler, load_batch, samples_from_records
 from kontext_trainer.flow import image_ids, kontext_forward, kontext_ids
 from kontext_trainer.recipe import KontextLoRARecipe, TrainError
+from conftest import tiny_cpu_config
 
 
 def _cfg(manifest, model, out, **kw):
-    base = dict(manifest=str(manifest), model=str(model), output_dir=str(out), base_model_precision="fp32",
-                max_train_steps=4, lora_rank=4, learning_rate=1e-3, report_to="none", skip_final_validation=True,
-                device="cpu", train_batch_size=2, validation_num_inference_steps=2)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cpu_config(manifest, model, out, **kw)
 
 
 def _drop_references(rows, every=2):

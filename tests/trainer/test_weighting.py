@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 
 from kontext_data.manifest import read_manifest, write_manifest
-from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import read_manifests
 from kontext_trainer.recipe import KontextLoRARecipe, TrainError, train
 from kontext_trainer.weighting import dataset_weighting
+from conftest import tiny_cpu_config
 
 
 def _two_datasets(manifest, folder, repeats=None):
@@ -61,11 +61,8 @@ def test_keys_that_name_nothing_and_bad_imported_values_are_listed(manifest_copy
 
 
 def _cfg(manifest, model, out, **kw):
-    base = dict(manifest=str(manifest), model=str(model), output_dir=str(out), base_model_precision="fp32",
-                max_train_steps=8, lora_rank=4, learning_rate=1e-3, report_to="none", skip_final_validation=True,
-                device="cpu", train_batch_size=2, caption_dropout_probability=0.3)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cpu_config(manifest, model, out, **{"max_train_steps": 8, "caption_dropout_probability": 0.3,
+                                                    **kw})
 
 
 def test_weighted_run_says_its_datasets_and_resumes_exactly(manifest_copy, tiny_model, tmp_path):
