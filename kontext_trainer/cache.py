@@ -41,7 +41,6 @@ import torch
 
 from kontext_data.manifest import GEOMETRY_FIELDS
 from kontext_trainer import encode as encode_mod
-from kontext_trainer.encode import check_t5_bias_patch, patch_t5_position_bias  # noqa: F401  (public here too)
 
 ProgressFn = Callable[[str, int, int], None]
 CACHE_FORMAT = 1
@@ -310,7 +309,7 @@ class FeatureCache:
             progress("latents", 0, len(todo))
         report = (lambda n: progress("latents", n, len(todo))) if progress else None
         pin = device.type == "cuda"
-        loader = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1),
+        loader = ThreadPoolExecutor(max_workers=_threads(workers),
                                     thread_name_prefix="kontext-cache-load")
         ahead: deque = deque()
 
@@ -376,7 +375,7 @@ class FeatureCache:
             _save_or_raise({"mask": mask}, self.mask_path(key), {"path": entry.path, "hash": entry.file_hash})
 
         done = 0
-        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1),
+        with ThreadPoolExecutor(max_workers=_threads(workers),
                                 thread_name_prefix="kontext-cache-mask") as pool:
             futures = [pool.submit(one, item) for item in todo]
             try:
@@ -397,6 +396,11 @@ class FeatureCache:
             _save_or_raise({"latent": latents[j]}, self.latent_path(key),
                            {"path": entry.path, "hash": entry.file_hash, "synth": entry.synth})
         return len(chunk)
+
+
+def _threads(workers: int | None) -> int:
+    """Threads of a loader pool: `workers`, else one per CPU up to 8 (decoding and resizing release the GIL)."""
+    return workers or min(8, os.cpu_count() or 1)
 
 
 def _save_or_raise(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

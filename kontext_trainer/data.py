@@ -267,8 +267,8 @@ def choose_references(samples: list[Sample], mode: str, run_seed: int, epoch: in
     combined: all of them (SimpleTuner's conditioning_multidataset_sampling=combined). random: one per sample,
     drawn from a generator keyed by (run seed, sample id, epoch) — a sample is seen once per epoch (per viewing
     with dataset weights: `epoch` is then `draw_epoch(epoch, copy)`), so this is one draw per step, independent
-    of batch order and exact on resume. When a sample's references differ in size (reference_loose), the batch must stay stackable: every sample of the batch takes the index drawn for the
-    batch's first sample id. Samples with 0 or 1 reference are unaffected."""
+    of batch order and exact on resume. When a sample's references differ in size (reference_loose), the batch
+    must stay stackable: every sample of the batch takes the index drawn for the batch's first sample id. Samples with 0 or 1 reference are unaffected."""
     if mode not in REFERENCE_SAMPLING:
         raise ValueError(f"unknown reference_sampling {mode!r}; valid: {', '.join(REFERENCE_SAMPLING)}")
     if mode == "combined" or not samples or len(samples[0].references) <= 1:

@@ -13,9 +13,9 @@ Everything random is fixed, so two evaluations differ only by the adapter's weig
 The forward is the training step's own (`flow.kontext_forward`, under the training attention context and
 guidance) without backward, under `torch.no_grad` and in eval mode (no LoRA dropout), as the image validation runs
 (compiled blocks: one more graph per block type, compiled by the first evaluation). Batches hold samples of one
-bucket, at most the training micro-batch size, so the shapes are the training steps'. A batch's loss is the mean over its samples (every sample
-of a bucket has the same number of target tokens), so the report weights every sample equally; with loss masks it is
-the training loss's weighted mean, whose weights are the masks.
+bucket, at most the training micro-batch size, so the shapes are the training steps'. A batch's loss is the mean
+over its samples (every sample of a bucket has the same number of target tokens), so the report weights every
+sample equally; with loss masks it is the training loss's weighted mean, whose weights are the masks.
 """
 
 from __future__ import annotations

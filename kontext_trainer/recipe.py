@@ -438,8 +438,8 @@ class KontextLoRARecipe:
         if cfg.gradient_checkpointing or cfg.activation_memory_budget is not None:  # an explicit budget wins
             plan = self._checkpoint_plan()
         plan = self._offload_plan(plan, speed.estimate_block_bytes(meta, cfg.base_model_precision))
-        host_blocks = [n for n in model_mod.block_names(meta)  # speed.transformer_blocks' order: double, then single
-                       if n.startswith(("transformer_blocks.", "single_transformer_blocks."))][:plan.offload_blocks]
+        names = {id(m): n for n, m in meta.named_modules()}
+        host_blocks = [names[id(b)] for b in speed.transformer_blocks(meta)[:plan.offload_blocks]]
         del meta
         # quantized (int8/fp8-quanto) and frozen before the adapter is attached
         with self.clock.phase("model load"):
