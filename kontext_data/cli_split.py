@@ -67,7 +67,7 @@ def split(
         )
         sp.validate_config(config)
     except sp.SplitError as exc:
-        _fail(exc.messages, json_out, 2)
+        _fail(exc.problems, json_out, 2)
         return
 
     started = time.perf_counter()
@@ -77,7 +77,7 @@ def split(
         else:
             result = _with_progress(sp, config)
     except sp.SplitError as exc:
-        _fail(exc.messages, json_out, 2)
+        _fail(exc.problems, json_out, 2)
         return
     elapsed = time.perf_counter() - started
 

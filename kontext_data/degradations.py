@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
+from kontext_data.problems import ProblemsError
 
 __all__ = [
     "REGISTRY",
@@ -60,12 +61,13 @@ PNG_ENCODE_PARAMS = (
 )
 
 
-class ChainError(ValueError):
+class ChainError(ProblemsError, ValueError):
     """Invalid degradation chain: ``problems`` lists every problem found, each naming the fix."""
 
+    usage = True
+
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
+        super().__init__(problems, message="; ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------- helpers

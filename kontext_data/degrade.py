@@ -34,6 +34,7 @@ import numpy as np
 import xxhash
 
 from . import degradations as D
+from kontext_data.problems import ProblemsError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -61,12 +62,13 @@ _TMP = "tmp"
 _STALE_TMP_S = 6 * 3600
 
 
-class DegradeError(ValueError):
+class DegradeError(ProblemsError, ValueError):
     """Usage problem (bad paths, bad parameters, bad params file): ``problems`` lists them all."""
 
+    usage = True
+
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
+        super().__init__(problems, message="; ".join(problems))
 
 
 # ------------------------------------------------------------------------------------------- config

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from kontext_data.problems import ProblemsError
 
 
-class JsoncError(ValueError):
-    pass
+class JsoncError(ProblemsError, ValueError):
+    """A JSON/JSONC file cannot be parsed; the message names the file, line and column."""
+
+    usage = True
 
 
 def strip_jsonc(text: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from kontext_data import __version__
+from kontext_data.problems import ProblemsError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -92,14 +93,12 @@ CONDITIONING_TYPES = ("reference_strict", "reference_loose")
 SPLITS = ("train", "eval")
 
 
-class ManifestError(Exception):
+class ManifestError(ProblemsError):
     """A manifest cannot be read or used. `problems` lists every problem found, one message each."""
 
     def __init__(self, path: Path | str, problems: list[str]):
         self.path = Path(path)
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n{lines}")
+        super().__init__(problems, title=f"{self.path}: {len(problems)} problem(s)")
 
 
 def store_path(path: Path, manifest_dir: Path) -> str:

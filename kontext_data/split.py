@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlparse
+from kontext_data.problems import ProblemsError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LAYOUTS = ("horizontal", "vertical", "grid")
@@ -50,15 +51,17 @@ _JPEG_TOLERANCE = 32  # JPEG ringing and chroma bleed spread a flat separator by
 _RUN_GAP = 2  # non-uniform lines (JPEG ringing) allowed inside one separator band
 
 
-class SplitError(Exception):
+class SplitError(ProblemsError):
     """A problem with the command as a whole (bad options, unreadable source): nothing was split.
 
-    The CLI maps it to exit code 2. ``messages`` holds every problem found, so they are reported together.
+    The CLI maps it to exit code 2. ``problems`` holds every problem found, so they are reported together.
     """
 
-    def __init__(self, messages: str | list[str]):
-        self.messages = [messages] if isinstance(messages, str) else list(messages)
-        super().__init__("\n".join(self.messages))
+    usage = True
+
+    def __init__(self, problems: str | list[str]):
+        problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(problems, message="\n".join(problems))
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -326,7 +329,7 @@ class AxisPlan:
     remainder_side: str  # "end", "start" or "" when there is none
 
 
-class GeometryError(ValueError):
+class GeometryError(ProblemsError, ValueError):
     """The composite cannot be cut into equal panels (reported as a row problem)."""
 
 

@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
+from kontext_data.problems import ProblemsError
 
 VARIANTS = ("full", "tiny")
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")  # built in this order from one random stream
@@ -93,7 +94,7 @@ _MARKER = "made by `kontext-train make-random-model`"
 _LEGACY_MARKER = "TINY_MODEL.json"  # what make_tiny_model wrote into its folders before this module
 
 
-class BuildError(Exception):
+class BuildError(ProblemsError):
     """The random model cannot be built or written where asked; the message names the problem and the fix."""
 
 

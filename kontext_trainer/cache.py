@@ -41,6 +41,7 @@ import torch
 
 from kontext_data.manifest import GEOMETRY_FIELDS
 from kontext_trainer import encode as encode_mod
+from kontext_data.problems import ProblemsError
 
 ProgressFn = Callable[[str, int, int], None]
 CACHE_FORMAT = 1
@@ -51,11 +52,11 @@ LATENT_FACTOR = 8
 """Pixels per latent pixel: FLUX's AutoencoderKL (and the tiny test model's) downsamples 3 times by 2."""
 
 
-class CacheError(RuntimeError):
+class CacheError(ProblemsError, RuntimeError):
     """An entry could not be encoded or stored; `path` names its file (the image, or the cache file)."""
 
     def __init__(self, path: str, message: str):
-        super().__init__(message)
+        super().__init__([message])
         self.path = path
 
 

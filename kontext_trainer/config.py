@@ -19,17 +19,18 @@ from typing import Any, Literal, Mapping
 
 from kontext_data.jsonc import strip_jsonc
 from kontext_trainer.model import DEFAULT_MODEL
+from kontext_data.problems import ProblemsError
 
 
-class ConfigError(Exception):
+class ConfigError(ProblemsError):
     """The configuration is invalid. `problems` lists every problem, one message each."""
 
+    usage = True
+
     def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
         self.source = source
         head = f"{source}: " if source else ""
-        super().__init__(head + f"{len(self.problems)} configuration problem(s):\n"
-                         + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(problems, title=head + f"{len(problems)} configuration problem(s)")
 
 
 def _f(default, help: str, **kw):

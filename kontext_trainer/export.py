@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from kontext_data.problems import ProblemsError
 
 FORMATS = ("diffusers", "comfyui")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -67,12 +68,11 @@ ALPHA_BAKED = {"final_layer.linear", "final_layer.adaLN_modulation.1"}  # diffus
 MLP_RATIO = 4  # Flux single blocks: proj_mlp has 4 x hidden outputs
 
 
-class ExportError(Exception):
+class ExportError(ProblemsError):
     """The adapter cannot be converted. `problems` lists every problem."""
 
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(problems, message="\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass

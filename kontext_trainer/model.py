@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from kontext_data.problems import ProblemsError
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
 
@@ -31,12 +32,11 @@ _LAYOUT: dict[str, tuple[str, ...]] = {
 }
 
 
-class ModelError(Exception):
+class ModelError(ProblemsError):
     """The model cannot be found or is incomplete. `problems` lists every problem, one message each."""
 
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(problems, message="\n".join(f"  - {p}" for p in problems))
 
 
 def check_layout(model_dir: Path) -> list[str]:

@@ -41,6 +41,7 @@ from kontext_trainer.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
 from kontext_trainer.flow import attention_context, kontext_step, sample_sigmas
 from kontext_trainer.phases import PhaseClock
+from kontext_data.problems import ProblemsError
 
 EventFn = Callable[[str, dict], None]
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -52,13 +53,11 @@ def _kept_and_weights(report) -> str:
             f"{report.bytes_before / 2**30:.2f} -> {report.bytes_after / 2**30:.2f} GiB")
 
 
-class TrainError(Exception):
+class TrainError(ProblemsError):
     """A run cannot start or go on. `problems` lists every problem, one message each."""
 
     def __init__(self, problems: list[str], title: str = "cannot train"):
-        self.problems = list(problems)
-        self.title = title
-        super().__init__(f"{title}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(problems, title=title, message=f"{title}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass

@@ -432,7 +432,7 @@ def test_parse_roles_rejects_bad_specs():
     assert parse_roles("edit=0, reference=1,ref_b=2") == (("edit", 0), ("reference", 1), ("ref_b", 2))
     with pytest.raises(SplitError) as err:
         parse_roles("edit=0,edit=1,../x=2,ref")
-    assert len(err.value.messages) == 3
+    assert len(err.value.problems) == 3
 
 
 def test_mask_role_is_split_like_a_panel_and_paired_as_masks(tmp_path, cli):
