@@ -454,6 +454,8 @@ def auto_cache_batch_size(device, kind: str, pixels: int = 1024 * 1024, dtype: t
 def _available_gpu_bytes(device: torch.device) -> int:
     """Bytes this process can still allocate on `device`: the card's free memory plus what PyTorch holds unused,
     within the share torch.cuda.set_per_process_memory_fraction allows (memory_limit_gib)."""
+    if device.index is None:  # torch.cuda's memory-fraction query refuses a bare "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     available = free + torch.cuda.memory_reserved(device) - allocated

@@ -222,8 +222,10 @@ class KontextLoRARecipe:
             raise TrainError(exc.problems, title=f"model {cfg.model}") from None
         self.dist, dist_device = init_distributed(cfg.device)
         self.device = dist_device if dist_device is not None and cfg.device == "auto" else _resolve_device(cfg.device)
-        if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cuda" and self.device.index is None:
+            # an indexed device: torch.cuda's memory-fraction calls refuse a bare "cuda"
+            index = self.dist.local_rank if self.dist.enabled else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
         self.dtype = quantize_mod.compute_dtype(cfg.base_model_precision)  # bf16 for quantized bases
         if self.dist.enabled:
             self.emit("stage", message=f"data parallel: {self.dist.describe(self.device)}")
