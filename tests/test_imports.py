@@ -44,19 +44,22 @@ class Module:
     """`line: what` for each private name of another project module it imports or reads as a module attribute."""
 
 
-def _module_name(path: Path) -> tuple[str, bool]:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, root: Path) -> tuple[str, bool]:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         return ".".join(parts[:-1]), True
     return ".".join(parts), False
 
 
-def _project_modules() -> dict[str, Module]:
+def _project_modules(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, Module]:
+    """Every module of `packages` under `root`, its imports scanned."""
     modules = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            name, is_package = _module_name(path)
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            name, is_package = _module_name(path, root)
             modules[name] = Module(name, path, is_package)
+    for module in modules.values():
+        _scan(module, modules)
     return modules
 
 
@@ -114,10 +117,7 @@ def _scan(module: Module, modules: dict[str, Module]) -> None:
 
 @pytest.fixture(scope="module")
 def modules() -> dict[str, Module]:
-    found = _project_modules()
-    for module in found.values():
-        _scan(module, found)
-    return found
+    return _project_modules()
 
 
 def _cycles(modules: dict[str, Module]) -> list[frozenset[str]]:
@@ -163,8 +163,27 @@ def _cycles(modules: dict[str, Module]) -> list[frozenset[str]]:
     return found
 
 
-def test_the_scan_sees_function_level_and_relative_imports(modules):
-    """The checks below are only as good as the scan: it must see the imports made inside functions."""
+def test_the_scan_sees_function_level_and_relative_imports(modules, tmp_path):
+    """The checks below are only as good as the scan: on a small package it finds the imports inside functions,
+    relative ones, `from package import module`, a cycle through a lazy import, and private names taken either way."""
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "from . import b\nfrom .c import _hidden, shown\n",
+        "pkg/b.py": "def f():\n    from pkg.a import thing\n    return thing\n",
+        "pkg/c.py": "_hidden = shown = 1\n",
+        "pkg/sub/__init__.py": "from .d import x\n",
+        "pkg/sub/d.py": "import pkg.c as c\nfrom ..c import shown\nx = c._hidden\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    found = _project_modules(tmp_path, ("pkg",))
+    assert found["pkg.a"].imports == {"pkg.b", "pkg.c"} and found["pkg.b"].imports == {"pkg.a"}
+    assert found["pkg.sub"].imports == {"pkg.sub.d"} and found["pkg.sub.d"].imports == {"pkg.c"}
+    assert _cycles(found) == [frozenset({"pkg.a", "pkg.b"})]
+    assert found["pkg.a"].private_uses == ["line 2: from pkg.c import _hidden"]
+    assert found["pkg.sub.d"].private_uses == ["line 3: pkg.c._hidden"]
+    # and on the project itself
     assert "kontext_trainer.recipe" in modules["kontext_trainer.cli"].imports  # imported inside a function
     assert "kontext_trainer.fa4" in modules["kontext_trainer.attention"].imports
     assert len(modules) > 40
