@@ -9,11 +9,11 @@ TFLOP/s (FLOPs counted once per resolution with torch's FlopCounterMode).
 - baseline: a plain eager step in the style of the diffusers example, written here on purpose (not the project's
   code): peft LoRA rank 16 on to_q/to_k/to_v/to_out.0, SDPA forced to flash, gradient checkpointing, AdamW.
 - ours: `kontext_trainer.flow.kontext_step` (what `kontext-train` runs), LoRA rank 16 on the `attention` preset
-  (q/k/v/out + the text stream's add_*/to_add_out), with the levers of kontext_trainer/speed.py: attention backend
-  (flash, or cuDNN with the contiguous-gradient fix), the fraction of blocks checkpointed, regional torch.compile,
-  fused q/k/v (kontext_trainer/fuse.py), the compiled blocks' activation memory budget (the rows the trainer's
-  memory plan chooses from), and fp8-matmul / int8-quanto bases (int8 as kontext-train runs it: quanto's data in
-  DequantLinear modules, compiled).
+  (q/k/v/out + the text stream's add_*/to_add_out), with the levers of kontext_trainer/attention.py, memory.py and
+  compile.py: attention backend (flash, or cuDNN with the contiguous-gradient fix), the fraction of blocks
+  checkpointed, regional torch.compile, fused q/k/v (kontext_trainer/fuse.py), the compiled blocks' activation
+  memory budget (the rows the trainer's memory plan chooses from), and fp8-matmul / int8-quanto bases (int8 as
+  kontext-train runs it: quanto's data in DequantLinear modules, compiled).
 - check: before timing cuDNN, one step with cuDNN and one with flash on the same batch, noise and sigma: the losses
   and the LoRA gradients must agree within bf16 tolerance; the same for kontext-train's attention (`--attention`,
   default auto: FlashAttention 4 for long sequences where flash-attn-4 is installed) against cuDNN, compiled.
@@ -45,14 +45,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
-from kontext_trainer import adapters, fp8, quantize, speed  # noqa: E402
+from kontext_trainer import adapters, fp8, memory, quantize  # noqa: E402
+from kontext_trainer.compile import compile_blocks  # noqa: E402
 from kontext_trainer.config import TrainConfig  # noqa: E402
 from kontext_trainer.fuse import fuse_qkv  # noqa: E402
 from kontext_trainer.optim import build_optimizer  # noqa: E402
 from kontext_trainer.quantize import QUANTO_EXCLUDE  # noqa: E402
 from kontext_trainer.flow import kontext_step, pack_latents  # noqa: E402
 
-speed.use_expandable_segments()  # kontext-train's allocator setting, before the first CUDA allocation
+memory.use_expandable_segments()  # kontext-train's allocator setting, before the first CUDA allocation
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -130,7 +131,7 @@ class Bench:
         if res not in self.flops:
             from torch.utils.flop_counter import FlopCounterMode
 
-            speed.set_activation_checkpointing(self.model, 0.0)
+            memory.set_activation_checkpointing(self.model, 0.0)
             with FlopCounterMode(display=False) as counter:
                 kontext_step(self.model, batch, torch.Generator().manual_seed(0), attention_backend="math"
                              if self.device.type == "cpu" else "flash")
@@ -218,7 +219,7 @@ class Bench:
     def check_same(self, what: str, batch, backend: str, change, min_cosine: float = 0.99,
                    max_loss_rel: float = 2e-2) -> dict:
         """Loss and adapter gradients before and after change() (e.g. compiling), same weights and batch."""
-        speed.set_activation_checkpointing(self.model, 1.0)
+        memory.set_activation_checkpointing(self.model, 1.0)
         loss_a, g_a = self._loss_and_grads(batch, backend)
         change()
         loss_b, g_b = self._loss_and_grads(batch, backend)
@@ -257,8 +258,8 @@ class Bench:
                 self.rows.append({"name": f"{label} budget {budget:g}", "resolution": res, "skipped": "deadline"})
                 continue
             torch._dynamo.reset()
-            speed.compile_blocks(self.model, memory_budget=budget, **compile_kwargs)
-            speed.set_activation_checkpointing(self.model, 0.0)
+            compile_blocks(self.model, memory_budget=budget, **compile_kwargs)
+            memory.set_activation_checkpointing(self.model, 0.0)
             self.run(f"{label} ({backend}, compiled, budget {budget:g})", res, ours(res, backend), params,
                      self.need(res) + 60)
             if budget == 1.0:
@@ -266,8 +267,8 @@ class Bench:
                     self.run(f"{label} ({backend}, compiled, budget 1)", r, ours(r, backend), params,
                              self.need(r) + 60)
         torch._dynamo.reset()
-        speed.compile_blocks(self.model, memory_budget=1.0, **compile_kwargs)
-        speed.set_activation_checkpointing(self.model, 1.0)
+        compile_blocks(self.model, memory_budget=1.0, **compile_kwargs)
+        memory.set_activation_checkpointing(self.model, 1.0)
         self.run(f"{label} ({backend}, compiled, ckpt 100%)", res, ours(res, backend), params, self.need(res) + 60)
 
     def save(self) -> None:
@@ -328,11 +329,11 @@ def main() -> int:
     kt = args.attention if device.type == "cuda" else "math"  # the compiled rows: kontext-train's attention
     fa4_runs = False  # whether kt differs from cuDNN here (auto without flash-attn-4 is cuDNN)
     if device.type == "cuda":
-        from kontext_trainer import fa4
+        from kontext_trainer import attention, fa4
 
         problem = fa4.usable(device)
         fa4_runs = kt != cudnn and problem is None
-        bench.info["fa4"] = problem or f"in use by auto from {fa4.AUTO_MIN_TOKENS} tokens"
+        bench.info["fa4"] = problem or f"in use by auto from {attention.AUTO_MIN_TOKENS} tokens"
         print(f"FlashAttention 4: {bench.info['fa4']}", flush=True)
     batches = {res: make_batch(arch, res, device, torch.bfloat16) for res in args.resolutions}
     first = args.resolutions[0]
@@ -377,32 +378,32 @@ def main() -> int:
         plan = [(1.0, flash), (1.0, cudnn), (0.0, cudnn), (0.5, cudnn)]
         for res in args.resolutions:
             for fraction, backend in plan if res == first else [(0.0, cudnn), (1.0, cudnn)]:
-                speed.set_activation_checkpointing(bench.model, fraction)
+                memory.set_activation_checkpointing(bench.model, fraction)
                 bench.run(f"ours ({backend}, ckpt {fraction:.0%})", res, ours(res, backend), params, need(res))
     # 3. regional compile (dynamic=False: one compile per shape, no recompiles within a bucket)
     if "compile" in groups and bench.left() > need(first) + 120:
         t = time.perf_counter()
         bench.check_same("compiled vs eager", batches[first], cudnn,
-                         lambda: speed.compile_blocks(bench.model, **compile_kwargs))
+                         lambda: compile_blocks(bench.model, **compile_kwargs))
         for res, fraction in [(first, 0.0), (first, 1.0)]:
-            speed.set_activation_checkpointing(bench.model, fraction)
+            memory.set_activation_checkpointing(bench.model, fraction)
             bench.run(f"ours ({cudnn}, ckpt {fraction:.0%}, compiled)", res, ours(res, cudnn), params,
                       need(res) + 60)
         if "lora-peft" in args.extra:  # the same, with peft's float32 LoRA forward
             adapters.use_activation_dtype_lora(bench.model, enable=False)
             for fraction in (0.0, 1.0):
-                speed.set_activation_checkpointing(bench.model, fraction)
+                memory.set_activation_checkpointing(bench.model, fraction)
                 bench.run(f"peft-fp32 LoRA ({cudnn}, ckpt {fraction:.0%}, compiled)", first, ours(first, cudnn),
                           params, need(first) + 60)
             adapters.use_activation_dtype_lora(bench.model)
         # what kontext-train runs by default: fused q/k/v, and the activation memory budgets its memory plan picks
-        speed.set_activation_checkpointing(bench.model, 0.0)
+        memory.set_activation_checkpointing(bench.model, 0.0)
         bench.check_same("fused q/k/v vs separate (compiled)", batches[first], cudnn,
                          lambda: (fuse_qkv(bench.model), torch._dynamo.reset()))
         if fa4_runs:  # the same compiled step with cuDNN attention alone, and the two against each other
             torch._dynamo.reset()
-            speed.compile_blocks(bench.model, memory_budget=1.0, **compile_kwargs)
-            speed.set_activation_checkpointing(bench.model, 0.0)  # check_same left every block checkpointed
+            compile_blocks(bench.model, memory_budget=1.0, **compile_kwargs)
+            memory.set_activation_checkpointing(bench.model, 0.0)  # check_same left every block checkpointed
             bench.run(f"ours fused ({cudnn}, compiled, budget 1)", first, ours(first, cudnn), params, need(first) + 60)
             bench.check_backends(batches[first], cudnn, kt)
         bench.compiled_rows("ours fused", first, args.resolutions[1:], [1.0, 0.5, 0.3, 0.2, 0.05], params,
@@ -419,7 +420,7 @@ def main() -> int:
             bench.rows.append({"name": "fp8 check", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             print(f"  fp8: ERROR {bench.rows[-1]['error']}", flush=True)
         params = adapters.trainable_parameters(bench.model)
-        speed.set_activation_checkpointing(bench.model, 0.0)
+        memory.set_activation_checkpointing(bench.model, 0.0)
         bench.run(f"ours fp8-matmul ({cudnn}, ckpt 0%)", first, ours(first, cudnn), params, need(first))
         if not args.no_compile and bench.left() > need(first) + 120:
             t = time.perf_counter()
@@ -431,12 +432,12 @@ def main() -> int:
     if "int8" in groups and bench.left() > need(first) + 60:
         fresh_model(quantized=True)
         params = bench.use_adapter("attention")
-        speed.set_activation_checkpointing(bench.model, 1.0)
+        memory.set_activation_checkpointing(bench.model, 1.0)
         bench.run(f"ours int8 quanto modules ({cudnn}, ckpt 100%)", first, ours(first, cudnn), params, need(first, 1.3))
         bench.check_same("int8 DequantLinear vs quanto's modules", batches[first], cudnn,
                          lambda: quantize.to_dequant_linears(bench.model), min_cosine=0.999, max_loss_rel=1e-3)
         for fraction in (1.0, 0.5):
-            speed.set_activation_checkpointing(bench.model, fraction)
+            memory.set_activation_checkpointing(bench.model, fraction)
             bench.run(f"ours int8 ({cudnn}, ckpt {fraction:.0%})", first, ours(first, cudnn), params, need(first, 1.3))
         if not args.no_compile and bench.left() > need(first) + 120:
             t = time.perf_counter()
@@ -462,21 +463,21 @@ def main() -> int:
                                  lambda: adapters.use_kron_matmul(bench.model, enable=True))
                 if "lokr-peft" in args.extra:
                     adapters.use_kron_matmul(bench.model, enable=False)
-                    speed.set_activation_checkpointing(bench.model, 1.0)
+                    memory.set_activation_checkpointing(bench.model, 1.0)
                     bench.run(f"peft LoKr bf16 ({cudnn}, ckpt 100%)", first, ours(first, cudnn), params,
                               need(first, 6))
                     adapters.use_kron_matmul(bench.model, enable=True)
             kind = "int8" if quantized else "bf16"
             plan = [(first, 1.0), (first, 0.5)] if not quantized else [(first, 1.0)]  # no checkpointing: > 80 GB
             for res, fraction in plan + [(r, 1.0) for r in args.resolutions[1:]]:
-                speed.set_activation_checkpointing(bench.model, fraction)
+                memory.set_activation_checkpointing(bench.model, fraction)
                 bench.run(f"ours LoKr {kind} ({cudnn}, ckpt {fraction:.0%})", res, ours(res, cudnn), params,
                           need(res, 1.3))
             if not args.no_compile and bench.left() > need(first) + 120:
                 if not quantized:
                     bench.check_same("LoKr compiled vs eager", batches[first], cudnn,
-                                     lambda: speed.compile_blocks(bench.model, **compile_kwargs))
-                    speed.set_activation_checkpointing(bench.model, 0.5)
+                                     lambda: compile_blocks(bench.model, **compile_kwargs))
+                    memory.set_activation_checkpointing(bench.model, 0.5)
                     bench.run(f"ours LoKr bf16 ({cudnn}, ckpt 50%, compiled)", first, ours(first, cudnn), params,
                               need(first) + 60)
                 # budget 1 (nothing recomputed) does not fit 80 GB with LoKr on attention+ffs

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import machine_info  # noqa: E402
 from kontext_trainer import fa4  # noqa: E402
-from kontext_trainer.flow import attention_context  # noqa: E402
+from kontext_trainer.attention import attention_context  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 HEADS, DIM = 24, 128

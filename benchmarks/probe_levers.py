@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
-from kontext_trainer import adapters, speed, quantize  # noqa: E402
+from kontext_trainer import adapters, memory, quantize  # noqa: E402
+from kontext_trainer.compile import compile_blocks  # noqa: E402
 from kontext_trainer.config import TrainConfig  # noqa: E402
 from kontext_trainer.flow import kontext_step  # noqa: E402
 from kontext_trainer.optim import build_optimizer  # noqa: E402
 
-speed.use_expandable_segments()  # kontext-train's allocator setting, before the first CUDA allocation
+memory.use_expandable_segments()  # kontext-train's allocator setting, before the first CUDA allocation
 OUT = Path(os.environ.get("OUT", "/tmp"))
 RESULT = {"rows": [], "checks": [], "profile": {}}
 T0 = time.perf_counter()
@@ -302,22 +303,22 @@ def main():
             model = fresh(arch, device, precision, args.targets)
             if fused == "fuse":
                 print(f"fused {fuse_qkv(model)} attentions", flush=True)
-            speed.compile_blocks(model, keep_attention=not args.recompute_attention)
+            compile_blocks(model, keep_attention=not args.recompute_attention)
             current = key
         if what == "vs":
             compare(model, batch, be, f"{precision} {fused} compiled")
             continue
         if what == "gaps":
             set_budget(1.0)
-            speed.set_activation_checkpointing(model, 0.0)
+            memory.set_activation_checkpointing(model, 0.0)
             gaps(model, batch, be, f"{precision} {fused} ckpt0{tag}")
             continue
         if what.startswith("ckpt"):
             set_budget(1.0)
-            speed.set_activation_checkpointing(model, float(what[4:]))
+            memory.set_activation_checkpointing(model, float(what[4:]))
         else:
             set_budget(float(what[1:]))
-            speed.set_activation_checkpointing(model, 0.0)
+            memory.set_activation_checkpointing(model, 0.0)
         first_row = not any(r["name"].startswith(f"{precision} {fused} ") for r in RESULT["rows"])
         timed(f"{precision} {fused} compiled {what}{tag}", model, batch, be, steps=args.steps, warmup=1)
         if (args.profile and first_row) or args.profile_every:

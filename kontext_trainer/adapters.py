@@ -358,11 +358,13 @@ def use_activation_dtype_lora(transformer, enable: bool = True) -> int:
     use peft's forward unchanged. Returns how many layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    return _swap_layer_class(transformer, LoraLinear, _act_dtype_lora_class() if enable else LoraLinear)
+    return _swap_layer_class(transformer, LoraLinear, act_dtype_lora_class() if enable else LoraLinear)
 
 
 @functools.cache
-def _act_dtype_lora_class():
+def act_dtype_lora_class():
+    """The class `use_activation_dtype_lora` gives peft's LoRA Linear layers (one class per process): peft's layer
+    with both LoRA matmuls in the input's half-precision dtype. fuse.py fuses only layers of this class."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     class ActivationDtypeLoraLinear(LoraLinear):

@@ -332,7 +332,7 @@ def train_cmd(
                 argv.append(a)
         raise typer.Exit(launch(num_processes, argv))
 
-    from kontext_trainer.speed import use_expandable_segments
+    from kontext_trainer.memory import use_expandable_segments
 
     use_expandable_segments()  # before the first CUDA allocation
     from kontext_trainer.recipe import TrainError, train

@@ -39,13 +39,16 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
+        """Whether more than one process trains."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes files and reports."""
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait for every rank (nothing when not distributed)."""
         if self.enabled:
             import torch.distributed as dist
 
@@ -79,6 +82,7 @@ class Dist:
         return f"{self.world_size} processes ({dist.get_backend()}) on {', '.join(devices)}"
 
     def sum_scalar(self, value: float, device=None) -> float:
+        """`value` summed over the ranks (a collective: call on all ranks)."""
         if not self.enabled:
             return value
         import torch.distributed as dist
@@ -89,6 +93,7 @@ class Dist:
 
 
 def world_size_from_env() -> int:
+    """WORLD_SIZE as a launcher sets it; 1 when unset or not a number."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:

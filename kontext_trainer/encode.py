@@ -123,6 +123,7 @@ def to_host(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Any]:
 
 
 def wait(ready) -> None:
+    """Block until the host copies behind `ready` (the event a copy returned; None: nothing pending) are done."""
     if ready is not None:
         ready.synchronize()
 
@@ -156,11 +157,13 @@ class BoundedWriter:
             self.drain()
 
     def submit(self, fn: Callable[..., int], *args) -> None:
+        """Run `fn(*args)` on a writer thread, first collecting jobs beyond `depth` (see the class docstring)."""
         self._collect(keep=self.depth - 1)
         self._jobs.append(self._pool.submit(fn, *args))
         self._collect(keep=self.depth)
 
     def drain(self) -> int:
+        """Wait for every submitted job; returns how many items all jobs wrote."""
         self._collect(keep=0)
         return self.written
 

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import torch
 
 from kontext_trainer.data import Sample
-from kontext_trainer.flow import KontextBatch, attention_context, kontext_forward
+from kontext_trainer.attention import attention_context
+from kontext_trainer.flow import KontextBatch, kontext_forward
 
 @dataclass
 class LossReport:

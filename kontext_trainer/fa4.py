@@ -1,21 +1,16 @@
-"""FlashAttention 4 for the training step's attention (issue 7): `attention_backend: fa4`.
+"""FlashAttention 4's kernels as torch ops (`attention_backend` auto/fa4; kontext_trainer.attention decides when).
 
-In: diffusers' SDPA calls (`torch.nn.functional.scaled_dot_product_attention`, looked up at call time by its attention
-processors). Out: the same attention computed by FlashAttention 4's Hopper/Blackwell kernels (the `flash-attn-4`
-package, `flash_attn.cute`), forward and backward, as two opaque custom ops (`kontext::fa4_attention` and its
-backward), so torch.compile's regional graphs call them as they call any attention kernel.
+In: attention in FlashAttention's (B, N, H, D) layout. Out: the same attention computed by FlashAttention 4's
+Hopper/Blackwell kernels (the `flash-attn-4` package, `flash_attn.cute`), forward and backward, as two opaque custom
+ops (`kontext::fa4_attention` and its backward), so torch.compile's regional graphs call them as they call any
+attention kernel; `takes` (which SDPA calls the kernels can serve: no attention mask, dropout, causal or
+grouped-query attention, bf16/fp16, head sizes up to 256 in multiples of 8, CUDA tensors), `problem` / `usable`
+(whether they can run on a device: the package, the GPU generation, a self-test).
 
 Why custom ops and not torch's own flash attention registry (`activate_flash_attention_impl("FA4")`): the registry's
 FA4 glue in torch 2.11 expects an older flash-attn-4 interface and fails on the current one ("too many values to
 unpack"); these ops use only `_flash_attn_fwd` / `_flash_attn_bwd`, the functions flash-attn-4's own autograd
-function calls.
-
-Calls FA4 cannot take (an attention mask, dropout, causal, grouped-query, float32, a head size it does not support,
-the CPU) go to the SDPA kernels `auto` picks. `auto` itself uses FA4 where it is installed and passes a self-test, for
-sequences of at least AUTO_MIN_TOKENS. Measured on H100s: the whole 1024 px step (8,704 tokens) 0.807 -> 0.767 s and
-0.787 -> 0.749 s against cuDNN, same loss; the attention kernel alone (benchmarks/probe_attention.py, diffusers'
-layout) within +-4% of cuDNN from 4,096 to 8,704 tokens, 10% faster at 12,800, 10% slower at 2,560 (512 px).
-Nothing here imports flash_attn until the first call on the GPU.
+function calls. Nothing here imports flash_attn until the first call on the GPU.
 """
 
 from __future__ import annotations
@@ -25,11 +20,7 @@ import os
 
 import torch
 
-from kontext_trainer.speed import _SDPA, _sdpa_contiguous_grad, sdpa_replaced
-
 INSTALL = "pip install flash-attn-4 (and nvidia-cutlass-dsl[cu13] with a CUDA 13 build of torch)"
-AUTO_MIN_TOKENS = 4096
-"""`auto` sends an attention to FA4 from this many tokens on (at 2,560 tokens cuDNN's kernel was 10% faster)."""
 _USABLE: dict[int, str | None] = {}  # CUDA device index -> usable()
 
 
@@ -71,11 +62,20 @@ def usable(device: torch.device | str) -> str | None:
         return problem(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _USABLE:
-        _USABLE[index] = problem(device) or _self_test(torch.device("cuda", index))
+        _USABLE[index] = problem(device) or self_test(torch.device("cuda", index))
     return _USABLE[index]
 
 
-def _self_test(device: torch.device) -> str | None:
+def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of (B, H, N, D) tensors written out in their own dtype: the self-test's float32 reference, the same
+    whatever SDPA is patched to at the time."""
+    weights = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+    return weights @ v
+
+
+def self_test(device: torch.device) -> str | None:
+    """FlashAttention 4's forward and backward on a small random attention against float32 attention: None when they
+    agree (cosine above 0.999), else why they cannot serve (any exception of the optional kernels included)."""
     try:
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v, grad = (torch.randn(1, 2, 256, 128, device=device, generator=g) for _ in range(4))
@@ -83,7 +83,7 @@ def _self_test(device: torch.device) -> str | None:
         ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
         out = fa4_attention(*(t.transpose(1, 2) for t in got), 128 ** -0.5)[0].transpose(1, 2)
         out.backward(grad.to(torch.bfloat16))
-        ref_out = _SDPA(*ref)
+        ref_out = _reference_attention(*ref)
         ref_out.backward(grad)
         for a, b in zip([out] + [t.grad for t in got], [ref_out] + [t.grad for t in ref]):
             cos = float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.flatten(), dim=0))
@@ -116,6 +116,8 @@ def _(q, k, v, scale):
 @torch.library.custom_op("kontext::fa4_attention_backward", mutates_args=(), device_types="cuda")
 def fa4_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                            lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of q, k, v (each shaped like its input) for `grad` of `fa4_attention`'s output `out`, from its
+    log-sum-exp `lse`."""
     dq, dk, dv = _interface()._flash_attn_bwd(_dense(q), _dense(k), _dense(v), _dense(out), grad.contiguous(), lse,
                                               softmax_scale=scale)[:3]
     return dq, dk, dv
@@ -151,26 +153,3 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask
             and query.shape[1] == key.shape[1] == value.shape[1]
             and query.shape[-1] == key.shape[-1] and query.shape[-1] % 8 == 0 and value.shape[-1] % 8 == 0
             and query.shape[-1] <= 256 and value.shape[-1] <= 256)
-
-
-def _sdpa_fa4(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-              min_tokens: int = 0):
-    """SDPA with FlashAttention 4 where `takes` allows (and the sequence has at least min_tokens), else the SDPA
-    kernels selected around it, with the contiguous gradient cuDNN needs."""
-    if not takes(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) or query.shape[-2] < min_tokens:
-        return _sdpa_contiguous_grad(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    s = float(scale) if scale is not None else query.shape[-1] ** -0.5
-    out, _ = fa4_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), s)
-    return out.transpose(1, 2)
-
-
-def _sdpa_fa4_long(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """`auto`'s SDPA: FlashAttention 4 from AUTO_MIN_TOKENS tokens on."""
-    return _sdpa_fa4(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, AUTO_MIN_TOKENS)
-
-
-def sdpa_through_fa4(long_only: bool = False):
-    """Within the block, torch.nn.functional.scaled_dot_product_attention goes to FlashAttention 4 (every call it
-    takes, or with long_only those of at least AUTO_MIN_TOKENS tokens). Must span forward AND backward."""
-    return sdpa_replaced(_sdpa_fa4_long if long_only else _sdpa_fa4)

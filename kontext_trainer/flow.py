@@ -15,12 +15,13 @@ With loss masks (`kontext-data pair --masks`) each target token's squared error 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kontext_trainer.attention import attention_context
 
 # ------------------------------------------------------------------------------------------ packing
 
@@ -109,64 +110,6 @@ def sample_sigmas(batch_size: int, generator: torch.Generator, scheme: str = "lo
     return shift_sigmas(u, shift)
 
 
-# ------------------------------------------------------------------------------------------ attention
-
-
-@contextlib.contextmanager
-def attention_context(backend: str, device: torch.device | str):
-    """Select the SDPA kernels for forward AND backward (gradient checkpointing recomputes the forward inside
-    backward, so the context must span both).
-
-    `auto`: on CUDA, FlashAttention 4 for sequences of at least fa4.AUTO_MIN_TOKENS where flash-attn-4 is installed
-    and passes its self-test (kontext_trainer.fa4), and cuDNN attention with a contiguous gradient (its backward
-    crashed on the strided gradient diffusers hands it; kontext_trainer.speed fixes that) for the rest, then flash /
-    mem-efficient; elsewhere PyTorch's default. `flash`, `efficient`, `math`, `cudnn` force one; `fa4` uses
-    FlashAttention 4 for every call it takes (`auto`'s kernels for the others) and fails clearly where it cannot
-    run; `default` leaves PyTorch's choice."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    dev = torch.device(device).type
-    choices = {
-        "flash": [SDPBackend.FLASH_ATTENTION],
-        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-        "math": [SDPBackend.MATH],
-        "cudnn": [SDPBackend.CUDNN_ATTENTION],
-        "fa4": [SDPBackend.FLASH_ATTENTION],  # on the CPU; on CUDA see below
-    }
-    if backend == "default" or (backend == "auto" and dev != "cuda"):
-        yield
-        return
-    if backend in ("auto", "fa4") and dev == "cuda":
-        # FlashAttention 4 where installed and working (auto: for long sequences only, where it is the fastest),
-        # else / below that cuDNN (with the contiguous-gradient fix: verified on an H100 to give the same loss and
-        # LoRA gradients as flash, cosine 1.0000, at ~1.2x the step speed), flash / mem-efficient where it is missing
-        from kontext_trainer import fa4
-
-        kernels = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        problem = fa4.usable(device)
-        if problem is None:
-            with sdpa_kernel(kernels), fa4.sdpa_through_fa4(long_only=backend == "auto"):
-                yield
-            return
-        if backend == "fa4":
-            raise RuntimeError(f"attention_backend fa4: {problem}; or use attention_backend auto")
-    elif backend in choices:
-        kernels = choices[backend]
-    else:
-        raise ValueError(f"unknown attention backend {backend!r}; valid: auto, default, {', '.join(choices)}")
-    if dev != "cuda" and backend in ("flash", "efficient", "cudnn", "fa4"):
-        kernels = kernels + [SDPBackend.MATH]  # the CPU has no fused kernels of that name; let it fall back
-    if backend in ("cudnn", "auto"):
-        # cuDNN's backward crashed on the strided gradient diffusers hands it: give it a contiguous one
-        from kontext_trainer.speed import contiguous_attention_grads
-
-        with sdpa_kernel(kernels), contiguous_attention_grads():
-            yield
-        return
-    with sdpa_kernel(kernels):
-        yield
-
-
 # ------------------------------------------------------------------------------------------ the step
 
 
@@ -186,6 +129,7 @@ class KontextBatch:
     mask: torch.Tensor | None = None
 
     def to(self, device, dtype) -> "KontextBatch":
+        """The batch on `device`, its tensors in `dtype` (the mask in float32)."""
         return KontextBatch(
             target=self.target.to(device=device, dtype=dtype),
             references=[r.to(device=device, dtype=dtype) for r in self.references],
@@ -199,6 +143,8 @@ class KontextBatch:
 
 @dataclass
 class StepOutput:
+    """What `kontext_forward` returns: the loss on the target tokens and the whole prediction."""
+
     loss: torch.Tensor
     prediction: torch.Tensor  # full model output over [target | references] tokens, (B, N_all, 4C)
     num_target_tokens: int
@@ -283,10 +229,11 @@ def kontext_step(transformer, batch: KontextBatch, generator: torch.Generator, *
                  sigmas: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  mask_loss_weight: float = MASK_LOSS_WEIGHT) -> float:
     """One micro-step: sample sigmas and noise (from `generator`, on the CPU, so runs are reproducible on any
-    device), forward, and backward of `loss * loss_scale` under the selected attention kernels. Returns the
-    (unscaled) loss as a float. This is the function the trainer and the GPU benchmark call. `sigmas` / `noise`
-    given (the trainer draws them per sample, so a batch split over processes sees the same ones) replace the
-    draws from `generator`. `mask_loss_weight`: the weight outside a loss mask (batches with `mask` only)."""
+    device), forward, and backward of `loss * loss_scale` under the attention kernels `attention_backend` selects
+    (kontext_trainer.attention). Returns the (unscaled) loss as a float. This is the function the trainer and the
+    GPU benchmark call. `sigmas` / `noise` given (the trainer draws them per sample, so a batch split over
+    processes sees the same ones) replace the draws from `generator`. `mask_loss_weight`: the weight outside a
+    loss mask (batches with `mask` only)."""
     b = batch.target.shape[0]
     if sigmas is None:
         sigmas = sample_sigmas(b, generator, scheme, shift, logit_mean, logit_std)

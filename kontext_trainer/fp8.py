@@ -1,4 +1,4 @@
-"""fp8 matmuls for the frozen base: the `fp8-matmul` base precision (issue 7's "fp8 matmuls for the frozen base").
+"""fp8 matmuls for the frozen base: the `fp8-matmul` base precision.
 
 In: a FluxTransformer2DModel in bf16 with its adapter attached (peft LoRA or LoKr). Out: the same model where every
 frozen nn.Linear of the base (also the `base_layer` inside each adapter wrapper), except the guide's exclusions
@@ -112,12 +112,14 @@ class Fp8Linear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Fp8Linear":
+        """An Fp8Linear of `linear`'s weight quantized per row to fp8 e4m3 (its bias copied)."""
         w = linear.weight.detach()
         w_q, scale = quantize_rows(w)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(w_q, scale.view(-1).contiguous(), bias)
 
     def dequantized_weight(self, dtype=torch.bfloat16) -> torch.Tensor:
+        """The weight as a plain [out, in] tensor of `dtype` (fp8 values times their row scales)."""
         return (self.weight_q.float() * self.weight_scale.view(-1, 1)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +131,8 @@ class Fp8Linear(torch.nn.Module):
 
 @dataclass
 class Fp8Report:
+    """Which base Linear modules `convert_base_linears` converted and which it kept, and the weights' bytes."""
+
     converted: list[str] = field(default_factory=list)  # base Linear modules now Fp8Linear
     kept: list[str] = field(default_factory=list)  # frozen base Linear modules left in bf16 (excluded / odd shapes)
     bytes_before: int = 0

@@ -64,6 +64,7 @@ def check_layout(model_dir: Path) -> list[str]:
 
 
 def sub_ok(model_dir: Path, sub: str) -> bool:
+    """Whether the model directory has the sub-folder `sub` (e.g. `vae`)."""
     return (Path(model_dir) / sub).is_dir()
 
 
@@ -142,6 +143,8 @@ def fingerprint(model_dir: Path, sub: str) -> str:
 
 @dataclass
 class TextEncoders:
+    """CLIP's tokenizer and encoder, T5's tokenizer and encoder (`_2`), as `load_text_encoders` returns them."""
+
     tokenizer: Any
     text_encoder: Any
     tokenizer_2: Any
@@ -265,6 +268,14 @@ def empty_transformer(model_dir: Path, dtype):
     return model
 
 
+def transformer_blocks(transformer) -> list:
+    """The repeated blocks of a FluxTransformer2DModel in the one order the memory levers use: the double-stream
+    blocks first, then the single-stream ones. Checkpointing (memory.set_activation_checkpointing), block offload
+    (offload) and the planner's size estimates (memory.estimate_block_bytes) all take "the first N blocks" from it."""
+    double = list(getattr(transformer, "transformer_blocks", []))
+    return double + list(getattr(transformer, "single_transformer_blocks", []))
+
+
 def block_names(transformer) -> list[str]:
     """The units the transformer is loaded in, in module order: each element of a ModuleList child
     (`transformer_blocks.N`, `single_transformer_blocks.N`), each other child (`x_embedder`, `norm_out`,
@@ -381,6 +392,7 @@ def load_transformer(model_dir: Path, dtype, device, *, read_device=None, prepar
 
 
 def load_scheduler(model_dir: Path):
+    """The model's FlowMatchEulerDiscreteScheduler (`scheduler/`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")

@@ -3,8 +3,8 @@ each one to the GPU only while it runs (musubi-tuner's and diffusion-pipe's `blo
 
 In: a FluxTransformer2DModel with its adapter attached (and, if any, its base converted to DequantLinear / Fp8Linear
 and its q/k/v fused), `n_blocks` and the training device. Out: the same model, whose first `n_blocks` blocks of
-`speed.transformer_blocks(model)` (the double-stream blocks first, then the single-stream ones; the blocks that
-`speed.set_activation_checkpointing` checkpoints first) hold their frozen tensors (parameters that do not require
+`model.transformer_blocks(model)` (the double-stream blocks first, then the single-stream ones; the blocks that
+`memory.set_activation_checkpointing` checkpoints first) hold their frozen tensors (parameters that do not require
 grad, and buffers) in host memory, and an `OffloadReport` with what moved and what a step copies. Trainable adapter
 weights (LoRA/LoKr) stay on the device. `disable_block_offload(model)` puts everything back as it was;
 `block_bytes(model)` gives the frozen bytes of every block, for the memory planner.
@@ -15,7 +15,7 @@ How a block runs:
 - backward: an identity autograd Function on the block's outputs brings the block back before its backward and
   before gradient checkpointing recomputes its forward (and starts copying the block before it); one on its inputs
   releases it once its backward is done. What is still resident when a backward ends is released then.
-The trainer checkpoints every offloaded block (non-reentrant, as speed.set_activation_checkpointing does):
+The trainer checkpoints every offloaded block (non-reentrant, as memory.set_activation_checkpointing does):
 otherwise the tensors autograd saves in the forward (transposed weights) keep the device copies alive until the
 backward, and offloading saves no memory (the results stay right).
 
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kontext_trainer.speed import transformer_blocks
+from kontext_trainer.model import transformer_blocks
 
 _ALIGN = 256  # every storage starts on a 256-byte boundary in the host and device copies: kernels keep alignment
 _ATTR = "_kontext_block_offload"
@@ -58,6 +58,8 @@ _ATTR = "_kontext_block_offload"
 
 @dataclass(frozen=True)
 class OffloadReport:
+    """What `enable_block_offload` moved to host memory and what a step copies back."""
+
     blocks: int
     """Blocks whose frozen tensors live in host memory."""
     total_blocks: int
@@ -71,10 +73,12 @@ class OffloadReport:
 
     @property
     def offloaded_gib(self) -> float:
+        """offloaded_bytes in GiB."""
         return self.offloaded_bytes / 2**30
 
     @property
     def copied_gib_per_step(self) -> float:
+        """bytes_per_step in GiB."""
         return self.bytes_per_step / 2**30
 
     def describe(self) -> str:
@@ -139,7 +143,7 @@ def _groups(block: torch.nn.Module, keep_alignment: bool = False) -> list[_Group
 
 
 def block_bytes(model: torch.nn.Module) -> list[int]:
-    """Frozen bytes of each block of `speed.transformer_blocks(model)`, in that order (storages shared by several
+    """Frozen bytes of each block of `model.transformer_blocks(model)`, in that order (storages shared by several
     tensors, such as fused q/k/v, counted once): what offloading that block takes off the device."""
     offloader = getattr(model, _ATTR, None)
     sizes = []
@@ -459,7 +463,7 @@ class _Offloader:
 
 
 def enable_block_offload(model: torch.nn.Module, n_blocks: int, device: torch.device | str) -> OffloadReport:
-    """Offload the frozen tensors of the first `n_blocks` blocks of `speed.transformer_blocks(model)` to host memory;
+    """Offload the frozen tensors of the first `n_blocks` blocks of `model.transformer_blocks(model)` to host memory;
     they come to `device` (CUDA, or the CPU, emulated) only while their block runs (see the module docstring).
 
     Call it once the adapter is attached and the base converted / fused, before the training starts and before or

@@ -14,7 +14,7 @@ projections (x_embedder, context_embedder, the final proj_out) in bf16; the adaL
 (`norm1.linear`, `norm_out.linear`) is quantized, as in SimpleTuner: these hold ~3 B of the 12 B parameters and
 keeping them in bf16 would cost ~6 GB.
 
-`to_dequant_linears` (issue 7) then swaps every quanto QLinear for a `DequantLinear` holding the same int8/fp8 data
+`to_dequant_linears` then swaps every quanto QLinear for a `DequantLinear` holding the same int8/fp8 data
 and scales as plain tensors: the same arithmetic as quanto's CUDA path (dequantize to bf16, bf16 matmul), but made of
 ordinary tensors and one autograd Function, so torch.compile can compile the blocks (quanto's tensor subclasses
 make dynamo fail) and the dequantization fuses into one kernel; its backward re-dequantizes instead of keeping a
@@ -49,6 +49,8 @@ PRECISIONS = ("bf16", "fp32", *QUANTIZED_PRECISIONS, FP8_MATMUL)
 
 @dataclass
 class QuantizeReport:
+    """Which Linear modules a quantized load quantized and which it kept, and the weights' bytes before and after."""
+
     precision: str
     quantized: list[str] = field(default_factory=list)  # Linear modules whose weights are now quantized
     kept: list[str] = field(default_factory=list)  # Linear modules left in the compute dtype (excluded)
@@ -57,6 +59,7 @@ class QuantizeReport:
 
 
 def is_quantized(precision: str) -> bool:
+    """Whether `precision` is one of the quanto base precisions (int8-quanto, fp8-quanto)."""
     return precision in QUANTIZED_PRECISIONS
 
 
@@ -147,6 +150,7 @@ class DequantLinear(torch.nn.Module):
 
     @classmethod
     def from_qlinear(cls, qlinear: torch.nn.Module) -> "DequantLinear":
+        """A DequantLinear sharing a frozen quanto QLinear's quantized data, scales and bias."""
         w = qlinear.qweight if hasattr(qlinear, "qweight") else qlinear.weight
         if getattr(w, "_data", None) is None or getattr(w, "_scale", None) is None:
             raise TypeError(f"{type(qlinear).__name__} holds no frozen quanto weight (call optimum.quanto.freeze)")
@@ -155,6 +159,7 @@ class DequantLinear(torch.nn.Module):
         return cls(w._data.detach(), scale, bias)
 
     def dequantized_weight(self, dtype=torch.bfloat16) -> torch.Tensor:
+        """The weight as a plain [out, in] tensor of `dtype` (data times its row scales)."""
         return (self.weight_data.to(self.weight_scale.dtype) * self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from kontext_trainer import adapters, fuse as fuse_mod, model as model_mod, optim as optim_mod, quantize as quantize_mod
-from kontext_trainer import fa4 as fa4_mod, speed
+from kontext_trainer import attention, memory
 from kontext_trainer.cache import CacheError, FeatureCache, latent_key, mask_key, text_key
 from kontext_trainer.config import TrainConfig
 from kontext_trainer.data import BLANK_CAPTION, BucketBatchSampler, KeyBook, Sample, choose_caption, load_batch, \
@@ -39,7 +39,9 @@ from kontext_trainer.weighting import dataset_weighting
 from kontext_trainer.distributed import Dist, init_distributed, shard_indices
 from kontext_trainer.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
-from kontext_trainer.flow import attention_context, kontext_step, sample_sigmas
+from kontext_trainer.attention import attention_context
+from kontext_trainer.compile import can_compile_cuda, compile_blocks
+from kontext_trainer.flow import kontext_step, sample_sigmas
 from kontext_trainer.phases import PhaseClock
 from kontext_data.problems import ProblemsError
 
@@ -263,26 +265,12 @@ class KontextLoRARecipe:
     def _check_attention(self) -> None:
         """Which attention kernels the steps will run, said once; `fa4` where FlashAttention 4 cannot run fails here,
         before any caching."""
-        backend = self.cfg.attention_backend
-        if self.device.type != "cuda" and backend in ("flash", "efficient", "cudnn", "fa4"):
-            self.emit("warning", message=f"attention_backend {backend}: no such kernels on {self.device.type}; "
-                                         "PyTorch's own attention runs there")
-            return
-        if self.device.type != "cuda" or backend not in ("auto", "fa4"):
-            if backend not in ("auto", "default"):
-                self.emit("stage", message=f"attention: {backend} (attention_backend)")
-            return
-        problem = fa4_mod.usable(self.device)
-        if backend == "fa4" and problem:
-            raise TrainError([f"attention_backend fa4: {problem}; or set attention_backend auto"],
-                             title="attention_backend")
-        if backend == "fa4":
-            self.emit("stage", message="attention: FlashAttention 4 (attention_backend fa4)")
-        elif problem:
-            self.emit("stage", message=f"attention: cuDNN (auto; FlashAttention 4 not used: {problem})")
-        else:
-            self.emit("stage", message=f"attention: FlashAttention 4 from {fa4_mod.AUTO_MIN_TOKENS:,} tokens per "
-                                       f"sample, cuDNN below (auto)")
+        try:
+            said = attention.announce(self.cfg.attention_backend, self.device)
+        except attention.AttentionUnavailable as exc:
+            raise TrainError([str(exc)], title="attention_backend") from None
+        if said:
+            self.emit(said[0], message=said[1])
 
     def _limit_memory(self) -> None:
         """memory_limit_gib: hold PyTorch's allocator to that much of the card (the memory plan uses it too)."""
@@ -310,13 +298,6 @@ class KontextLoRARecipe:
         """Wait for the device, so a phase's wall time includes its queued work."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _uses_fa4(self, tokens: int) -> bool:
-        """Whether the longest sample's attention runs FlashAttention 4 (the memory plan counts its extra share)."""
-        backend = self.cfg.attention_backend
-        if self.device.type != "cuda" or backend not in ("auto", "fa4") or fa4_mod.usable(self.device):
-            return False
-        return backend == "fa4" or tokens >= fa4_mod.AUTO_MIN_TOKENS
 
     def _n_buckets(self) -> int:
         return len({s.bucket for s in self.samples})
@@ -435,12 +416,12 @@ class KontextLoRARecipe:
         # memory, so a card smaller than the whole base (int8 FLUX is 11.1 GiB) never has to hold it.
         meta = model_mod.empty_transformer(self.model_dir, self.dtype)
         self._base_params = sum(p.numel() for p in meta.parameters())
-        plan = speed.MemoryPlan(0.0, 0.0, "no checkpointing (gradient_checkpointing false)")
+        plan = memory.MemoryPlan(0.0, 0.0, "no checkpointing (gradient_checkpointing false)")
         if cfg.gradient_checkpointing or cfg.activation_memory_budget is not None:  # an explicit budget wins
             plan = self._checkpoint_plan()
-        plan = self._offload_plan(plan, speed.estimate_block_bytes(meta, cfg.base_model_precision))
+        plan = self._offload_plan(plan, memory.estimate_block_bytes(meta, cfg.base_model_precision))
         names = {id(m): n for n, m in meta.named_modules()}
-        host_blocks = [names[id(b)] for b in speed.transformer_blocks(meta)[:plan.offload_blocks]]
+        host_blocks = [names[id(b)] for b in model_mod.transformer_blocks(meta)[:plan.offload_blocks]]
         del meta
         # quantized (int8/fp8-quanto) and frozen before the adapter is attached
         with self.clock.phase("model load"):
@@ -476,7 +457,7 @@ class KontextLoRARecipe:
                                        + ("" if n == total else " (attentions with LoKr, or with only some of q/k/v "
                                                                   "adapted, stay unfused)"))
         self.transformer.train()
-        speed.set_activation_checkpointing(self.transformer, plan.fraction)
+        memory.set_activation_checkpointing(self.transformer, plan.fraction)
         self.emit("stage", message=f"memory: {plan.reason}")
         if plan.offload_blocks:
             from kontext_trainer import offload
@@ -484,7 +465,7 @@ class KontextLoRARecipe:
             self.offload_report = offload.enable_block_offload(self.transformer, plan.offload_blocks, self.device)
             self.emit("stage", message=self.offload_report.describe())
         if self.compile:
-            speed.compile_blocks(self.transformer, memory_budget=plan.budget)
+            compile_blocks(self.transformer, memory_budget=plan.budget)
             why = "compile_blocks" if cfg.compile_blocks else "on CUDA by default; compile_blocks=false turns it off"
             self.emit("stage", message=f"torch.compile of the transformer blocks ({why}): the first steps include "
                                        f"compiling")
@@ -521,7 +502,7 @@ class KontextLoRARecipe:
     def _decide_compile(self) -> None:
         cfg = self.cfg
         self.compile = cfg.compile_blocks if cfg.compile_blocks is not None else self.device.type == "cuda"
-        if self.compile and self.device.type == "cuda" and not speed.can_compile_cuda():
+        if self.compile and self.device.type == "cuda" and not can_compile_cuda():
             if cfg.compile_blocks:
                 raise TrainError(["compile_blocks: torch.compile needs Triton for CUDA, and it is not installed "
                                   "(pip install triton, or set compile_blocks false)"], title="compile_blocks")
@@ -529,16 +510,16 @@ class KontextLoRARecipe:
             self.emit("warning", message="torch.compile needs Triton, which is not installed: the transformer "
                                          "blocks run eager (about 1.25x slower steps; pip install triton)")
 
-    def _step_shape(self) -> "speed.StepShape":
+    def _step_shape(self) -> "memory.StepShape":
         cfg = self.cfg
-        tokens = max((speed.sample_tokens(s.target.size, [r.size for r in s.references]) for s in self.samples),
+        tokens = max((memory.sample_tokens(s.target.size, [r.size for r in s.references]) for s in self.samples),
                      default=0)
-        return speed.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
-                               wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
-                               scale=min(1.0, self._base_params / speed.FULL_TRANSFORMER_PARAMS),
-                               fa4=self._uses_fa4(tokens))
+        return memory.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
+                                wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
+                                scale=min(1.0, self._base_params / memory.FULL_TRANSFORMER_PARAMS),
+                                fa4=attention.runs_fa4(cfg.attention_backend, self.device, tokens))
 
-    def _offload_plan(self, plan: "speed.MemoryPlan", sizes: list[int]) -> "speed.MemoryPlan":
+    def _offload_plan(self, plan: "memory.MemoryPlan", sizes: list[int]) -> "memory.MemoryPlan":
         """offload_blocks N: the first N blocks offloaded (and checkpointed); default on CUDA: as few as make the
         step fit the card when the plan alone does not. `sizes`: the frozen bytes of each block once loaded."""
         cfg = self.cfg
@@ -547,17 +528,17 @@ class KontextLoRARecipe:
             if n > len(sizes):
                 raise TrainError([f"offload_blocks {n}: the transformer has {len(sizes)} blocks"],
                                  title="offload_blocks")
-            resident = sum(sorted(sizes[:n], reverse=True)[:speed.OFFLOAD_SLOTS])
+            resident = sum(sorted(sizes[:n], reverse=True)[:memory.OFFLOAD_SLOTS])
             fraction = max(plan.fraction, n / len(sizes))
             peak = max(0.0, plan.peak_gib - (sum(sizes[:n]) - resident) / 2**30) if plan.peak_gib else 0.0
-            return speed.MemoryPlan(fraction, peak, f"{plan.reason}; offloading the first {n} blocks "
-                                                    f"(offload_blocks; they are checkpointed)", plan.budget, n)
+            return memory.MemoryPlan(fraction, peak, f"{plan.reason}; offloading the first {n} blocks "
+                                                     f"(offload_blocks; they are checkpointed)", plan.budget, n)
         if cfg.offload_blocks == 0 or self.device.type != "cuda" or not plan.peak_gib:
             return plan
-        limit = self._card_gib() - speed.allocator_headroom_gib()
-        return speed.plan_with_offload(plan, limit, sizes, self._step_shape(), self.compile)
+        limit = self._card_gib() - memory.allocator_headroom_gib()
+        return memory.plan_with_offload(plan, limit, sizes, self._step_shape(), self.compile)
 
-    def _checkpoint_plan(self) -> "speed.MemoryPlan":
+    def _checkpoint_plan(self) -> "memory.MemoryPlan":
         """The checkpointed fraction: the config's, else on CUDA the fastest that fits the card, else all."""
         cfg = self.cfg
         shape = self._step_shape()
@@ -567,19 +548,19 @@ class KontextLoRARecipe:
 
         if cfg.checkpoint_fraction is not None:
             f = cfg.checkpoint_fraction
-            return speed.MemoryPlan(f, peak(f), f"checkpointing {f:.0%} of the blocks (checkpoint_fraction)")
+            return memory.MemoryPlan(f, peak(f), f"checkpointing {f:.0%} of the blocks (checkpoint_fraction)")
         if cfg.activation_memory_budget is not None and self.compile:
             b = cfg.activation_memory_budget
-            return speed.MemoryPlan(0.0, peak(0.0, b), f"compiled blocks with activation memory budget {b:g} "
-                                                       f"(activation_memory_budget)", b)
+            return memory.MemoryPlan(0.0, peak(0.0, b), f"compiled blocks with activation memory budget {b:g} "
+                                                        f"(activation_memory_budget)", b)
         if cfg.activation_memory_budget is not None:  # compile fell back to eager (no Triton)
             self.emit("warning", message="activation_memory_budget needs compiled blocks: checkpointing every "
                                          "block instead")
-            return speed.MemoryPlan(1.0, peak(1.0), "checkpointing every block (blocks not compiled)")
+            return memory.MemoryPlan(1.0, peak(1.0), "checkpointing every block (blocks not compiled)")
         if self.device.type != "cuda":
-            return speed.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
-        return speed.plan_memory(self._card_gib(), shape, headroom_gib=speed.allocator_headroom_gib(),
-                                 compiled=self.compile)
+            return memory.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
+        return memory.plan_memory(self._card_gib(), shape, headroom_gib=memory.allocator_headroom_gib(),
+                                  compiled=self.compile)
 
     # ------------------------------------------------------------------------------------------- train
 

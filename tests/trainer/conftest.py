@@ -135,6 +135,15 @@ def forward_backward(model, call_args: dict, params: list) -> tuple:
     return out.float().detach(), torch.cat([p.grad.flatten() for p in params])
 
 
+def tiny_batch(g: torch.Generator):
+    """A one-sample KontextBatch for the tiny model: an 8x8 latent target, one reference of the same size, 8 text
+    tokens."""
+    from kontext_trainer.flow import KontextBatch
+
+    return KontextBatch(target=torch.randn(1, 4, 8, 8, generator=g), references=[torch.randn(1, 4, 8, 8, generator=g)],
+                        prompt_embeds=torch.randn(1, 8, 32, generator=g), pooled=torch.randn(1, 32, generator=g))
+
+
 def tiny_cpu_config(manifest, model, out, **kw):
     """A TrainConfig for a short fp32 run of the tiny model on the CPU (no TensorBoard, no final strips); `kw`
     overrides any key."""

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from kontext_trainer.cache import encode_images
-from kontext_trainer.flow import (KontextBatch, attention_context, image_ids, kontext_forward, kontext_ids,
-                                  kontext_step, pack_latents, sample_sigmas, shift_sigmas, unpack_latents)
+from kontext_trainer.flow import (KontextBatch, image_ids, kontext_forward, kontext_ids, kontext_step,
+                                  pack_latents, sample_sigmas, shift_sigmas, unpack_latents)
 
 
 def _image(w, h, seed=0):
@@ -122,14 +122,3 @@ def test_sigma_sampling():
     assert torch.equal(sample_sigmas(8, torch.Generator().manual_seed(5)), sample_sigmas(8, torch.Generator().manual_seed(5)))
     with pytest.raises(ValueError, match="uniform"):
         sample_sigmas(2, g, "cosine")
-
-
-def test_attention_backend_choice():
-    with attention_context("auto", "cpu"):
-        pass
-    with attention_context("efficient", "cpu"):  # falls back to math on the CPU
-        q = torch.randn(1, 2, 4, 8)
-        torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    with pytest.raises(ValueError, match="valid"):
-        with attention_context("fastest", "cpu"):
-            pass

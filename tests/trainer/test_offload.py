@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from kontext_trainer import adapters, quantize, speed
+from kontext_trainer import adapters, memory, quantize
 from kontext_trainer.flow import KontextBatch, kontext_step
 from kontext_trainer.fuse import fuse_qkv
-from kontext_trainer.model import load_transformer
+from kontext_trainer.model import load_transformer, transformer_blocks
 from kontext_trainer.offload import block_bytes, disable_block_offload, enable_block_offload
 
 
@@ -35,7 +35,7 @@ def _transformer(tiny_model, precision="fp32", fuse=False, layers=None):
     if precision == "int8-quanto":
         quantize.to_dequant_linears(model)
     if fuse:
-        assert fuse_qkv(model) == len(speed.transformer_blocks(model))
+        assert fuse_qkv(model) == len(transformer_blocks(model))
     with torch.no_grad():
         g = torch.Generator().manual_seed(3)
         for p in adapters.trainable_parameters(model):
@@ -53,7 +53,7 @@ def _batch(step: int, dtype=torch.float32) -> KontextBatch:
 
 def _train(model, steps=3, dtype=torch.float32, checkpointed=1.0):
     """Losses and LoRA gradients of `steps` AdamW steps, every block checkpointed (or that fraction of them)."""
-    speed.set_activation_checkpointing(model, checkpointed)
+    memory.set_activation_checkpointing(model, checkpointed)
     params = adapters.trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-2)
     losses, grads = [], []
@@ -69,7 +69,7 @@ def _train(model, steps=3, dtype=torch.float32, checkpointed=1.0):
 def _offloaded(model, n):
     """The frozen tensors of each of the first n blocks (what the offloader moves)."""
     return [[t for t in list(b.parameters()) + list(b.buffers()) if not t.requires_grad]
-            for b in speed.transformer_blocks(model)[:n]]
+            for b in transformer_blocks(model)[:n]]
 
 
 def _holding(frozen) -> list[int]:
@@ -114,7 +114,7 @@ def test_weights_are_there_only_while_their_block_runs(tiny_model):
     a training step again."""
     reference = _transformer(tiny_model, layers=(3, 3))
     model = _transformer(tiny_model, layers=(3, 3))
-    blocks = speed.transformer_blocks(model)
+    blocks = transformer_blocks(model)
     frozen = _offloaded(model, 4)
     report = enable_block_offload(model, 4, "cpu")
     assert report.total_blocks == 6 and report.offloaded_bytes == sum(block_bytes(model)[:4])
@@ -177,7 +177,7 @@ def test_outside_the_window_weights_are_placeholders_and_undo_restores_everythin
     q, fused = attn.to_q.base_layer.weight, attn.to_qkv.weight
     assert q.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()  # views are views again
     assert torch.equal(fused[:q.shape[0]], q)
-    assert not model._forward_pre_hooks and not any(b._forward_hooks for b in speed.transformer_blocks(model))
+    assert not model._forward_pre_hooks and not any(b._forward_hooks for b in transformer_blocks(model))
 
 
 def test_forward_only_under_no_grad_matches(tiny_model):
@@ -222,7 +222,7 @@ def test_compiled_blocks_do_not_recompile(tiny_model):
     model = _transformer(tiny_model)
     model.compile_repeated_blocks(backend="aot_eager", dynamic=False)
     enable_block_offload(model, 2, "cpu")
-    speed.set_activation_checkpointing(model, 1.0)
+    memory.set_activation_checkpointing(model, 1.0)
     params = adapters.trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-2)
     compiled = []

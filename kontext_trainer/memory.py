@@ -1,72 +1,26 @@
-"""Speed and memory levers of the training step, each optional and measured in benchmarks/bench_train_step.py.
+"""The memory side of the training step: what a step will take on the card, and the levers that make it fit.
 
-In: a FluxTransformer2DModel (with its adapter). Out: the same model set up for a memory/speed trade-off:
-- `contiguous_attention_grads()`: makes the gradient entering SDPA's output contiguous. diffusers permutes the
-  attention output, so its gradient arrives strided; PyTorch's cuDNN attention backward was seen to crash on that
-  (illegal memory access) on H100. With this wrapper the cuDNN kernels, ~1.9x faster than FA2 at 8.7k tokens, are
-  usable in training.
-- `set_activation_checkpointing(model, fraction)`: checkpoint only the first `fraction` of the 57 blocks (1.0 = all,
-  0 = none): memory scales with the blocks kept, speed with the blocks recomputed.
-- `compile_blocks(model, memory_budget)`: regional torch.compile of the repeated transformer blocks (one compile per
-  block type for every sequence length: dynamic shapes), with the compiler's activation memory budget: instead of
-  recomputing whole blocks, torch's partitioner keeps the activations that are dear to recompute up to that
-  fraction and recomputes the rest.
-- `keep_attention_outputs()`: makes that partitioner count cuDNN attention as expensive, so the attention outputs
-  are the first thing it keeps; without it every budget below ~0.5 re-ran all 57 attention forwards in backward.
-  H100, 1024 px, bf16, budget 0.2: 1.023 -> 0.939 s/step (27.75 -> 29.66 GiB), against 1.14 s at 26.6 GiB with
-  every block checkpointed.
+In: the step's shape (`StepShape`: tokens of the longest sample, base precision, batch size, adapter width, model
+size, FlashAttention 4 or not), the card's GiB and the blocks' sizes (`estimate_block_bytes`, from the model's shapes
+before loading). Out: a `MemoryPlan` (the checkpointed fraction of the blocks, the compiled blocks' activation memory
+budget, the blocks to offload, the predicted peak and the reason, said at start-up):
+- `predict_peak_gib` / `StepShape.peak_gib`: the memory model, fitted to H100 measurements (benchmarks/results);
 - `plan_memory(...)`: picks the budget (compiled) or the checkpointed fraction (eager) that fits the card
-  (overridable), and says why.
+  (overridable), and says why; `plan_with_offload` adds block offload (kontext_trainer.offload) when nothing else
+  fits, `blocks_to_offload` picks how many;
+- `set_activation_checkpointing(model, fraction)`: checkpoint only the first `fraction` of the 57 blocks (1.0 = all,
+  0 = none): memory scales with the blocks kept, speed with the blocks recomputed;
+- `use_expandable_segments()` / `allocator_headroom_gib()`: the CUDA allocator's setting and the headroom the plan
+  leaves beside its prediction.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity forward; backward hands on a contiguous copy of the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
-_SDPA = torch.nn.functional.scaled_dot_product_attention
-
-
-def _sdpa_contiguous_grad(*args, **kwargs):
-    return _ContiguousGrad.apply(_SDPA(*args, **kwargs))
-
-
-@contextlib.contextmanager
-def sdpa_replaced(fn):
-    """Within the block, torch.nn.functional.scaled_dot_product_attention is `fn` (diffusers looks it up at call
-    time). `fn` should be a module-level function: torch.compile's guards then see the same callable every step.
-    Must span forward AND backward (gradient checkpointing re-runs the forward inside backward)."""
-    previous = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = fn
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = previous
-
-
-def contiguous_attention_grads():
-    """Within the block, every torch.nn.functional.scaled_dot_product_attention call passes a contiguous gradient to
-    the attention backward. Must span forward AND backward."""
-    return sdpa_replaced(_sdpa_contiguous_grad)
-
-
-def transformer_blocks(model) -> list[torch.nn.Module]:
-    return list(getattr(model, "transformer_blocks", [])) + list(getattr(model, "single_transformer_blocks", []))
+from kontext_trainer.model import transformer_blocks
 
 
 def set_activation_checkpointing(model, fraction: float) -> int:
@@ -88,86 +42,10 @@ def set_activation_checkpointing(model, fraction: float) -> int:
     return n
 
 
-def can_compile_cuda() -> bool:
-    """Whether torch.compile can generate CUDA kernels here (inductor needs Triton; Windows wheels lack it)."""
-    from torch.utils._triton import has_triton
-
-    return has_triton()
-
-
-# Attention ops torch's partitioner (2.11 to 2.14) does not list as compute-intensive, while it lists the flash and
-# efficient SDPA kernels: it then takes cuDNN attention for free to recompute (see keep_attention_outputs).
-_UNLISTED_ATTENTION_OPS = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable")
-
-
-def keep_attention_outputs() -> bool:
-    """Make torch's activation partitioner treat cuDNN attention like the flash/efficient SDPA kernels it already
-    treats as compute-intensive: never recomputed for free, so with an activation memory budget below 1 its output
-    is kept (when the budget allows) instead of re-running the attention forward in the backward pass.
-
-    Without this, every budget below ~0.5 re-ran the cuDNN attention forward of all 57 blocks in backward (114
-    forward kernels per step instead of 57, ~90 ms of an H100 step at 1024 px): the partitioner's aggressive
-    stage only weighs the ops it bans from recomputation, and cuDNN attention is not among them. Process-wide (it
-    changes the partitioner's op list, a private torch function; wrapped, not replaced); returns False, changing
-    nothing, where that function is not there."""
-    try:
-        from torch._functorch import partitioners
-    except ImportError:  # pragma: no cover - torch without functorch
-        return False
-    original = getattr(partitioners, "get_default_op_list", None)
-    if original is None:
-        return False
-    if getattr(original, "_keeps_attention", False):
-        return True
-    from kontext_trainer import fa4  # registers kontext::fa4_attention (attention_backend fa4)
-
-    ops = [getattr(torch.ops.aten, name) for name in _UNLISTED_ATTENTION_OPS if hasattr(torch.ops.aten, name)]
-    ops.append(torch.ops.kontext.fa4_attention)
-
-    def op_list():
-        types = original()
-        for op in ops:
-            types.compute_intensive_ops.add(op)
-        return types
-
-    op_list._keeps_attention = True
-    partitioners.get_default_op_list = op_list
-    return True
-
-
-RECOMPILE_LIMIT = 64  # graphs per compiled block: a safety margin above the few that dynamic shapes need
-
-
-def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = True, dynamic: bool | None = True,
-                   **kwargs) -> None:
-    """Regional compilation: torch.compile each repeated block (diffusers' compile_repeated_blocks), with dynamic
-    sequence lengths, so one compile per block type serves every bucket of a run.
-
-    With static shapes (dynamic=False) every bucket shape compiled its own graph, so a dataset of many aspect
-    ratios paid for each compile in its first steps (benchmarks/full_run.py times them); dynamic shapes
-    keep that to one graph per block type and grad mode (training, validation), whatever the number of buckets
-    (counted in tests/trainer/test_speed.py). Sizes of 0 or 1 (a batch of one) stay specialized, as dynamo does.
-    The recompile limit is still raised to RECOMPILE_LIMIT (never lowered): a shape dynamo must specialize (say, an
-    image sequence as long as the text) costs one more graph instead of dynamo's silent eager fallback.
-
-    `memory_budget` (0..1] is torch's `activation_memory_budget` for the blocks' backward graphs: 1.0 keeps what the
-    default partitioner keeps; lower values recompute more (cheapest per byte first). It is a process-wide setting
-    read when a graph compiles, so it is set here, before the first step compiles the blocks. `keep_attention`:
-    see keep_attention_outputs (on by default; False only to measure without it)."""
-    import torch._dynamo
-    import torch._functorch.config
-
-    if not 0.0 < memory_budget <= 1.0:
-        raise ValueError(f"memory_budget {memory_budget} is not in (0, 1]")
-    torch._functorch.config.activation_memory_budget = float(memory_budget)
-    if keep_attention:
-        keep_attention_outputs()
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    model.compile_repeated_blocks(dynamic=dynamic, **kwargs)
-
-
 @dataclass(frozen=True)
 class MemoryPlan:
+    """The memory setting of a run: what is checkpointed, compiled with which budget, offloaded; and why."""
+
     fraction: float
     """Fraction of the blocks checkpointed (1.0 = all)."""
     peak_gib: float
@@ -221,10 +99,10 @@ _BUDGET_KEEP = {
     ("int8-quanto", True): {0.2: 0.281, 0.05: 0.124},
 }
 _SAME_MODULES = {"fp8-quanto": "int8-quanto", "fp32": "bf16"}  # DequantLinear either way; fp32: CPU tests
-# With FlashAttention 4 (kontext_trainer.fa4) the partitioner keeps more at budgets 0.5 and 0.3: bf16 on an H100 took
-# 42.37 / 34.54 GiB there against cuDNN's 38.15 / 30.5, and the same at 1, 0.2 and 0.05 (59.33 / 29.58 / 26.82;
-# benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26f-*.json). The extra share, measured with
-# bf16, is added for every base (unmeasured with the others).
+# With FlashAttention 4 (kontext_trainer.attention) the partitioner keeps more at budgets 0.5 and 0.3: bf16 on an
+# H100 took 42.37 / 34.54 GiB there against cuDNN's 38.15 / 30.5, and the same at 1, 0.2 and 0.05 (59.33 / 29.58 /
+# 26.82; benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26f-*.json). The extra share, measured
+# with bf16, is added for every base (unmeasured with the others).
 _FA4_EXTRA_KEEP = {0.5: 0.12, 0.3: 0.115}
 
 
