@@ -32,23 +32,24 @@ best shift >= 2 px away, structure there >= 0.5, a gain >= 0.25 over no shift, a
 than unshifted (an edit that moves one object agrees worse shifted).
 
 In: a manifest path and a ``CheckConfig``. Out: a ``CheckResult`` (per-sample scores and flags, thresholds, counts,
-a JSON report). ``write_manifest_with_similarity`` adds the ``pair_similarity`` column to a copy of the manifest's
-Parquet table (key-value metadata kept, plus ``kontext.check``) and writes it atomically.
+a JSON report). ``write_manifest_with_similarity`` writes the result into a manifest: the ``pair_similarity`` column
+and the ``kontext.check`` metadata (``manifest.write_similarity``, which owns the format). The thumbnails are
+``manifest.view_image``'s: the pixels the trainer sees.
 
 The work runs in a spawn process pool (``CheckWorker`` is picklable; it never raises: a file it cannot read comes
-back as an error string). numpy, PIL, cv2 and pyarrow are imported inside functions.
+back as an error string). numpy, PIL and cv2 are imported inside functions.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+from kontext_data.manifest import geometry_items, read_manifest, view_image, write_similarity
 
 THUMB = 64  # side of the structure/colour thumbnails
 IDENTITY_THUMB = 128  # side of the thumbnails of the "identical" test
@@ -56,8 +57,6 @@ MAX_SHIFT = 6  # pixels of THUMB searched in each direction for misalignment
 CHUNK = 16
 POOL_MIN_SAMPLES = 48
 FLAGS = ("identical", "unrelated", "misaligned", "unreadable")
-META_CHECK = "kontext.check"
-SIMILARITY_COLUMN = "pair_similarity"
 
 
 @dataclass(frozen=True)
@@ -201,67 +200,7 @@ def _round(v: float | None, nd: int = 4) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), nd)
 
 
-# --------------------------------------------------------------------------------------------- images
-
-
-def parse_degradation(text: str | None) -> dict | None:
-    """The JSON record of `reference_degradations[i]` when the reference is synthesized on demand, else None."""
-    if not text:
-        return None
-    try:
-        rec = json.loads(text)
-    except (TypeError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) and rec.get("on_demand") else None
-
-
-def view_image(path: str | os.PathLike, geometry: Mapping[str, Any], degradation: str | None = None,
-               size: tuple[int, int] | None = None, exact: bool = False):
-    """A PIL RGB image of `path` as the trainer sees it (recorded resize + crop), optionally scaled to `size`.
-
-    With `exact` (or an on-demand reference) the pixels are `manifest.load_image`'s (Lanczos to the intermediary
-    size, crop) and then resized to `size`. Otherwise the crop box is mapped back onto the original and resampled
-    straight to `size` (JPEGs decoded at a reduced DCT scale): the same content, several times faster, for
-    thumbnails. `degradation` is the sample's `reference_degradations[i]`: an `on_demand` record is synthesized.
-    """
-    from PIL import Image, ImageOps
-
-    from kontext_data.geometry import apply_geometry
-    from kontext_data.imageio import open_rgb
-
-    record = parse_degradation(degradation)
-    if record is not None:
-        from kontext_data.degrade import synthesize_reference
-
-        img = apply_geometry(Image.fromarray(synthesize_reference(path, record)), geometry)
-        return img if size is None or img.size == tuple(size) else img.resize(size, Image.Resampling.BOX)
-    if exact or size is None:
-        from kontext_data.manifest import load_image
-
-        img = load_image(path, geometry)
-        return img if size is None or img.size == tuple(size) else img.resize(size, Image.Resampling.BOX)
-    iw, ih = int(geometry["intermediary_width"]), int(geometry["intermediary_height"])
-    left, top = int(geometry["crop_left"]), int(geometry["crop_top"])
-    bw, bh = int(geometry["bucket_width"]), int(geometry["bucket_height"])
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as src:
-        if src.format == "JPEG" and src.mode in ("RGB", "L"):
-            # decode at the smallest DCT scale that still gives >= 2x the thumbnail over the crop box
-            sw, sh = src.size
-            resize = max(iw, ih) / max(sw, sh)  # the recorded resize (longest sides match under any orientation)
-            f = 2 * resize * max(size[0] / max(bw, 1), size[1] / max(bh, 1))
-            if f < 1:
-                src.draft("RGB", (math.ceil(sw * f), math.ceil(sh * f)))
-            img = ImageOps.exif_transpose(src).convert("RGB")
-        else:
-            img = None
-    if img is None:
-        img = open_rgb(path)
-    w, h = img.size
-    sx, sy = w / iw, h / ih
-    box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)
-    return img.resize(tuple(size), Image.Resampling.BOX if (box[2] - box[0]) >= size[0] else Image.Resampling.BILINEAR,
-                      box=box)
+# --------------------------------------------------------------------------------------------- scores
 
 
 def _features(img):
@@ -415,15 +354,10 @@ def resolve_workers(workers: int, n: int) -> int:
     return max(1, workers or os.cpu_count() or 1)
 
 
-def _geom(d: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
-    from kontext_data.manifest import GEOMETRY_FIELDS
-
-    return tuple((k, int(d[k])) for k in GEOMETRY_FIELDS)
-
-
 def tasks_from_records(records: list[dict]) -> list[CheckTask]:
-    return [CheckTask(row=i, target=r["target_path"], geometry=_geom(r),
-                      references=tuple((p, _geom(g), d) for p, g, d in
+    """One CheckTask per record (`read_manifest(...).records()`), in order."""
+    return [CheckTask(row=i, target=r["target_path"], geometry=geometry_items(r),
+                      references=tuple((p, geometry_items(g), d) for p, g, d in
                                        zip(r["reference_paths"], r["reference_geometry"], r["reference_degradations"])))
             for i, r in enumerate(records)]
 
@@ -520,8 +454,6 @@ def _flag(s: SampleScore, flag: str, reason: str) -> None:
 def check_manifest(manifest_path: Path | str, config: CheckConfig = CheckConfig(),
                    on_progress: Callable[[int, int], None] | None = None) -> CheckResult:
     """Read a manifest (raises ManifestError) and check the content of every pair. `pair --check-content` calls it."""
-    from kontext_data.manifest import read_manifest
-
     m = read_manifest(manifest_path)
     return check_records(m.records(), config, m.path, on_progress)
 
@@ -530,57 +462,15 @@ def check_manifest(manifest_path: Path | str, config: CheckConfig = CheckConfig(
 
 
 def write_manifest_with_similarity(source: Path | str, result: CheckResult, out: Path | str) -> Path:
-    """Copy the manifest `source` to `out` with a float32 `pair_similarity` column (null for reference-free samples).
-
-    The key-value metadata is kept, plus `kontext.check` (JSON: thresholds, counts, median). An existing
-    `pair_similarity` column is replaced. Written to a temporary file in `out`'s folder, then renamed over it, so
-    `out` may be `source` (in place). Raises ValueError when the manifest's rows changed since the check.
+    """Copy the manifest `source` to `out` with the `pair_similarity` column (float32, each sample's lowest
+    similarity; null for reference-free samples) and `kontext.check` (JSON: thresholds, counts, median, flagged
+    samples with their reasons), through `manifest.write_similarity`: the rest of the file is kept, an existing
+    column replaced, the write atomic (so `out` may be `source`, in place). Raises ValueError when the manifest's
+    rows changed since the check.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    source, out = Path(source), Path(out)
-    table = pq.read_table(source)
-    ids = table.column("sample_id").to_pylist()
-    if ids != [s.sample_id for s in result.samples]:
-        raise ValueError(f"{source} changed since it was checked (its sample ids differ): run the check again")
-    meta = dict(table.schema.metadata or {})
-    if SIMILARITY_COLUMN in table.column_names:
-        table = table.drop_columns([SIMILARITY_COLUMN])
-    col = pa.array([_round(s.similarity) for s in result.samples], type=pa.float32())
-    table = table.append_column(pa.field(SIMILARITY_COLUMN, pa.float32(), nullable=True), col)
-    meta[META_CHECK.encode()] = json.dumps({
+    check = {
         "flag_counts": result.counts(), "median_similarity": _round(result.median),
         "thresholds": asdict(result.config) | {"thumbnail": THUMB, "max_shift": MAX_SHIFT},
         "flagged": {s.sample_id: {"flags": s.flags, "reasons": s.reasons} for s in result.samples if s.flags},
-    }, sort_keys=True).encode()
-    table = table.replace_schema_metadata(meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        # mkstemp makes 0600 files: give the new manifest the mode of the one it replaces (or the usual one)
-        os.chmod(tmp, out.stat().st_mode & 0o777 if out.exists() else default_mode())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-def default_mode(folder: bool = False) -> int:
-    """The mode a plain open() / mkdir() would give under the current umask (temp files are 0600 / 0700)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
-
-
-def read_similarity(manifest_path: Path | str) -> list[float | None] | None:
-    """The `pair_similarity` column of a manifest, or None when it has none."""
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(manifest_path)
-    if SIMILARITY_COLUMN not in pf.schema_arrow.names:
-        return None
-    return pf.read(columns=[SIMILARITY_COLUMN]).column(0).to_pylist()
+    }
+    return write_similarity(source, out, {s.sample_id: _round(s.similarity) for s in result.samples}, check)

@@ -12,13 +12,14 @@ Nothing here decodes an image: it reads the Parquet table and stats files, so it
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kontext_data.manifest import SIMILARITY_COLUMN, on_demand_record, read_manifest
 
 
 @dataclass(frozen=True)
@@ -77,48 +78,69 @@ def _length_stats(values: list[int]) -> dict[str, Any]:
 
 def inspect_manifest(path: Path | str, config: InspectConfig = InspectConfig()) -> InspectResult:
     """Read a manifest (raises ManifestError) and compute its statistics."""
-    from kontext_data.check import SIMILARITY_COLUMN, parse_degradation, read_similarity
-    from kontext_data.manifest import read_manifest
-
     m = read_manifest(path)
     rows = m.records()
-    n = len(rows)
     problems: list[str] = []
-    stats: dict[str, Any] = {"samples": n, "schema_version": m.metadata.get("schema_version"),
+    stats: dict[str, Any] = {"samples": len(rows), "schema_version": m.metadata.get("schema_version"),
                              "created_by": m.metadata.get("created_by")}
-    stats["references_per_sample"] = {str(k): v for k, v in sorted(Counter(len(r["reference_paths"]) for r in rows).items())}
-    stats["reference_free_samples"] = sum(1 for r in rows if not r["reference_paths"])
+    stats.update(_counts(rows))
+    bucket_list, aspects = _geometry_stats(rows, stats)
+    stats["captions"] = _caption_stats([r["caption"] for r in rows], rows, config.top)
+    stats["duplicates"] = _duplicates(rows, config, problems)
+    if config.check_files:
+        stats["files_gone"] = _files_gone(rows, config.top, problems)
+    sims = m.similarities()
+    if sims is not None:
+        stats[SIMILARITY_COLUMN] = _similarity_stats(sims, rows, m.check or {}, config.top)
+    problems.extend(f"{m.path}: {p}" for p in m.check_problems)
+    return InspectResult(manifest=m.path, stats=stats, problems=problems, buckets=bucket_list, aspects=aspects)
+
+
+def _counts(rows: list[dict]) -> dict[str, Any]:
+    """References per sample, splits, datasets, conditioning types, caption sources, degraded/on-demand/masked."""
+    out: dict[str, Any] = {
+        "references_per_sample": {str(k): v for k, v in sorted(Counter(len(r["reference_paths"]) for r in rows).items())},
+        "reference_free_samples": sum(1 for r in rows if not r["reference_paths"]),
+    }
     for key, col in (("splits", "split"), ("datasets", "dataset_id"), ("conditioning_types", "conditioning_type"),
                      ("caption_sources", "caption_source")):
-        stats[key] = dict(Counter(r[col] for r in rows).most_common())
-    stats["degraded_references"] = sum(1 for r in rows for d in r["reference_degradations"] if d)
-    stats["on_demand_references"] = sum(1 for r in rows for d in r["reference_degradations"] if parse_degradation(d))
-    stats["masked_samples"] = sum(1 for r in rows if r.get("mask_path"))
+        out[key] = dict(Counter(r[col] for r in rows).most_common())
+    out["degraded_references"] = sum(1 for r in rows for d in r["reference_degradations"] if d)
+    out["on_demand_references"] = sum(1 for r in rows for d in r["reference_degradations"] if on_demand_record(d))
+    out["masked_samples"] = sum(1 for r in rows if r.get("mask_path"))
+    return out
 
+
+def _geometry_stats(rows: list[dict], stats: dict[str, Any]) -> tuple[list[tuple[int, int, int]], list]:
+    """Bucket histogram, aspect change and target sizes into `stats`; returns the buckets and aspects to plot."""
     buckets = Counter((r["bucket_width"], r["bucket_height"]) for r in rows)
     bucket_list = [(w, h, c) for (w, h), c in sorted(buckets.items(), key=lambda kv: (-kv[1], kv[0]))]
     stats["buckets"] = [{"bucket": f"{w}x{h}", "width": w, "height": h, "aspect": round(w / h, 3), "count": c}
                         for w, h, c in bucket_list]
     stats["bucket_count"] = len(bucket_list)
-    small = [b for b in bucket_list if b[2] == 1]
-    stats["single_sample_buckets"] = len(small)
+    stats["single_sample_buckets"] = sum(1 for b in bucket_list if b[2] == 1)
     aspects = [(r["target_width"] / max(1, r["target_height"]), r["bucket_width"] / max(1, r["bucket_height"]), r["split"])
                for r in rows]
     cropped = [abs(math.log(a / b)) for a, b, _ in aspects]
     stats["aspect_change"] = {"max_percent": round(100 * (math.exp(max(cropped)) - 1), 2) if cropped else 0.0,
                               "over_5_percent": sum(1 for c in cropped if c > math.log(1.05))}
     stats["target_pixels"] = _length_stats([r["target_width"] * r["target_height"] for r in rows])
+    return bucket_list, aspects
 
-    captions = [r["caption"] for r in rows]
-    stats["captions"] = {
+
+def _caption_stats(captions: list[str | None], rows: list[dict], top: int) -> dict[str, Any]:
+    return {
         "missing": sum(1 for c in captions if not c),
         "alternatives_per_sample": _length_stats([len(r["captions"]) for r in rows]),
         "characters": _length_stats([len(c) for c in captions if c]),
         "words": _length_stats([len(c.split()) for c in captions if c]),
         "distinct": len({c for c in captions if c}),
-        "most_frequent": [{"caption": c, "count": k} for c, k in Counter(c for c in captions if c).most_common(config.top)],
+        "most_frequent": [{"caption": c, "count": k} for c, k in Counter(c for c in captions if c).most_common(top)],
     }
 
+
+def _duplicates(rows: list[dict], config: InspectConfig, problems: list[str]) -> dict[str, Any]:
+    """Targets with the same hash, references shared by many targets, references equal to their target."""
     by_target: dict[str, list[str]] = defaultdict(list)
     by_ref: dict[str, list[str]] = defaultdict(list)
     for r in rows:
@@ -130,13 +152,6 @@ def inspect_manifest(path: Path | str, config: InspectConfig = InspectConfig()) 
     dup_targets = sorted((ids for ids in by_target.values() if len(ids) > 1), key=lambda ids: (-len(ids), ids[0]))
     shared = sorted((ids for ids in by_ref.values() if len(ids) >= config.shared_reference_min),
                     key=lambda ids: (-len(ids), ids[0]))
-    stats["duplicates"] = {
-        "duplicate_target_groups": len(dup_targets),
-        "duplicate_target_samples": sum(len(g) for g in dup_targets),
-        "duplicate_targets": [{"count": len(g), "sample_ids": g[:20]} for g in dup_targets[:config.top]],
-        "shared_reference_groups": len(shared),
-        "shared_references": [{"count": len(g), "sample_ids": g[:20]} for g in shared[:config.top]],
-    }
     if dup_targets:
         ex = ", ".join(dup_targets[0][:3])
         problems.append(f"{len(dup_targets)} edited image(s) appear more than once (same file hash), e.g. {ex}: "
@@ -148,40 +163,39 @@ def inspect_manifest(path: Path | str, config: InspectConfig = InspectConfig()) 
     # a target identical to its own reference is the content check's business, but the hashes tell for free
     same = [r["sample_id"] for r in rows
             if any(h == r["target_hash"] and not d for h, d in zip(r["reference_hashes"], r["reference_degradations"]))]
-    stats["duplicates"]["target_equals_reference"] = len(same)
     if same:
         problems.append(f"{len(same)} sample(s) have a reference that is the same file as the target (no edit), "
                         f"e.g. {', '.join(same[:3])}")
+    return {
+        "duplicate_target_groups": len(dup_targets),
+        "duplicate_target_samples": sum(len(g) for g in dup_targets),
+        "duplicate_targets": [{"count": len(g), "sample_ids": g[:20]} for g in dup_targets[:config.top]],
+        "shared_reference_groups": len(shared),
+        "shared_references": [{"count": len(g), "sample_ids": g[:20]} for g in shared[:config.top]],
+        "target_equals_reference": len(same),
+    }
 
-    if config.check_files:
-        gone_t = [r["target_path"] for r in rows if not os.path.isfile(r["target_path"])]
-        gone_r = sorted({p for r in rows for p in r["reference_paths"] if not os.path.isfile(p)})
-        stats["files_gone"] = {"targets": len(gone_t), "references": len(gone_r),
-                               "examples": (gone_t + gone_r)[:config.top]}
-        if gone_t or gone_r:
-            problems.append(f"{len(gone_t)} edited and {len(gone_r)} reference file(s) are gone since the manifest was "
-                            f"made, e.g. {(gone_t + gone_r)[0]}: restore them or run `kontext-data pair` again")
 
-    sims = read_similarity(m.path)
-    if sims is not None:
-        vals = sorted(v for v in sims if v is not None)
-        meta = {}
-        try:
-            import pyarrow.parquet as pq
+def _files_gone(rows: list[dict], top: int, problems: list[str]) -> dict[str, Any]:
+    gone_t = [r["target_path"] for r in rows if not os.path.isfile(r["target_path"])]
+    gone_r = sorted({p for r in rows for p in r["reference_paths"] if not os.path.isfile(p)})
+    if gone_t or gone_r:
+        problems.append(f"{len(gone_t)} edited and {len(gone_r)} reference file(s) are gone since the manifest was "
+                        f"made, e.g. {(gone_t + gone_r)[0]}: restore them or run `kontext-data pair` again")
+    return {"targets": len(gone_t), "references": len(gone_r), "examples": (gone_t + gone_r)[:top]}
 
-            raw = (pq.ParquetFile(m.path).schema_arrow.metadata or {}).get(b"kontext.check")
-            meta = json.loads(raw) if raw else {}
-        except (OSError, ValueError):
-            meta = {}
-        stats[SIMILARITY_COLUMN] = {
-            "count": len(vals),
-            "min": round(vals[0], 4) if vals else None,
-            "median": round(vals[len(vals) // 2], 4) if vals else None,
-            "flag_counts": meta.get("flag_counts"),
-            "worst": [{"sample_id": r["sample_id"], "similarity": round(s, 4)} for s, r in
-                      sorted(((s, r) for s, r in zip(sims, rows) if s is not None), key=lambda t: t[0])[:config.top]],
-        }
-    return InspectResult(manifest=m.path, stats=stats, problems=problems, buckets=bucket_list, aspects=aspects)
+
+def _similarity_stats(sims: list[float | None], rows: list[dict], check: dict[str, Any], top: int) -> dict[str, Any]:
+    """Statistics of the `pair_similarity` column and the flag counts of the check that wrote it."""
+    vals = sorted(v for v in sims if v is not None)
+    return {
+        "count": len(vals),
+        "min": round(vals[0], 4) if vals else None,
+        "median": round(vals[len(vals) // 2], 4) if vals else None,
+        "flag_counts": check.get("flag_counts"),
+        "worst": [{"sample_id": r["sample_id"], "similarity": round(s, 4)} for s, r in
+                  sorted(((s, r) for s, r in zip(sims, rows) if s is not None), key=lambda t: t[0])[:top]],
+    }
 
 
 # --------------------------------------------------------------------------------------------- plots (PIL only)

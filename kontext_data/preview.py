@@ -5,7 +5,7 @@ its thumbnails written beside it as small JPEG files in ``<stem>_files/`` and pl
 from disk (file://) with no network and stays light for 10,000+ samples (one page of thumbnails loads at a time).
 
 Every pair shows: the original edited image with the recorded crop box drawn on it, each reference and the edited
-image after the recorded resize + crop (the trainer's pixels: ``manifest.load_image``; on-demand references are
+image after the recorded resize + crop (the trainer's pixels: ``manifest.view_image``; on-demand references are
 synthesized), for a row with a loss mask (``pair --masks``) a "mask" panel: the cropped edited image with the masked
 region tinted red and the rest darkened (``mask_overlay``), and under them the sample id, bucket, split, similarity
 and flags of the content check, and the caption. ``sort="worst"`` shows the lowest `pair_similarity` first (the
@@ -16,6 +16,8 @@ The HTML page records its state in attributes of <body> for scripts and tests: `
 ``data-shown`` (pairs on the current page), ``data-page``, ``data-pages``, ``data-errors`` (JavaScript errors
 caught by window.onerror, 0 when none), ``data-img-errors`` / ``data-img-loaded`` (thumbnails that failed / loaded);
 thumbnails are loaded lazily.
+
+Every file is written atomically (``kontext_data.fileio``): the sheet or page, and the thumbnail folder as a whole.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ import html
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from kontext_data.fileio import atomic_dir, atomic_path, write_text_atomic
+from kontext_data.manifest import (Manifest, crop_box, geometry_items, load_mask, read_manifest, view_image,
+                                   view_original)
 
 SORTS = ("manifest", "worst", "random")
 FORMATS = (".png", ".html")
@@ -102,16 +107,14 @@ class PreviewResult:
 # --------------------------------------------------------------------------------------------- selection
 
 
-def _scores(manifest, records: list[dict], config: PreviewConfig, on_progress) -> tuple[list, list, list, bool]:
+def _scores(manifest: Manifest, records: list[dict], config: PreviewConfig,
+            on_progress) -> tuple[list, list, list, bool]:
     """(similarity per row, flags per row, reasons per row, whether the check ran now)."""
-    from kontext_data.check import META_CHECK, CheckConfig, check_records, read_similarity
+    from kontext_data.check import CheckConfig, check_records
 
-    sims = read_similarity(manifest.path)
+    sims = manifest.similarities()
     if sims is not None:
-        import pyarrow.parquet as pq
-
-        raw = (pq.ParquetFile(manifest.path).schema_arrow.metadata or {}).get(META_CHECK.encode())
-        flagged = (json.loads(raw).get("flagged") or {}) if raw else {}
+        flagged = (manifest.check or {}).get("flagged") or {}
         entries = [flagged.get(r["sample_id"]) or {} for r in records]
         return (sims, [list(e.get("flags", [])) for e in entries], [list(e.get("reasons", [])) for e in entries],
                 False)
@@ -139,24 +142,11 @@ def select(records: list[dict], sims: Sequence[float | None], flags: Sequence[li
 
 def _original_with_box(path: str, rec: dict, max_side: int):
     """The edited image, shrunk to fit max_side, with the recorded crop box drawn on it."""
-    from PIL import Image, ImageDraw, ImageOps
+    from PIL import ImageDraw
 
-    from kontext_data.imageio import open_rgb
-
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as src:
-        if src.format == "JPEG" and src.mode in ("RGB", "L"):
-            src.draft("RGB", (max_side * 2, max_side * 2))
-            img = ImageOps.exif_transpose(src).convert("RGB")
-        else:
-            img = None
-    if img is None:
-        img = open_rgb(path)
-    img.thumbnail((max_side, max_side), Image.Resampling.BOX if max(img.size) > 2 * max_side else Image.Resampling.LANCZOS)
-    w, h = img.size
-    sx, sy = w / rec["intermediary_width"], h / rec["intermediary_height"]
-    box = (rec["crop_left"] * sx, rec["crop_top"] * sy, (rec["crop_left"] + rec["bucket_width"]) * sx - 1,
-           (rec["crop_top"] + rec["bucket_height"]) * sy - 1)
+    img = view_original(path, max_side)
+    left, top, right, bottom = crop_box(img.size, rec)
+    box = (left, top, right - 1, bottom - 1)  # the rectangle's last pixels lie inside the crop
     d = ImageDraw.Draw(img)
     lw = max(1, round(max_side / 96))
     d.rectangle(box, outline=(0, 0, 0), width=lw + 2)
@@ -173,9 +163,6 @@ def mask_overlay(target_path: str, rec: dict, mask_path: str, size: tuple[int, i
     (``manifest.load_mask``), so this is exactly the region the trainer's loss favours."""
     import numpy as np
     from PIL import Image
-
-    from kontext_data.check import view_image
-    from kontext_data.manifest import load_mask
 
     img = view_image(target_path, rec, None, size, exact=exact)
     m = Image.fromarray(np.round(load_mask(mask_path, rec) * 255).astype(np.uint8), "L")
@@ -197,8 +184,6 @@ def _fit(geom: dict, max_side: int) -> tuple[int, int]:
 def render_pair(rec: dict, max_side: int, exact: bool) -> tuple[list, list[str]]:
     """[original with crop box, reference 1..k, edited, + the mask overlay for a row with a mask] as PIL images
     (None where unreadable) + error messages."""
-    from kontext_data.check import view_image
-
     images: list = []
     errors: list[str] = []
 
@@ -339,8 +324,6 @@ class ThumbWorker:
             cv2.setNumThreads(1)
         except Exception:  # noqa: BLE001
             pass
-        from kontext_data.check import view_image
-
         out = []
         for job in chunk:
             try:
@@ -364,9 +347,7 @@ def _job(kind: str, path: str, geometry: dict, degradation: str | None, max_side
     thumbnail whose file did not change."""
     import xxhash
 
-    from kontext_data.manifest import GEOMETRY_FIELDS
-
-    geom = tuple((k, int(geometry[k])) for k in GEOMETRY_FIELDS)
+    geom = geometry_items(geometry)
 
     def ident(p: str) -> str:
         try:
@@ -474,31 +455,8 @@ figcaption{font-size:13px;margin-top:4px;max-width:620px}
 """
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    from kontext_data.check import default_mode
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title: str,
-              on_progress=None) -> tuple[list[Path], list[str]]:
-    """Write the HTML page and its thumbnail folder; return the files written and the read errors."""
-    from urllib.parse import quote
-
-    from kontext_data.check import default_mode, resolve_workers, run_pool
-
-    out = Path(config.out)
-    folder_name = f"{out.stem}_files"
-    final = out.parent / folder_name
-    max_side = 256
+def _html_items(records, rows, max_side: int) -> tuple[list, dict[str, ThumbJob]]:
+    """(record, row, [(panel label, job)]) per shown row, and every thumbnail job by name (shared ones once)."""
     items, jobs = [], {}
     for i in rows:
         rec = records[i]
@@ -513,8 +471,44 @@ def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title:
         for _, job in panels:
             jobs[job.name] = job
         items.append((rec, i, panels))
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", dir=out.parent))
-    try:
+    return items, jobs
+
+
+def _page_text(items, failed: dict[str, str], sims, flags, reasons, config: PreviewConfig, folder_name: str,
+               title: str) -> tuple[str, list[str]]:
+    """The HTML page (its data inline as JSON) and the read errors of its thumbnails."""
+    from urllib.parse import quote
+
+    errors: list[str] = []
+    data_items = []
+    for rec, i, panels in items:
+        errors.extend(f"{rec['sample_id']}: {failed[job.name]}" for _, job in panels if job.name in failed)
+        data_items.append({"id": rec["sample_id"], "caption": rec["caption"], "status": _status(rec, sims[i], []),
+                           "flags": list(flags[i]), "reasons": list(reasons[i]),
+                           "panels": [{"name": label, "src": None if job.name in failed else job.name}
+                                      for label, job in panels]})
+    data = {"folder": quote(folder_name), "page_size": config.page_size, "items": data_items}
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    page = (_PAGE.replace("__TITLE__", html.escape(title)).replace("__TOTAL__", str(len(data_items)))
+            .replace("__DATA__", text))
+    return page, errors
+
+
+def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title: str,
+              on_progress=None) -> tuple[list[Path], list[str]]:
+    """Write the HTML page and its thumbnail folder; return the files written and the read errors.
+
+    The folder is rebuilt as a whole (`fileio.atomic_dir`; a thumbnail whose file, geometry and degradation did not
+    change is copied from the previous run), then the page is written: its links are valid from then on.
+    """
+    from kontext_data.check import resolve_workers, run_pool
+
+    out = Path(config.out)
+    folder_name = f"{out.stem}_files"
+    final = out.parent / folder_name
+    max_side = 256
+    items, jobs = _html_items(records, rows, max_side)
+    with atomic_dir(final) as tmp_dir:
         todo = []
         for name, job in jobs.items():
             old = final / name
@@ -539,31 +533,8 @@ def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title:
         for name, error in run_pool(ThumbWorker(str(tmp_dir), max_side), chunks, workers, tick):
             if error:
                 failed[name] = error
-        errors: list[str] = []
-        data_items = []
-        for rec, i, panels in items:
-            errors.extend(f"{rec['sample_id']}: {failed[job.name]}" for _, job in panels if job.name in failed)
-            data_items.append({"id": rec["sample_id"], "caption": rec["caption"], "status": _status(rec, sims[i], []),
-                               "flags": list(flags[i]), "reasons": list(reasons[i]),
-                               "panels": [{"name": label, "src": None if job.name in failed else job.name}
-                                          for label, job in panels]})
-        data = {"folder": quote(folder_name), "page_size": config.page_size, "items": data_items}
-        text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-        page = (_PAGE.replace("__TITLE__", html.escape(title)).replace("__TOTAL__", str(len(data_items)))
-                .replace("__DATA__", text))
-        # swap the thumbnail folder in, then the page (its references are valid from then on)
-        backup = None
-        if final.exists():
-            backup = out.parent / f".{folder_name}.old-{os.getpid()}"
-            os.replace(final, backup)
-        os.chmod(tmp_dir, default_mode(folder=True))
-        os.replace(tmp_dir, final)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-        _write_text_atomic(out, page)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+    page, errors = _page_text(items, failed, sims, flags, reasons, config, folder_name, title)
+    write_text_atomic(out, page)
     files = [out] + sorted(final.iterdir())
     return files, errors
 
@@ -571,9 +542,6 @@ def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title:
 def make_preview(manifest_path: Path | str, config: PreviewConfig,
                  on_progress: Callable[[int, int], None] | None = None) -> PreviewResult:
     """Read a manifest (raises ManifestError) and write the PNG sheet or HTML pages of `config.out`."""
-    from kontext_data.check import default_mode
-    from kontext_data.manifest import read_manifest
-
     m = read_manifest(manifest_path)
     records = m.records()
     out = Path(config.out)
@@ -585,15 +553,8 @@ def make_preview(manifest_path: Path | str, config: PreviewConfig,
                              errors=[f"{m.path}: no samples to show"])
     if config.format == ".png":
         sheet, errors = contact_sheet(records, rows, sims, flags, config, on_progress)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
+        with atomic_path(out) as tmp:
             sheet.save(tmp, format="PNG")
-            os.chmod(tmp, default_mode())
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         files = [out]
     else:
         title = f"{m.path.name}: {len(rows)} of {len(records)} pairs" + (", worst first" if config.sort == "worst" else "")

@@ -431,7 +431,7 @@ def run_import(cfg: ImportConfig, plan: ImportPlan,
         result.pair_results[job.dataset_id] = pair_folders(job.pair, on_progress)
     if result.ok and result.pair_results:
         # the per-dataset manifests lie in OUT like the union: their stored (relative) paths stay valid
-        rows = [row for pres in result.pair_results.values() for row in read_manifest(pres.manifest).table.to_pylist()]
+        rows = [row for pres in result.pair_results.values() for row in read_manifest(pres.manifest).rows()]
         result.samples = len(rows)
         options: dict[str, Any] = {"imported_from": str(Path(cfg.backend).resolve()),
                                    "datasets": list(result.pair_results)}

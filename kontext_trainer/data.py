@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from kontext_data.fileio import atomic_path
+from kontext_data.manifest import on_demand_record, open_pixels
 from kontext_trainer.cache import FeatureCache, ImageEntry
 from kontext_trainer.flow import KontextBatch
 
@@ -51,17 +53,6 @@ class Sample:
         return (self.target.size, tuple(r.size for r in self.references))
 
 
-def on_demand_record(text: str | None) -> dict | None:
-    """The degradation record of one reference when it is synthesized on demand, else None (ordinary file).
-    Raises ValueError for text that is not a JSON object."""
-    if not text:
-        return None
-    rec = json.loads(text)
-    if not isinstance(rec, dict):
-        raise ValueError("not a JSON object")
-    return rec if rec.get("on_demand") else None
-
-
 def record_problems(records: list[Mapping[str, Any]]) -> list[str]:
     """Problems of the rows' on-demand references (unreadable record, missing seed/chain, unknown degradation),
     all listed; checked before any model loads."""
@@ -72,7 +63,7 @@ def record_problems(records: list[Mapping[str, Any]]) -> list[str]:
         for i, text in enumerate(r.get("reference_degradations") or []):
             where = f"{r['sample_id']}: reference {i + 1}"
             try:
-                rec = on_demand_record(text)
+                rec = on_demand_record(text, strict=True)
             except ValueError as exc:
                 problems.append(f"{where}: reference_degradations is not a JSON record ({exc}); re-run "
                                 "`kontext-data pair`")
@@ -134,7 +125,7 @@ def samples_from_records(records: list[Mapping[str, Any]]) -> list[Sample]:
         degradations += [None] * (len(r["reference_paths"]) - len(degradations))
         refs = []
         for p, h, g, d in zip(r["reference_paths"], r["reference_hashes"], r["reference_geometry"], degradations):
-            rec = on_demand_record(d)
+            rec = on_demand_record(d, strict=True)  # record_problems has vetted every record
             synth = json.dumps(rec, sort_keys=True) if rec is not None else ""
             refs.append(ImageEntry.from_geometry(os.path.abspath(p), h, g, synth=synth))
         refs = tuple(refs)
@@ -287,10 +278,6 @@ def choose_references(samples: list[Sample], mode: str, run_seed: int, epoch: in
 def materialize_on_demand(samples: list[Sample], folder: Path | str) -> list[Sample]:
     """Samples whose on-demand references are replaced by lossless PNGs of the synthesized (full-size) pixels
     under `folder` (named by content), for consumers that open files, such as validation. Others unchanged."""
-    from PIL import Image
-
-    from kontext_data.degrade import synthesize_reference
-
     folder = Path(folder)
     out = []
     for s in samples:
@@ -304,10 +291,8 @@ def materialize_on_demand(samples: list[Sample], folder: Path | str) -> list[Sam
             name = xxhash.xxh3_64_hexdigest(f"{e.file_hash}:{e.synth}".encode()) + ".png"
             path = folder / name
             if not path.is_file():
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{name}.tmp.png"
-                Image.fromarray(synthesize_reference(e.path, e.synth_record)).save(tmp, compress_level=1)
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    open_pixels(e.path, e.synth).save(tmp, compress_level=1)
             refs.append(ImageEntry(path=str(path), file_hash=e.file_hash, geometry=e.geometry))
         out.append(replace(s, references=tuple(refs)))
     return out

@@ -87,3 +87,16 @@ def test_plots_are_png_and_similarity_is_reported_after_check(tmp_path):
     assert "128x128" in r.output and "Pair similarity" in r.output
     assert (tmp_path / "p2" / "buckets.png").is_file()
     assert json.loads((tmp_path / "i.json").read_text())["samples"] == 16
+
+
+def test_a_faulty_similarity_column_is_reported_not_fatal(tmp_path):
+    from kontext_data.manifest import write_similarity
+
+    manifest = sample_manifest(tmp_path, n=4)
+    ids = [r["sample_id"] for r in read_manifest(manifest).records()]
+    write_similarity(manifest, manifest, dict.fromkeys(ids, 7.0), {"flag_counts": {}})
+    res = inspect_manifest(manifest, InspectConfig(check_files=False))
+    assert "pair_similarity" not in res.stats and not res.ok
+    assert "outside [0, 1]" in res.problems[-1] and "--in-place" in res.problems[-1]
+    assert run_cli("check", manifest, "--in-place", "-q").exit_code == 0  # the fix it names works
+    assert inspect_manifest(manifest, InspectConfig(check_files=False)).ok

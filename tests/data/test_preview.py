@@ -190,7 +190,7 @@ def test_rows_with_a_loss_mask_show_it(tmp_path):
     rec = read_manifest(manifest).records()[0]
     size = (96, round(96 * rec["bucket_height"] / rec["bucket_width"]))
     over = np.asarray(mask_overlay(rec["target_path"], rec, rec["mask_path"], size, exact=True), float)
-    from kontext_data.check import view_image
+    from kontext_data.manifest import view_image
 
     plain = np.asarray(view_image(rec["target_path"], rec, None, size, exact=True), float)
     left, right = slice(0, size[0] // 2 - 2), slice(size[0] // 2 + 2, size[0])

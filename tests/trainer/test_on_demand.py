@@ -98,7 +98,7 @@ def test_bad_on_demand_record_is_reported_before_the_model(degraded, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(degraded, folder)
     m = read_manifest(folder / "od.parquet")
-    rows = m.table.to_pylist()
+    rows = m.rows()
     rec = json.loads(rows[0]["reference_degradations"][0])
     rec["chain"] = [{"type": "sharpen", "params": {}}]
     rows[0]["reference_degradations"] = [json.dumps(rec)]
