@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from kontext_data.cli_split import split as split_command
+from kontext_data import cli_split
 from kontext_data.split import (
     SplitConfig,
     SplitError,
@@ -383,7 +383,7 @@ def test_id_collisions_in_a_folder_are_problems_not_overwrites(tmp_path):
 @pytest.fixture(scope="module")
 def cli():
     app = typer.Typer()
-    app.command("split")(split_command)
+    cli_split.register(app)
 
     @app.command("version")
     def _version() -> None:  # a second command keeps `split` a sub-command, as in kontext-data
