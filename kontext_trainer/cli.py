@@ -61,9 +61,9 @@ def config_options() -> list[OptionSpec]:
     options = []
     for field, tp in cli_fields():
         meta = field.metadata
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        base = args[0] if typing.get_origin(tp) is not Literal and args else tp
-        base = Path if meta.get("path") else str if typing.get_origin(base) is Literal else base
+        if typing.get_origin(tp) is not Literal and typing.get_args(tp):  # X | None: X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        base = Path if meta.get("path") else str if typing.get_origin(tp) is Literal else tp
         on_only = base is bool and len(meta["cli"]) == 1 and "/" not in meta["cli"][0]
         shown = str(field.default).lower() if isinstance(field.default, bool) else field.default
         options.append(OptionSpec(field.name, bool if on_only else Optional[base], meta["help"], tuple(meta["cli"]),
