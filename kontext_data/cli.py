@@ -1,18 +1,20 @@
 """The `kontext-data` command line: thin Typer commands that build a frozen config and call a library function.
 
-Only typer and rich are imported at start-up; each command imports its stage when it runs.
+Only typer and rich are imported at start-up (and the degradation table, whose options `degrade` generates); each
+command imports its stage when it runs. `pair` and `import-simpletuner` live here; the stage commands register
+themselves from their modules (`register(app)`), which import :mod:`kontext_data.clikit` and never this module.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
+
+from kontext_data import cli_degrade, cli_inspect, cli_split
+from kontext_data.clikit import (EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, err, fail, json_option, out, print_json,
+                                 quiet_libraries, run_with_progress)
 
 app = typer.Typer(
     name="kontext-data",
@@ -23,10 +25,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
 )
-err = Console(stderr=True)
-out = Console()
-
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 
 @app.callback()
@@ -35,45 +33,7 @@ def _root() -> None:
 
     Example: kontext-data pair ./edited ./reference
     """
-
-
-def progress_bar(description: str, console: Console = err):
-    """A rich progress bar with rate and ETA, on stderr so --json output stays clean."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    return Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, transient=False)
-
-
-def run_with_progress(description: str, fn, quiet: bool = False):
-    """Call fn(on_progress) under a progress bar; on_progress(done, total) updates it."""
-    import time
-
-    if quiet or not err.is_terminal and os.environ.get("KONTEXT_PROGRESS") != "1":
-        return fn(None)
-    with progress_bar(description) as bar:
-        task = bar.add_task(description, total=None, rate="")
-        start = time.perf_counter()
-
-        def on_progress(done: int, total: int) -> None:
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.update(task, completed=done, total=total, rate=f"{done / elapsed:,.0f} files/s")
-
-        return fn(on_progress)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    quiet_libraries()
 
 
 @app.command(
@@ -115,7 +75,7 @@ def pair(
     cache_dir: Optional[Path] = typer.Option(None, help="Probe cache folder (default: ~/.cache/kontext-data)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the probe cache."),
     report: Optional[Path] = typer.Option(None, help="Write the JSON report (problems, warnings, counts) here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout instead of the summary."),
+    json_out: bool = json_option("Print the JSON report on stdout instead of the summary."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     check_content: bool = typer.Option(False, "--check-content", help="Also compare each pair's pixels (kontext-data check): flags identical, unrelated and misaligned pairs and adds the pair_similarity column."),
 ) -> None:
@@ -125,55 +85,32 @@ def pair(
     found in one pass and reported together, each with the files and the fix. Exit code: 0 all paired, 1 problems
     found (no manifest unless --allow-partial), 2 usage error.
     """
+    from kontext_data.fileio import write_json_atomic
     from kontext_data.geometry import GeometryOptions
     from kontext_data.pairing import PairConfig, pair_folders
     from kontext_data.scan import default_cache_dir
 
     config = PairConfig(
-        edited=edited,
-        references=tuple(references or ()),
-        masks=masks,
-        out=out_path,
-        match=match,
-        captions=captions,
-        instance_prompt=instance_prompt,
-        reference_captions=reference_captions,
+        edited=edited, references=tuple(references or ()), masks=masks, out=out_path, match=match,
+        captions=captions, instance_prompt=instance_prompt, reference_captions=reference_captions,
         geometry=GeometryOptions(
             resolution=resolution, resolution_type=resolution_type, alignment=alignment, max_size=max_size,
             target_downsample_size=target_downsample_size, crop=crop, crop_style=crop_style, crop_aspect=crop_aspect,
         ),
-        min_size=min_size,
-        max_pixels=max_pixels,
-        conditioning=conditioning,
-        seed=seed,
-        split=split,
-        eval_fraction=eval_fraction,
-        dataset_id=dataset_id,
-        allow_partial=allow_partial,
-        verify_decode=verify_decode,
-        workers=workers,
-        cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+        min_size=min_size, max_pixels=max_pixels, conditioning=conditioning, seed=seed, split=split,
+        eval_fraction=eval_fraction, dataset_id=dataset_id, allow_partial=allow_partial, verify_decode=verify_decode,
+        workers=workers, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
     )
-    usage = config.problems()
-    if usage:
-        for msg in usage:
-            err.print(f"[red]error:[/red] {msg}")
-        raise typer.Exit(EXIT_USAGE)
-    result = run_with_progress("Reading images", lambda cb: pair_folders(config, cb), quiet=quiet or as_json)
+    if config.problems():
+        fail(config.problems(), EXIT_USAGE, json_out=json_out, command="kontext-data pair")
+    result = run_with_progress("Reading images", lambda cb: pair_folders(config, cb), quiet=quiet or json_out)
     data = result.report()
     if check_content and result.manifest:
-        from kontext_data.check import CheckConfig, check_manifest, write_manifest_with_similarity
-
-        checked = run_with_progress("Comparing pairs", lambda cb: check_manifest(
-            result.manifest, CheckConfig(workers=workers), cb), quiet=quiet or as_json)
-        write_manifest_with_similarity(result.manifest, checked, result.manifest)
-        data["content_check"] = {"flag_counts": checked.counts(),
-                                 "flagged": [{"sample_id": s.sample_id, "flags": list(s.flags)}
-                                             for s in checked.flagged]}
+        data["content_check"] = _check_content(result.manifest, workers, quiet=quiet or json_out)
     if report:
         write_json_atomic(report, data)
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if json_out:
+        print_json(data)
     else:
         print_pair_summary(result, report)
         if "content_check" in data:
@@ -181,6 +118,17 @@ def pair(
             out.print(f"Content check ({counts}); see `kontext-data preview {result.manifest} --out preview.html "
                       f"--sort worst` and `kontext-data check` for details.")
     raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
+
+
+def _check_content(manifest: Path, workers: int, *, quiet: bool) -> dict[str, Any]:
+    """`pair --check-content`: compare each pair's pixels, add pair_similarity to `manifest`, return the report."""
+    from kontext_data.check import CheckConfig, check_manifest, write_manifest_with_similarity
+
+    checked = run_with_progress("Comparing pairs", lambda cb: check_manifest(manifest, CheckConfig(workers=workers),
+                                                                             cb), quiet=quiet)
+    write_manifest_with_similarity(manifest, checked, manifest)
+    return {"flag_counts": checked.counts(),
+            "flagged": [{"sample_id": s.sample_id, "flags": list(s.flags)} for s in checked.flagged]}
 
 
 def print_pair_summary(result, report: Optional[Path]) -> None:
@@ -242,7 +190,7 @@ def import_simpletuner(
     cache_dir: Optional[Path] = typer.Option(None, help="Probe cache folder (default: ~/.cache/kontext-data)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show the plan: what would be split, generated and paired."),
     report: Optional[Path] = typer.Option(None, help="Write a JSON report here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout."),
+    json_out: bool = json_option("Print the JSON report on stdout."),
 ) -> None:
     """Turn a SimpleTuner dataloader config into manifests: one per edit dataset, and their union in OUT/manifest.parquet.
 
@@ -250,53 +198,38 @@ def import_simpletuner(
     (`conditioning`: superresolution, jpeg_artifacts), caption strategies, bucket options, and eval_dataset_id.
     Keys it does not support are listed together. Exit code 0 ok, 1 problems in the data, 2 problems in the config.
     """
+    from kontext_data.fileio import write_json_atomic
     from kontext_data.scan import default_cache_dir
     from kontext_data.simpletuner import ImportConfig, plan_import, run_import
 
-    pairs = []
-    for item in path_map:
-        old, sep, new = item.partition("=")
-        if not sep or not old:
-            err.print(f"[red]error:[/red] --path-map {item!r}: expected OLD=NEW")
-            raise typer.Exit(EXIT_USAGE)
-        pairs.append((old, new))
-    cfg = ImportConfig(backend=backend, out=out_dir, config=config, path_map=tuple(pairs), alignment=alignment,
-                       seed=seed, workers=workers, cache_dir=cache_dir or default_cache_dir())
+    pairs = [item.partition("=") for item in path_map]
+    bad = [f"--path-map {old + sep + new!r}: expected OLD=NEW" for old, sep, new in pairs if not sep or not old]
+    if bad:
+        fail(bad, EXIT_USAGE, json_out=json_out, command="kontext-data import-simpletuner")
+    cfg = ImportConfig(backend=backend, out=out_dir, config=config, path_map=tuple((o, n) for o, _, n in pairs),
+                       alignment=alignment, seed=seed, workers=workers, cache_dir=cache_dir or default_cache_dir())
     plan = plan_import(cfg)
     data = {"report_version": 1, "notes": plan.notes, "unsupported_keys": plan.unsupported,
             "config_problems": plan.problems,
             "jobs": [{"dataset_id": j.dataset_id, "split": j.split is not None, "generated": [str(d.out) for d in j.degrade],
                       "edited": str(j.pair.edited), "references": [str(r) for r in j.pair.references],
                       "manifest": str(j.pair.out), "repeats": j.repeats} for j in plan.jobs]}
-    if not as_json:
-        for note in plan.notes:
-            out.print(f"[cyan]note:[/cyan] {note}")
-        if plan.unsupported:
-            out.print("[yellow]Not supported (ignored):[/yellow] " + "; ".join(plan.unsupported))
-        for job in data["jobs"]:
-            steps = (["split composites"] if job["split"] else []) + [f"generate {g}" for g in job["generated"]]
-            seen = (f" (repeats {job['repeats']}: seen {job['repeats'] + 1} times per epoch when training on "
-                    f"{Path(out_dir) / 'manifest.parquet'})"
-                    if job["repeats"] else "")
-            out.print(f"[bold]{job['dataset_id']}[/bold]: {' -> '.join(steps + ['pair'])} -> {job['manifest']}{seen}")
+    if not json_out:
+        _print_plan(plan, data["jobs"], out_dir)
     if plan.problems:
-        for p in plan.problems:
-            err.print(f"[red]error:[/red] {p}")
-        if as_json:
-            sys.stdout.write(json.dumps(data, indent=2) + "\n")
-        raise typer.Exit(EXIT_USAGE)
+        fail(plan.problems, EXIT_USAGE, json_out=json_out, extra=data)
     if dry_run:
-        if as_json:
-            sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        if json_out:
+            print_json(data)
         raise typer.Exit(EXIT_OK)
-    result = run_import(cfg, plan, on_stage=None if as_json else (lambda msg: err.print(f"[bold]{msg}[/bold]")))
+    result = run_import(cfg, plan, on_stage=None if json_out else (lambda msg: err.print(f"[bold]{msg}[/bold]")))
     data.update({"ok": result.ok, "manifest": str(result.manifest) if result.manifest else None,
                  "samples": result.samples, "stage_problems": result.stage_problems,
                  "datasets": {k: v.report() for k, v in result.pair_results.items()}})
     if report:
         write_json_atomic(report, data)
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if json_out:
+        print_json(data)
     else:
         for msg in result.stage_problems:
             out.print(f"[red]problem:[/red] {msg}")
@@ -309,6 +242,36 @@ def import_simpletuner(
     raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
 
 
+def _print_plan(plan: Any, jobs: list[dict], out_dir: Path) -> None:
+    """import-simpletuner's plan: notes, unsupported keys, and per dataset the steps to its manifest."""
+    for note in plan.notes:
+        out.print(f"[cyan]note:[/cyan] {note}")
+    if plan.unsupported:
+        out.print("[yellow]Not supported (ignored):[/yellow] " + "; ".join(plan.unsupported))
+    for job in jobs:
+        steps = (["split composites"] if job["split"] else []) + [f"generate {g}" for g in job["generated"]]
+        seen = (f" (repeats {job['repeats']}: seen {job['repeats'] + 1} times per epoch when training on "
+                f"{Path(out_dir) / 'manifest.parquet'})"
+                if job["repeats"] else "")
+        out.print(f"[bold]{job['dataset_id']}[/bold]: {' -> '.join(steps + ['pair'])} -> {job['manifest']}{seen}")
+
+
+def _register_stage_commands() -> None:
+    """Commands whose code lives beside their stage (each module imports its heavy libraries lazily)."""
+    for module in (cli_degrade, cli_split, cli_inspect):
+        module.register(app)
+
+
+_register_stage_commands()
+
+
+def main() -> None:
+    """Console entry point of `kontext-data`."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
 def _register_stage_commands() -> None:
     """Commands whose code lives beside their stage (each module imports its heavy libraries lazily)."""
     from kontext_data.cli_degrade import degrade

@@ -1,26 +1,66 @@
-"""``kontext-data degrade``: the Typer command (thin: parse, build DegradeConfig, call run_degrade, report)."""
+"""``kontext-data degrade``: the Typer command (thin: parse, build DegradeConfig, call run_degrade, report).
+
+The degradation parameters' options (``--blur-radius``, ``--quality``, ...) are generated from
+:data:`kontext_data.degradations.PARAM_SPECS`: one option per parameter, with its type, documentation and default.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
 
-# numpy/OpenCV are imported inside the command, so that `kontext-data --help` stays fast
+from kontext_data import degradations as D
+from kontext_data.clikit import (EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, OptionSpec, ProgressView, err, fail, fail_with,
+                                 generated_options, interactive, interrupted, json_option, print_json)
+
+PARAMETERS_PANEL = "Degradation parameters (docs/degrade.md; also -p KEY=VALUE)"
+FLAGS = {"restore_size": ("--restore-size/--keep-small",)}
+"""Parameters whose option is not spelled ``--name`` (``--name/--no-name`` for a bool)."""
+TYPES = {"float": Optional[float], "int": Optional[int], "bool": Optional[bool]}  # others: text (lists parsed later)
+FORMATS = {"int_pair": "LOW-HIGH", "int_list": "Q,Q,..."}
 
 
+def _shown_default(spec: D.Param, declaration: str) -> str | None:
+    """The default as --help shows it: a bool by its flag (``add-noise`` / ``no-add-noise``), a list by its form."""
+    if spec.default is None:
+        return None
+    if spec.kind == "bool":
+        on, _, off = declaration.partition("/")
+        return (on if spec.default else off).lstrip("-")
+    if isinstance(spec.default, list):
+        return ("-" if spec.kind == "int_pair" else ",").join(map(str, spec.default))
+    return str(spec.default)
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:  # noqa: ANN001
-        speed = task.finished_speed or task.speed
-        return Text("-- img/s" if speed is None else f"{speed:6.1f} img/s", style="progress.data.speed")
+
+def parameter_options() -> list[OptionSpec]:
+    """One option per parameter name of PARAM_SPECS; a name several types share (noise_level) is one option that
+    sets it in every chained type that has it. Help: the owning types, the parameter's doc, its choices or form."""
+    owners: dict[str, list[tuple[str, D.Param]]] = {}
+    for type_name, specs in D.PARAM_SPECS.items():
+        for name, spec in specs.items():
+            owners.setdefault(name, []).append((type_name, spec))
+    options = []
+    for name, entries in owners.items():
+        spec = entries[0][1]
+        docs = {doc: [t for t, s in entries if s.doc == doc] for doc in dict.fromkeys(s.doc for _, s in entries)}
+        text = "; ".join(f"{', '.join(types)}: {doc}" for doc, types in docs.items())
+        if spec.choices:
+            text += f" ({'|'.join(spec.choices)})"
+        if spec.kind in FORMATS:
+            text += f" ({FORMATS[spec.kind]})"
+        option = OptionSpec(name, TYPES.get(spec.kind, Optional[str]), text + ".", flags=FLAGS.get(name, ()),
+                            panel=PARAMETERS_PANEL)
+        options.append(dataclasses.replace(option, shown_default=_shown_default(spec, option.declarations()[0])))
+    return options
+
+
+def register(app: typer.Typer) -> None:
+    """Add `degrade` to `app`."""
+    app.command("degrade")(degrade)
 
 
 def _parse_value(text: str) -> Any:
@@ -30,16 +70,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _int_list(text: Optional[str]) -> Optional[list[int] | str]:
-    if text is None:
-        return None
-    parts = [p for p in text.replace(",", " ").replace("-", " ").split() if p]
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        return text  # resolve_chain reports it with the valid form
-
-
+@generated_options(parameter_options(), into="param_values")
 def degrade(
     src: Path = typer.Argument(..., help="Folder of clean images (the edit targets), scanned recursively."),
     out: Path = typer.Option(..., "--out", "-o", help="REFDIR: references at the same relative paths."),
@@ -58,27 +89,9 @@ def degrade(
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: only this 1/N of the files, K from 0."),
     on_demand: bool = typer.Option(False, "--on-demand", help="Write records (+ captions) only, no images."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace files in REFDIR not written by degrade."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    blur_radius: Optional[float] = typer.Option(None, help="blur: Gaussian sigma / box half-width [2.0]."),
-    blur_type: Optional[str] = typer.Option(None, help="blur: gaussian|box|motion|both [gaussian]."),
-    motion_length: Optional[float] = typer.Option(None, help="blur motion: streak length px [2*radius+1]."),
-    motion_angle: Optional[float] = typer.Option(None, help="blur motion: degrees [random per image]."),
-    add_noise: Optional[bool] = typer.Option(None, "--add-noise/--no-add-noise", help="blur: add noise [yes]."),
-    noise_level: Optional[float] = typer.Option(None, help="blur, noise: std as a fraction of 255 [0.02]."),
-    downscale_factor: Optional[float] = typer.Option(None, help="blur: down-then-up factor [none]."),
-    jpeg_quality: Optional[int] = typer.Option(None, help="blur: final JPEG pass quality [none]."),
-    quality_mode: Optional[str] = typer.Option(None, help="jpeg: fixed|range|random [fixed]."),
-    quality: Optional[int] = typer.Option(None, help="jpeg: quality for fixed mode [25]."),
-    quality_range: Optional[str] = typer.Option(None, help="jpeg: LOW-HIGH for range mode [10-50]."),
-    quality_list: Optional[str] = typer.Option(None, help="jpeg: Q,Q,... for random mode [10,20,30,40]."),
-    compression_rounds: Optional[int] = typer.Option(None, help="jpeg: rounds [1]."),
-    round_quality_decay: Optional[float] = typer.Option(None, help="jpeg: quality factor per round [0.9]."),
-    subsampling: Optional[str] = typer.Option(None, help="jpeg: 4:4:4|4:2:2|4:2:0 [libjpeg default 4:2:0]."),
-    noise_type: Optional[str] = typer.Option(None, help="noise: gaussian|poisson [gaussian]."),
-    factor: Optional[float] = typer.Option(None, help="downscale: factor [2.0]."),
-    upscale: Optional[str] = typer.Option(None, help="downscale: nearest|bilinear|bicubic|lanczos [bilinear]."),
-    restore_size: Optional[bool] = typer.Option(None, "--restore-size/--keep-small",
-                                                help="downscale: back to the original size [yes]."),
+    json_out: bool = json_option("Print the summary as JSON on stdout."),
+    *,
+    param_values: dict[str, Any],
 ) -> None:
     """Write degraded references (deblur, JPEG artifacts, noise, super-resolution) for every image of SRC, at
     the same relative paths under --out, reproducibly (per-image seeds), resumably and in parallel.
@@ -98,10 +111,32 @@ def degrade(
     Outputs: .jpg when the chain ends in a JPEG pass (the exact bytes of the last round), else lossless .png.
     Exit codes: 0 done, 1 some images failed (listed), 2 usage error.
     """
-    from . import degradations as D
-    from .degrade import DegradeConfig, DegradeError, build_chain, load_params_file, parse_shard, run_degrade
+    from .degrade import DegradeError, run_degrade
 
-    err = Console(stderr=True)
+    config = _config_or_fail(src, out, types, params, param, caption, seed, workers, shard, on_demand, overwrite,
+                             param_values, json_out)
+    try:
+        with ProgressView(quiet=json_out and not interactive(), unit="img") as view:
+            result = run_degrade(config, progress=lambda _item: view.advance("degrade"),
+                                 on_start=lambda total: view.task("degrade", total))
+    except DegradeError as exc:
+        fail_with(exc, json_out=json_out, command="kontext-data degrade")
+    except KeyboardInterrupt:
+        interrupted("finished files are complete; run the same command again to resume")
+    if json_out:
+        print_json(result.to_json())
+    else:
+        _print_summary(result)
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
+
+
+def _config_or_fail(src: Path, out: Path, types: Optional[list[str]], params: Optional[Path],
+                    param: Optional[list[str]], caption: Optional[list[str]], seed: Optional[int],
+                    workers: Optional[int], shard: Optional[str], on_demand: bool, overwrite: bool,
+                    param_values: dict[str, Any], json_out: bool):
+    """The DegradeConfig of the command line, or exit 2 with every problem of it at once."""
+    from .degrade import DegradeConfig, DegradeError, build_chain, load_params_file, parse_shard
+
     problems: list[str] = []
     file_steps: list = []
     file_caps: list[str] = []
@@ -111,15 +146,7 @@ def degrade(
             file_steps, file_caps, file_seed = load_params_file(params)
         except DegradeError as exc:
             problems.extend(exc.problems)
-    options: dict[str, Any] = {
-        "blur_radius": blur_radius, "blur_type": blur_type, "motion_length": motion_length,
-        "motion_angle": motion_angle, "add_noise": add_noise, "noise_level": noise_level,
-        "downscale_factor": downscale_factor, "jpeg_quality": jpeg_quality, "quality_mode": quality_mode,
-        "quality": quality, "quality_range": _int_list(quality_range), "quality_list": _int_list(quality_list),
-        "compression_rounds": compression_rounds, "round_quality_decay": round_quality_decay,
-        "subsampling": subsampling, "noise_type": noise_type, "factor": factor, "upscale": upscale,
-        "restore_size": restore_size,
-    }
+    options: dict[str, Any] = dict(param_values)
     for item in param or []:
         if "=" not in item:
             problems.append(f"--param {item!r}: expected KEY=VALUE or TYPE.KEY=VALUE")
@@ -134,7 +161,7 @@ def degrade(
             chain = build_chain(list(types or []), options, file_steps)
         except DegradeError as exc:
             problems.extend(exc.problems)
-    captions = [c for c in (caption or [])] or file_caps
+    captions = list(caption or []) or file_caps
     if any(not c.strip() for c in captions):
         problems.append("--caption: empty captions are not allowed")
     try:
@@ -143,50 +170,13 @@ def degrade(
         problems.extend(exc.problems)
         shard_t = (0, 1)
     if problems:
-        _usage_exit(err, problems, json_out)
-    config = DegradeConfig(src=src, out=out, chain=tuple(chain), captions=tuple(captions),
-                           seed=seed if seed is not None else (file_seed or 0), workers=workers, shard=shard_t,
-                           on_demand=on_demand, overwrite=overwrite)
-
-    show_bar = err.is_terminal or not json_out
-    progress = Progress(TextColumn("[bold]degrade"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err,
-                        disable=not show_bar, transient=False)
-    task_id = None
-
-    def on_start(total: int) -> None:
-        nonlocal task_id
-        task_id = progress.add_task("degrade", total=total)
-
-    def on_item(_item) -> None:  # noqa: ANN001
-        progress.advance(task_id)
-
-    try:
-        with progress:
-            result = run_degrade(config, progress=on_item, on_start=on_start)
-    except DegradeError as exc:
-        _usage_exit(err, exc.problems, json_out)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: finished files are complete; run the same command again to resume")
-        raise typer.Exit(130)
-
-    if json_out:
-        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
-    else:
-        _print_summary(err, result)
-    raise typer.Exit(0 if result.ok else 1)
+        fail(problems, EXIT_USAGE, json_out=json_out, command="kontext-data degrade")
+    return DegradeConfig(src=src, out=out, chain=tuple(chain), captions=tuple(captions),
+                         seed=seed if seed is not None else (file_seed or 0), workers=workers, shard=shard_t,
+                         on_demand=on_demand, overwrite=overwrite)
 
 
-def _usage_exit(err: Console, problems: list[str], json_out: bool) -> None:
-    if json_out:
-        sys.stdout.write(json.dumps({"usage_errors": problems}, indent=2) + "\n")
-    for p in problems:
-        err.print(f"[red]error[/]: {p}", highlight=False)
-    err.print("see: kontext-data degrade --help", highlight=False)
-    raise typer.Exit(2)
-
-
-def _print_summary(err: Console, result) -> None:  # noqa: ANN001
+def _print_summary(result: Any) -> None:
     r = result.to_json()
     chain = " -> ".join(s["type"] for s in result.chain)
     what = "records (on-demand)" if result.on_demand else f".{'jpg' if result.codec == 'jpeg' else 'png'} files"

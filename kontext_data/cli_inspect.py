@@ -1,50 +1,34 @@
 """`kontext-data inspect`, `preview` and `check`: thin Typer commands (parse, build a frozen config, call the library,
-print, exit 0 ok / 1 problems found / 2 usage error). Registered in cli.py with `app.command("inspect")(inspect)`."""
+print, exit 0 ok / 1 problems found / 2 usage error). The root CLI adds them with :func:`register`."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import typer
-from rich.console import Console
 
-# cli.py imports this module to register the commands: take its helpers lazily (inside the commands), never at import
-err = Console(stderr=True)
-out = Console()
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+from kontext_data.clikit import (EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, fail, fail_with, json_option, out, print_json,
+                                 run_with_progress)
 
-
-def run_with_progress(description, fn, quiet=False):
-    from kontext_data.cli import run_with_progress as run
-
-    return run(description, fn, quiet=quiet)
+T = TypeVar("T")
 
 
-def write_json_atomic(path, data) -> None:
-    from kontext_data.cli import write_json_atomic as write
-
-    write(path, data)
-
-
-def _usage(problems: list[str], command: str) -> None:
-    for p in problems:
-        err.print(f"[red]error:[/red] {p}", highlight=False)
-    err.print(f"see: kontext-data {command} --help", highlight=False)
-    raise typer.Exit(EXIT_USAGE)
+def register(app: typer.Typer) -> None:
+    """Add `inspect`, `preview` and `check` to `app`."""
+    app.command("inspect")(inspect)
+    app.command("preview")(preview)
+    app.command("check")(check)
 
 
-def _read_or_exit(fn):
+def _read_or_exit(fn: Callable[[], T], command: str, json_out: bool) -> T:
     """Call fn(); a ManifestError (missing, unreadable or invalid manifest) is a usage error with its problems."""
     from kontext_data.manifest import ManifestError
 
     try:
         return fn()
     except ManifestError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(EXIT_USAGE)
+        fail_with(exc, json_out=json_out, command=f"kontext-data {command}", code=EXIT_USAGE)
 
 
 def inspect(
@@ -54,7 +38,7 @@ def inspect(
     shared_reference_min: int = typer.Option(3, help="List a reference file used by at least this many targets."),
     no_files: bool = typer.Option(False, "--no-files", help="Do not stat the files (skip 'files gone')."),
     report: Optional[Path] = typer.Option(None, help="Write the JSON statistics here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON statistics on stdout instead of tables."),
+    json_out: bool = json_option("Print the JSON statistics on stdout instead of tables."),
 ) -> None:
     """Counts, buckets, captions, duplicates and missing files of a manifest.
 
@@ -66,19 +50,20 @@ def inspect(
     --write-manifest` added it. No image is decoded. Exit code: 0 nothing to fix, 1 duplicates or files gone,
     2 usage error (e.g. not a manifest).
     """
+    from kontext_data.fileio import write_json_atomic
     from kontext_data.inspect import InspectConfig, inspect_manifest, write_plots
 
     config = InspectConfig(top=top, shared_reference_min=shared_reference_min, check_files=not no_files)
     if config.problems():
-        _usage(config.problems(), "inspect")
-    result = _read_or_exit(lambda: inspect_manifest(manifest, config))
+        fail(config.problems(), EXIT_USAGE, json_out=json_out, command="kontext-data inspect")
+    result = _read_or_exit(lambda: inspect_manifest(manifest, config), "inspect", json_out)
     data = result.report()
     if plots:
         data["plots"] = [str(p) for p in write_plots(result, plots)]
     if report:
         write_json_atomic(report, data)
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if json_out:
+        print_json(data)
     else:
         _print_inspect(data)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)
@@ -143,7 +128,7 @@ def preview(
     columns: int = typer.Option(2, help="Pairs per row of the PNG sheet."),
     page_size: int = typer.Option(48, help="Pairs per page of the HTML preview."),
     workers: int = typer.Option(0, help="Processes for HTML thumbnails (and --sort worst's check); 0 = all cores."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    json_out: bool = json_option("Print a JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Contact sheets of reference | edited pairs as the trainer will see them.
@@ -162,11 +147,11 @@ def preview(
     config = PreviewConfig(out=out_path, n=n, sort=sort, seed=seed, thumb=thumb, columns=columns, page_size=page_size,
                            workers=workers)
     if config.problems():
-        _usage(config.problems(), "preview")
+        fail(config.problems(), EXIT_USAGE, json_out=json_out, command="kontext-data preview")
     result = _read_or_exit(lambda: run_with_progress(
-        "Rendering", lambda cb: make_preview(manifest, config, cb), quiet=quiet or as_json))
-    if as_json:
-        sys.stdout.write(json.dumps(result.report(), indent=2, ensure_ascii=False) + "\n")
+        "Rendering", lambda cb: make_preview(manifest, config, cb), quiet=quiet or json_out), "preview", json_out)
+    if json_out:
+        print_json(result.report())
     else:
         if result.checked:
             out.print("Ran the content check for --sort worst (save it with `kontext-data check --write-manifest`).")
@@ -189,7 +174,7 @@ def check(
     workers: int = typer.Option(0, help="Processes; 0 = all cores."),
     unrelated_below: float = typer.Option(0.25, help="Similarity under which a pair is always 'unrelated'."),
     unrelated_ratio: float = typer.Option(0.65, help="'unrelated' also under this fraction of the dataset's median."),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout instead of the summary."),
+    json_out: bool = json_option("Print the JSON report on stdout instead of the summary."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Compare every reference with its edited image and flag pairs that are wrong in content.
@@ -202,28 +187,28 @@ def check(
     Exit code: 0 no pair flagged, 1 pairs flagged (listed), 2 usage error.
     """
     from kontext_data.check import CheckConfig, check_manifest, write_manifest_with_similarity
+    from kontext_data.fileio import write_json_atomic
 
     config = CheckConfig(workers=workers, unrelated_below=unrelated_below, unrelated_ratio=unrelated_ratio)
     problems = config.problems()
     if in_place and write_manifest:
         problems.append("--in-place and --write-manifest: give one of them")
     if problems:
-        _usage(problems, "check")
+        fail(problems, EXIT_USAGE, json_out=json_out, command="kontext-data check")
     result = _read_or_exit(lambda: run_with_progress(
-        "Checking pairs", lambda cb: check_manifest(manifest, config, cb), quiet=quiet or as_json))
+        "Checking pairs", lambda cb: check_manifest(manifest, config, cb), quiet=quiet or json_out), "check", json_out)
     target = manifest if in_place else write_manifest
     data = result.report()
     if target:
         try:
             write_manifest_with_similarity(manifest, result, target)
         except (OSError, ValueError) as exc:
-            err.print(f"[red]error:[/red] cannot write {target}: {exc}", highlight=False)
-            raise typer.Exit(EXIT_PROBLEMS)
+            fail(f"cannot write {target}: {exc}", EXIT_PROBLEMS, json_out=json_out)
         data["manifest_written"] = str(target)
     if report:
         write_json_atomic(report, data)
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if json_out:
+        print_json(data)
     else:
         _print_check(result, data, report, target, manifest)
     raise typer.Exit(EXIT_OK if result.ok else EXIT_PROBLEMS)

@@ -1,19 +1,26 @@
 """``kontext-data split``: cut composite images into per-role panel folders (thin Typer wrapper).
 
-Registered by ``kontext_data/cli.py`` with ``app.command("split")(split)``. Everything heavy is imported
-inside the command so ``kontext-data --help`` stays fast.
+The root CLI adds the command with :func:`register`. Everything heavy is imported inside the command so
+``kontext-data --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import json
-import sys
+import functools
 import time
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 
+from kontext_data.clikit import (EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, ProgressView, err, fail, fail_with, json_option,
+                                 out, print_json)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `split` to `app`."""
+    app.command("split")(split)
 
 
 def split(
@@ -33,7 +40,9 @@ def split(
     gutter_tolerance: int = typer.Option(10, "--gutter-tolerance", help="Largest per-channel spread (0-255) within a separator band."),
     fmt: str = typer.Option("png", "--format", help="png (lossless, also for JPEG composites: no second JPEG pass) or jpeg (lossy re-encode)."),
     quality: int = typer.Option(95, "--quality", help="JPEG quality with --format jpeg."),
-    split_name: str = typer.Option("train", "--split", help="Split of a datasets/hub source."),
+    dataset_split: str = typer.Option("train", "--dataset-split", help="Split of a datasets/hub source (train, "
+                                      "test, ...; not pair's train/eval)."),
+    old_split: Optional[str] = typer.Option(None, "--split", hidden=True, help="Old name of --dataset-split."),
     streaming: bool = typer.Option(False, "--streaming", help="Stream a hub dataset instead of downloading it (needs network)."),
     source_kind: str = typer.Option("auto", "--source-kind", help="auto | folder | parquet | disk | hub."),
     workers: int = typer.Option(0, "--workers", "-j", help="Worker processes (0: one per CPU core, 1: no subprocesses)."),
@@ -41,7 +50,7 @@ def split(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N rows of the source (a preview)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-split rows already done (default: skip them, i.e. resume)."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="After splitting, pair the role folders and write this manifest (Parquet)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (no progress bar)."),
+    json_out: bool = json_option("Print the result as JSON on stdout (no progress bar)."),
 ) -> None:
     """Split composite images (panels side by side, stacked or in a grid) into one folder per role.
 
@@ -55,6 +64,9 @@ def split(
     """
     from kontext_data import split as sp
 
+    if old_split is not None and dataset_split not in ("train", old_split):
+        fail(f"--split {old_split!r} and --dataset-split {dataset_split!r}: give one (--split is the old name)",
+             EXIT_USAGE, json_out=json_out, command="kontext-data split")
     try:
         cols, rows = sp.parse_layout(layout, panels)
         config = sp.SplitConfig(
@@ -62,23 +74,15 @@ def split(
             edit_role=edit_role, mask_role=mask_role, image_column=image_column,
             caption_columns=sp.parse_caption_columns(caption_column, edit_role), id_column=id_column,
             gutter=sp.parse_gutter(gutter), gutter_tolerance=gutter_tolerance, format=fmt.lower(),
-            quality=quality, source_kind=source_kind, split=split_name, streaming=streaming,
+            quality=quality, source_kind=source_kind, split=old_split or dataset_split, streaming=streaming,
             workers=workers, shard=sp.parse_shard(shard), limit=limit, overwrite=overwrite,
         )
         sp.validate_config(config)
+        started = time.perf_counter()
+        with ProgressView(quiet=json_out, unit="rows") as view:
+            result = sp.split_composites(config, progress=lambda done, total: view.update("split", done, total))
     except sp.SplitError as exc:
-        _fail(exc.problems, json_out, 2)
-        return
-
-    started = time.perf_counter()
-    try:
-        if json_out:
-            result = sp.split_composites(config)
-        else:
-            result = _with_progress(sp, config)
-    except sp.SplitError as exc:
-        _fail(exc.problems, json_out, 2)
-        return
+        fail_with(exc, json_out=json_out, code=EXIT_USAGE, command="kontext-data split")
     elapsed = time.perf_counter() - started
 
     manifest_report: dict[str, Any] | None = None
@@ -87,11 +91,11 @@ def split(
 
     payload = result.to_dict() | {"seconds": round(elapsed, 3), "manifest": manifest_report}
     if json_out:
-        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        print_json(payload)
     else:
         _print_summary(result, elapsed, manifest_report)
     failed_manifest = manifest_report is not None and not manifest_report.get("ok", False)
-    raise typer.Exit(0 if result.ok and not failed_manifest else 1)
+    raise typer.Exit(EXIT_OK if result.ok and not failed_manifest else EXIT_PROBLEMS)
 
 
 def write_manifest_from_split(config, manifest: Path) -> dict[str, Any]:
@@ -120,79 +124,38 @@ def write_manifest_from_split(config, manifest: Path) -> dict[str, Any]:
     return {"ok": pair_result.ok, "path": str(manifest), "samples": pair_result.samples, "problems": problems}
 
 
-def _with_progress(sp, config):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    columns = [TextColumn("split"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    bar = Progress(*columns, transient=False)
-    task = bar.add_task("split", total=None, rate="")
-    started = time.perf_counter()
-
-    def progress(done: int, total: int | None) -> None:
-        if not bar.live.is_started:  # start once the source opened: errors print without an empty bar
-            bar.start()
-        dt = time.perf_counter() - started
-        rate = f"{done / dt:,.1f} rows/s" if dt > 0 and done else ""
-        bar.update(task, completed=done, total=total, rate=rate)
-
-    try:
-        return sp.split_composites(config, progress=progress)
-    finally:
-        if bar.live.is_started:
-            bar.stop()
-
-
-def _fail(messages: list[str], json_out: bool, code: int) -> None:
-    if json_out:
-        sys.stdout.write(json.dumps({"ok": False, "errors": messages}, indent=2) + "\n")
-    else:
-        from rich.console import Console
-        from rich.markup import escape
-
-        console = Console(stderr=True)
-        for m in messages:
-            console.print(f"[red]error:[/red] {escape(m)}", highlight=False, markup=True)
-    raise typer.Exit(code)
-
-
 def _print_summary(result, elapsed: float, manifest_report: dict[str, Any] | None) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = Console(highlight=False)
+    say = functools.partial(out.print, highlight=False)
     rate = result.rows_seen / elapsed if elapsed > 0 else 0.0
-    console.print(
+    say(
         f"split {result.rows_seen} rows in {elapsed:.1f} s ({rate:,.1f} rows/s): {result.written} written, "
         f"{result.skipped_done} already done, {result.failed} failed"
     )
     for role, path in result.role_dirs.items():
-        console.print(f"  {role}: {path}")
+        say(f"  {role}: {path}")
     if result.panel_sizes:
-        console.print("  panel sizes: " + ", ".join(f"{k} ({v} rows)" for k, v in result.panel_sizes.most_common()))
+        say("  panel sizes: " + ", ".join(f"{k} ({v} rows)" for k, v in result.panel_sizes.most_common()))
     if result.gutters:
-        console.print("  gutters removed: " + ", ".join(f"{k} px ({v} rows)" for k, v in sorted(result.gutters.items())))
+        say("  gutters removed: " + ", ".join(f"{k} px ({v} rows)" for k, v in sorted(result.gutters.items())))
         if len(result.gutters) > 1:
-            console.print("  [yellow]gutter widths differ between rows[/yellow]: where panel backgrounds share the "
+            say("  [yellow]gutter widths differ between rows[/yellow]: where panel backgrounds share the "
                           "gutter colour auto detection cannot tell them apart; pin it with --gutter PX", markup=True)
     if result.remainders:
-        console.print("  remainder pixels dropped: " + ", ".join(f"{k} ({v} rows)" for k, v in sorted(result.remainders.items())))
+        say("  remainder pixels dropped: " + ", ".join(f"{k} ({v} rows)" for k, v in sorted(result.remainders.items())))
     if result.lossy_sources:
-        console.print(f"  {result.lossy_sources} composites were JPEG: panels written as decoded (no extra JPEG pass "
+        say(f"  {result.lossy_sources} composites were JPEG: panels written as decoded (no extra JPEG pass "
                       "unless --format jpeg)")
     for role, count in result.missing_captions.items():
-        console.print(f"  [yellow]{count} rows have no caption for role {role!r}[/yellow] (empty or null)", markup=True)
+        say(f"  [yellow]{count} rows have no caption for role {role!r}[/yellow] (empty or null)", markup=True)
     if manifest_report is not None:
         if manifest_report.get("ok"):
-            console.print(f"  manifest: {manifest_report['path']} ({manifest_report.get('samples', '?')} samples)")
+            say(f"  manifest: {manifest_report['path']} ({manifest_report.get('samples', '?')} samples)")
         else:
-            console.print("  [red]manifest not written cleanly[/red]: " + escape(manifest_report.get("error") or ""),
+            say("  [red]manifest not written cleanly[/red]: " + escape(manifest_report.get("error") or ""),
                           markup=True)
             for p in manifest_report.get("problems", [])[:20]:
-                console.print(f"    {p}")
+                say(f"    {p}")
     if result.problems:
-        err = Console(stderr=True, highlight=False)
         err.print(f"[red]{len(result.problems)} rows failed[/red] (nothing written for them):", markup=True)
         for p in result.problems:
             row = "-" if p.row is None else p.row

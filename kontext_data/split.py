@@ -878,7 +878,7 @@ def _open_disk(config: SplitConfig) -> _Source:
         raise SplitError(f"{path}: not a dataset saved with save_to_disk ({exc})") from None
     if isinstance(ds, DatasetDict):
         if config.split not in ds:
-            raise SplitError(f"{path}: no split {config.split!r} (splits: {', '.join(ds)}); pass --split")
+            raise SplitError(f"{path}: no split {config.split!r} (splits: {', '.join(ds)}); pass --dataset-split")
         ds = ds[config.split]
     ds, needed = _prepare_dataset(ds, config, path)
     return _Source(f"datasets folder {path}", len(ds), _iter_datasets(ds, needed, path), tuple(needed))

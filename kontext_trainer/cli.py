@@ -4,22 +4,27 @@
 `kontext-train make-tiny-model OUT` writes a tiny random Kontext model for tests and the demo;
 `kontext-train make-random-model OUT --full` a full-size one with random weights, for benchmarks.
 Exit codes: 0 ok, 1 problems found (manifest, model, training), 2 usage/configuration errors.
+
+`train`'s options that set a TrainConfig field are generated from the fields' metadata (``cli`` in
+:mod:`kontext_trainer.config`): name, type, help and default are declared once, on the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 import sys
 import time
+import typing
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
-from rich.console import Console
+
+from kontext_data.clikit import (EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, OptionSpec, ProgressView, err, fail, fail_with,
+                                 generated_options, interrupted, json_option, out, print_json, quiet_libraries)
 
 app = typer.Typer(
     name="kontext-train",
@@ -30,10 +35,12 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
 )
-err = Console(stderr=True)
-out = Console()
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 SUBCOMMANDS = ("train", "make-tiny-model", "make-random-model", "export")
+CONFIG_PANEL = "Training options (TrainConfig keys: also in --config FILE or --set KEY=VALUE; docs/train.md)"
+STAGE_NAMES = {"text": "text embeddings", "latents": "VAE latents", "masks": "loss masks"}
+JSON_EVENTS = ("step", "validation", "checkpoint", "saved", "cache", "stage", "warning", "note", "timings",
+               "validation_loss")
+"""The recipe events `--json` prints, one JSON line each (and the final `done` summary)."""
 
 
 @app.callback()
@@ -42,101 +49,74 @@ def _root() -> None:
 
     Example: kontext-train manifest.parquet --model ./FLUX.1-Kontext-dev --config config.json
     """
+    quiet_libraries()
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars replace the libraries' (weights loading, pipeline steps)."""
-    import warnings
+def config_options() -> list[OptionSpec]:
+    """One option per TrainConfig field whose metadata has ``cli``: its flags (default ``--field-name``), type
+    (a Literal takes text: the config's aliases, e.g. optimi-lion, are checked by resolve_config), help and default.
+    A bool field is ``--x/--no-x``, or an on-only flag when its ``cli`` names one spelling (``--verify``)."""
+    from kontext_trainer.config import cli_fields
 
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-
-
-def _fail(title: str, problems: list[str], code: int) -> None:
-    err.print(f"[bold red]{title}[/bold red] ({len(problems)} problem(s)):")
-    for p in problems:
-        err.print(f"  - {p}", markup=False, highlight=False)
-    raise typer.Exit(code)
+    options = []
+    for field, tp in cli_fields():
+        meta = field.metadata
+        if typing.get_origin(tp) is not Literal and typing.get_args(tp):  # X | None: X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        base = Path if meta.get("path") else str if typing.get_origin(tp) is Literal else tp
+        on_only = base is bool and len(meta["cli"]) == 1 and "/" not in meta["cli"][0]
+        shown = str(field.default).lower() if isinstance(field.default, bool) else field.default
+        options.append(OptionSpec(field.name, bool if on_only else Optional[base], meta["help"], tuple(meta["cli"]),
+                                  default=False if on_only else None, panel=CONFIG_PANEL,
+                                  shown_default=None if on_only or shown in ("", None) else str(shown)))
+    return options
 
 
-class _Reporter:
-    """Turns recipe events into rich progress bars and lines on stderr."""
+class Reporter:
+    """Turns recipe events into progress (rich bars on a terminal, whole lines in a log) and lines on stderr;
+    with `json_lines`, also one JSON line per event on stdout."""
 
     def __init__(self, quiet: bool, json_lines: bool):
-        self.quiet = quiet
         self.json_lines = json_lines
-        self.bar = None
-        self.tasks: dict[str, int] = {}
-        self.start: dict[str, float] = {}
+        self.view = ProgressView(quiet=quiet)
 
-    def _progress(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+    def __enter__(self) -> "Reporter":
+        return self
 
-        if self.bar is None:
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TaskProgressColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False,
-                                disable=self.quiet)
-            self.bar.start()
-        return self.bar
-
-    def task(self, name: str, total: int) -> int:
-        bar = self._progress()
-        if name not in self.tasks:
-            self.tasks[name] = bar.add_task(name, total=total, info="")
-            self.start[name] = time.perf_counter()
-        return self.tasks[name]
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        """Stop the bars (the last state of each task stays on screen, or in the log)."""
+        self.view.close()
 
     def __call__(self, kind: str, data: dict) -> None:
-        if self.json_lines and kind in ("step", "validation", "checkpoint", "saved", "cache", "stage", "warning",
-                                        "note", "timings", "validation_loss"):
-            print(json.dumps({"event": kind, **data}), flush=True)
+        if self.json_lines and kind in JSON_EVENTS:
+            print_json({"event": kind, **data}, indent=None)
         if kind == "progress":
-            name = {"text": "text embeddings", "latents": "VAE latents", "masks": "loss masks"}.get(data["stage"],
-                                                                                                   data["stage"])
-            t = self.task(name, data["total"])
-            rate = data["done"] / max(time.perf_counter() - self.start[name], 1e-9)
-            self.bar.update(t, completed=data["done"], total=data["total"], info=f"{rate:,.1f} items/s")
+            self.view.update(STAGE_NAMES.get(data["stage"], data["stage"]), data["done"], data["total"])
         elif kind == "step":
-            t = self.task("training", data["total"])
-            self.bar.update(t, completed=data["step"], total=data["total"],
-                            info=f"loss {data['loss']:.4f} lr {data['lr']:.2e} {data['step_time']:.2f}s/step")
+            self.view.update("training", data["step"], data["total"],
+                             info=f"loss {data['loss']:.4f} lr {data['lr']:.2e} {data['step_time']:.2f}s/step")
         elif kind in ("stage", "note"):
-            self._line(f"[cyan]{data['message']}[/cyan]")
+            self.view.line(f"[cyan]{data['message']}[/cyan]")
         elif kind == "warning":
-            self._line(f"[yellow]warning:[/yellow] {data['message']}")
+            self.view.line(f"[yellow]warning:[/yellow] {data['message']}")
         elif kind == "validation":
-            self._line(f"validation strips (step {data['step']}): {data['dir']}")
+            self.view.line(f"validation strips (step {data['step']}): {data['dir']}")
         elif kind == "validation_loss":
-            self._line(_validation_loss_line(data))
+            self.view.line(validation_loss_line(data))
         elif kind == "checkpoint":
-            self._line(f"checkpoint: {data['path']}")
+            self.view.line(f"checkpoint: {data['path']}")
         elif kind == "cache":
             masks = (f", {data.get('mask_encoded', 0)} of {data['mask_total']} loss masks computed"
                      if data.get("mask_total") else "")
-            self._line(f"cache {data['cache_dir']}: {data.get('text_encoded', 0)} of {data['text_total']} captions "
-                       f"and {data.get('latent_encoded', 0)} of {data['latent_total']} images encoded{masks}, rest "
-                       f"reused")
-
-    def _line(self, text: str) -> None:
-        if self.quiet:
-            return
-        (self.bar.console if self.bar else err).print(text)
+            self.view.line(f"cache {data['cache_dir']}: {data.get('text_encoded', 0)} of {data['text_total']} "
+                           f"captions and {data.get('latent_encoded', 0)} of {data['latent_total']} images encoded"
+                           f"{masks}, rest reused")
 
 
-def _validation_loss_line(d: dict) -> str:
+def validation_loss_line(d: dict) -> str:
     """`validation loss 0.4123 (train 0.3987) at step 200`, with `; EMA ...` when the EMA is validated too."""
     def pair(prefix: str) -> str:
         text = f"{d[prefix + 'val_loss']:.4f}"
@@ -204,107 +184,87 @@ def parse_manifest_arguments(args: list[str]) -> tuple[list[str], dict[str, floa
     "  kontext-train manifest.parquet --config config.json --set lora_targets=attention+ffs --set optimizer=lion\n\n"
     "  kontext-train faces.parquet:2 scenes.parquet --validation-prompts prompts.jsonl",
 )
+@generated_options(config_options(), into="field_values")
 def train_cmd(
     manifest: List[Path] = typer.Argument(..., help="Parquet manifest(s) written by `kontext-data pair`; several "
                                           "are trained as one (sample ids must be unique across them). PATH:WEIGHT "
                                           "weighs one: a.parquet:2 sees its samples twice per epoch, :0.5 a seeded "
                                           "half (dataset_weights)."),
-    reference_sampling: Optional[str] = typer.Option(None, "--reference-sampling", help="Samples with several "
-                                                     "references: combined (all, every step) | random (one per "
-                                                     "sample per step, seeded)."),
     num_processes: int = typer.Option(1, "--num-processes", min=1, help="Data-parallel processes on this machine "
                                       "(one per GPU; gloo on the CPU). Same as `accelerate launch --multi_gpu "
                                       "--num_processes N -m kontext_trainer ...`."),
-    model: Optional[str] = typer.Option(None, "--model", help="FLUX.1 Kontext [dev] folder (diffusers layout) or hub "
-                                        "id; default black-forest-labs/FLUX.1-Kontext-dev from the local HF cache."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file: JSON (comments allowed), TOML "
                                           "or YAML. SimpleTuner config.json keys are accepted."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Output folder (default kontext-lora)."),
-    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Cache folder (default OUTPUT_DIR/cache)."),
-    max_train_steps: Optional[int] = typer.Option(None, "--max-train-steps", help="Optimizer steps."),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate."),
-    train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Micro-batch size."),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank (default 16)."),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="attention | attention+ffs | all | a,b,c"),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | optimi-adamw | lion (optimi-lion) | "
-                                            "adamw_bf16 (bf16 weights, Kahan summation)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    validation_steps: Optional[int] = typer.Option(None, "--validation-steps", help="Validate every N steps."),
-    validation_samples: Optional[int] = typer.Option(None, "--validation-samples",
-                                                     help="Validate on N training samples when there is no eval "
-                                                          "split."),
-    validation_prompts: Optional[Path] = typer.Option(None, "--validation-prompts", help="JSONL of extra validation "
-                                                      "edits: {\"image\": ..., \"prompt\": ...} per line, rendered "
-                                                      "at every validation (checked at start-up)."),
-    checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps"),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
-    cache_batch_size: Optional[int] = typer.Option(None, "--cache-batch-size", help="Batch of VAE/text encoding."),
-    vae_tiling: Optional[bool] = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="VAE tiling for caching."),
-    precision: Optional[str] = typer.Option(None, "--base-precision", "--precision",
-                                            help="Base model precision: bf16 | fp32 | int8-quanto | fp8-quanto | "
-                                                 "fp8-matmul (fp8 tensor-core matmuls, Ada/Hopper)."),
-    # --- model side (issue 6) ---
-    quantize_on: Optional[str] = typer.Option(None, "--quantize-on", help="Quantize on the gpu (training device) "
-                                              "or in cpu RAM (the guide's quantize_via)."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="lora (default) | lokr."),
-    lycoris_config: Optional[Path] = typer.Option(None, "--lycoris-config", help="SimpleTuner lycoris_config.json "
-                                                  "(algo lokr); implies --adapter lokr."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
-    mask_loss: Optional[bool] = typer.Option(None, "--mask-loss/--no-mask-loss", help="Weigh the loss by the "
-                                             "manifest's loss masks (kontext-data pair --masks; default) or ignore "
-                                             "them. The weight outside a mask: --set mask_loss_weight=W."),
-    verify: bool = typer.Option(False, "--verify", help="Re-hash images and compare with the manifest first."),
-    download: bool = typer.Option(False, "--download", help="Allow downloading --model from the hub."),
     set_: List[str] = typer.Option([], "--set", help="Any config key: --set key=value (repeatable). See "
                                    "docs/train.md for the list."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
-    json_lines: bool = typer.Option(False, "--json", help="Print one JSON line per step/event on stdout."),
+    json_out: bool = json_option("Print one JSON line per step/event on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    *,
+    field_values: dict[str, Any],
 ) -> None:
     """Train a FLUX.1 Kontext LoRA on MANIFEST and save OUTPUT_DIR/pytorch_lora_weights.safetensors.
 
     Example: kontext-train manifest.parquet --model ./FLUX.1-Kontext-dev --config config.json
     """
+    cfg = _resolve(manifest, config, set_, field_values, json_out)
+    if print_config:
+        print_json(cfg.to_dict())
+        raise typer.Exit(EXIT_OK)
+
+    from kontext_trainer.distributed import launch, world_size_from_env
+
+    if num_processes > 1 and world_size_from_env() <= 1:  # the same command without --num-processes, N times
+        raise typer.Exit(launch(num_processes, _without_num_processes(sys.argv[1:])))
+
+    from kontext_trainer.memory import use_expandable_segments
+
+    use_expandable_segments()  # before the first CUDA allocation
+    from kontext_trainer.recipe import TrainError, train
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank > 0:  # rank 0 reports for the group
+        quiet, json_out = True, False
+    with Reporter(quiet=quiet, json_lines=json_out) as reporter:
+        try:
+            result = train(cfg, on_event=reporter)
+        except TrainError as exc:
+            reporter.close()
+            fail_with(exc, json_out=json_out, code=EXIT_PROBLEMS, indent=None, extra={"event": "error"})
+        except KeyboardInterrupt:
+            reporter.close()
+            interrupted("checkpoints already written are intact (resume with --resume latest)")
+    if rank == 0:
+        _print_train_summary(result, json_out)
+
+
+def _resolve(manifest: list[Path], config: Optional[Path], set_: list[str], field_values: dict[str, Any],
+             json_out: bool):
+    """The TrainConfig: defaults < config file < --set < explicit options (MANIFEST PATH:WEIGHT arguments add to
+    the dataset_weights); every problem reported at once (exit 2). Prints the config's warnings and notes."""
     from kontext_trainer.config import ConfigError, join_manifest_paths, parse_set_options, read_config_file, \
         resolve_config
 
-    problems: list[str] = []
     file_values: dict = {}
     if config is not None:
         try:
             file_values = read_config_file(config)
         except ConfigError as exc:
-            _fail(f"config {config}", exc.problems, EXIT_USAGE)
-    sets, set_problems = parse_set_options(set_)
-    problems += set_problems
-    overrides: dict = dict(sets)
+            fail(exc.problems, EXIT_USAGE, title=f"config {config}", json_out=json_out, indent=None,
+                 extra={"event": "error"})
+    overrides, problems = parse_set_options(set_)
     manifest_paths, manifest_weights, weight_problems = parse_manifest_arguments([str(m) for m in manifest])
     problems += weight_problems
-    explicit = {
-        "manifest": join_manifest_paths(manifest_paths), "model": model, "output_dir": output_dir,
-        "cache_dir": cache_dir,
-        "max_train_steps": max_train_steps, "learning_rate": learning_rate, "train_batch_size": train_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps, "lora_rank": lora_rank,
-        "lora_targets": lora_targets, "optimizer": optimizer, "seed": seed, "validation_steps": validation_steps,
-        "validation_samples": validation_samples, "checkpointing_steps": checkpointing_steps,
-        "resume_from_checkpoint": resume, "cache_batch_size": cache_batch_size, "vae_tiling": vae_tiling,
-        "base_model_precision": precision, "device": device, "reference_sampling": reference_sampling,
-        "quantize_on": quantize_on, "adapter": adapter, "mask_loss": mask_loss,
-        "lycoris_config": str(lycoris_config) if lycoris_config else None,
-        "validation_prompts": str(validation_prompts) if validation_prompts else None,
-    }
-    overrides.update({k: v for k, v in explicit.items() if v is not None})
-    if verify:
-        overrides["verify"] = True
-    if download:
-        overrides["download"] = True
+    explicit = {"manifest": join_manifest_paths(manifest_paths)}
+    explicit.update({k: str(v) if isinstance(v, Path) else v for k, v in field_values.items()})
+    overrides.update(explicit)
     try:
         resolved = resolve_config(file_values, overrides, source=str(config) if config else None)
     except ConfigError as exc:
-        _fail("invalid configuration", problems + exc.problems, EXIT_USAGE)
+        problems += exc.problems
     if problems:
-        _fail("invalid configuration", problems, EXIT_USAGE)
+        fail(problems, EXIT_USAGE, title="invalid configuration", json_out=json_out, indent=None,
+             extra={"event": "error"})
     for w in resolved.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     for n in resolved.notes:
@@ -315,46 +275,24 @@ def train_cmd(
         merged = {k: v for k, v in cfg.dataset_weights if os.path.abspath(k) not in given}
         merged.update(manifest_weights)
         cfg = dataclasses.replace(cfg, dataset_weights=tuple(sorted(merged.items())))
-    if print_config:
-        out.print_json(json.dumps(cfg.to_dict()))
-        raise typer.Exit(EXIT_OK)
+    return cfg
 
-    from kontext_trainer.distributed import launch, world_size_from_env
 
-    if num_processes > 1 and world_size_from_env() <= 1:
-        argv, skip = [], False
-        for a in sys.argv[1:]:  # the same command without --num-processes, in N processes
-            if skip:
-                skip = False
-            elif a == "--num-processes":
-                skip = True
-            elif not a.startswith("--num-processes="):
-                argv.append(a)
-        raise typer.Exit(launch(num_processes, argv))
+def _without_num_processes(argv: list[str]) -> list[str]:
+    """`argv` less its --num-processes N / --num-processes=N (what each launched process runs)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            kept.append(a)
+    return kept
 
-    from kontext_trainer.memory import use_expandable_segments
 
-    use_expandable_segments()  # before the first CUDA allocation
-    from kontext_trainer.recipe import TrainError, train
-
-    _quiet_libraries()
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if rank > 0:  # rank 0 reports for the group
-        quiet, json_lines = True, False
-    reporter = _Reporter(quiet=quiet, json_lines=json_lines)
-    try:
-        result = train(cfg, on_event=reporter)
-    except TrainError as exc:
-        reporter.close()
-        _fail(exc.title, exc.problems, EXIT_PROBLEMS)
-    except KeyboardInterrupt:
-        reporter.close()
-        err.print("interrupted; checkpoints already written are intact (resume with --resume latest)")
-        raise typer.Exit(130)
-    finally:
-        reporter.close()
-    if rank > 0:
-        raise typer.Exit(EXIT_OK)
+def _print_train_summary(result: Any, json_out: bool) -> None:
+    """Where the LoRA, EMA, strips and config went, the loss and the time; with --json the `done` event."""
     first = result.losses[0][1] if result.losses else float("nan")
     last_n = [l for _, l in result.losses[-max(1, len(result.losses) // 10):]]
     summary = {
@@ -370,18 +308,18 @@ def train_cmd(
         "validation_loss": result.validation_losses[-1] if result.validation_losses else None,
         "ema_lora": str(result.ema_path) if result.ema_path else None,
     }
-    if json_lines:
-        print(json.dumps({"event": "done", **summary}), flush=True)
-    else:
-        out.print(f"LoRA: {result.lora_path}")
-        if result.ema_path:
-            out.print(f"EMA LoRA: {result.ema_path}")
-        if result.validation_dirs:
-            out.print(f"Validation strips: {result.validation_dirs[-1]}")
-        out.print(f"Resolved config: {result.config_path}")
-        out.print(f"{len(result.losses)} steps, {result.seconds_per_step:.2f} s/step; loss {first:.4f} -> "
-                  f"{summary['final_loss_mean_last_10pct']:.4f} (mean of the last 10%)")
-        out.print(_timings_line(result.timings), highlight=False)
+    if json_out:
+        print_json({"event": "done", **summary}, indent=None)
+        return
+    out.print(f"LoRA: {result.lora_path}")
+    if result.ema_path:
+        out.print(f"EMA LoRA: {result.ema_path}")
+    if result.validation_dirs:
+        out.print(f"Validation strips: {result.validation_dirs[-1]}")
+    out.print(f"Resolved config: {result.config_path}")
+    out.print(f"{len(result.losses)} steps, {result.seconds_per_step:.2f} s/step; loss {first:.4f} -> "
+              f"{summary['final_loss_mean_last_10pct']:.4f} (mean of the last 10%)")
+    out.print(_timings_line(result.timings), highlight=False)
 
 
 @app.command("make-tiny-model", epilog="Example:\n\n  kontext-train make-tiny-model ./tiny-kontext")
@@ -419,7 +357,6 @@ def make_random_model_cmd(
     """
     from kontext_trainer.builder import BuildError, make_random_model
 
-    _quiet_libraries()
     variant = "full" if full else "tiny"
     t0 = time.perf_counter()
     try:
@@ -427,7 +364,7 @@ def make_random_model_cmd(
                                  on_progress=lambda line: err.print(line, markup=False, highlight=False,
                                                                     soft_wrap=True))
     except BuildError as exc:
-        _fail(f"make-random-model {out_dir}", [str(exc)], EXIT_PROBLEMS)
+        fail_with(exc, title=f"make-random-model {out_dir}", code=EXIT_PROBLEMS)
     seconds = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     out.print(f"Random Kontext model ({variant}, seed {seed}; NOT real weights): {path}")
@@ -445,7 +382,7 @@ def export_cmd(
                                 "keys for LoKr) | diffusers."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: beside the input; "
                                             "diffusers: a diffusers/ folder that load_lora_weights reads)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON line."),
+    json_out: bool = json_option("Print the result as one JSON line."),
 ) -> None:
     """Convert an adapter between the diffusers and ComfyUI/Kohya formats.
 
@@ -454,18 +391,19 @@ def export_cmd(
     from kontext_trainer.export import FORMATS, ExportError, export_adapter
 
     if format_ not in FORMATS:
-        _fail("export", [f"--format {format_!r} is not one of {', '.join(FORMATS)}"], EXIT_USAGE)
+        fail(f"--format {format_!r} is not one of {', '.join(FORMATS)}", EXIT_USAGE, title="export", json_out=json_out,
+             command="kontext-train export", indent=None)
     target = out_path
     if target is not None and (target.is_dir() or str(target).endswith(("/", os.sep))):
         target = target / "pytorch_lora_weights.safetensors"
     try:
         result = export_adapter(adapter, format_, target)
     except ExportError as exc:
-        _fail(f"export {adapter}", exc.problems, EXIT_PROBLEMS)
+        fail_with(exc, title=f"export {adapter}", code=EXIT_PROBLEMS, json_out=json_out, indent=None)
     info = {"path": str(result.path), "from": result.source_format, "to": result.target_format,
             "adapter": result.adapter, "modules": result.modules_in, "keys": result.keys_out, "notes": result.notes}
     if json_out:
-        print(json.dumps(info), flush=True)
+        print_json(info, indent=None)
     else:
         for n in result.notes:
             err.print(f"[cyan]note:[/cyan] {n}", highlight=False)

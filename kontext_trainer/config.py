@@ -47,18 +47,21 @@ class TrainConfig:
                            "(PATH:WEIGHT arguments weigh a manifest: see dataset_weights). Paths that contain the "
                            "separator are kept as a JSON list.")
     model: str = _f(DEFAULT_MODEL, "Local FLUX.1 Kontext [dev] directory (diffusers layout) or a hub id, looked up "
-                                   "in the local Hugging Face cache.")
-    download: bool = _f(False, "Allow downloading --model from the hub when it is not cached.")
-    output_dir: str = _f("kontext-lora", "Where the LoRA, checkpoints, validation strips and logs go.")
+                                   "in the local Hugging Face cache.", cli=())
+    download: bool = _f(False, "Allow downloading --model from the hub when it is not cached.",
+                        cli=("--download",))
+    output_dir: str = _f("kontext-lora", "Where the LoRA, checkpoints, validation strips and logs go.",
+                         cli=("--output-dir", "-o"))
     cache_dir: str = _f("", "Text-embedding and latent cache (default: OUTPUT_DIR/cache). Shared between runs: "
-                            "entries are keyed by content.")
-    verify: bool = _f(False, "Re-hash every image file and compare with the manifest's hashes before training.")
+                            "entries are keyed by content.", cli=())
+    verify: bool = _f(False, "Re-hash every image file and compare with the manifest's hashes before training.",
+                      cli=("--verify",))
 
     base_model_precision: Literal["bf16", "fp32", "int8-quanto", "fp8-quanto", "fp8-matmul"] = _f(
         "bf16", "Precision of the frozen base model: bf16; fp32 (CPU tests); int8-quanto / fp8-quanto (optimum-quanto "
                 "qint8 / qfloat8 weights, bf16 compute, the adapter in float32); fp8-matmul (e4m3 weights and fp8 "
                 "tensor-core matmuls both ways, Ada/Hopper; the adapter in float32). Infer at the precision you "
-                "trained.")
+                "trained.", cli=("--base-precision", "--precision"))
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     checkpoint_fraction: float | None = _f(
         None, "Fraction of the transformer blocks whose activations are recomputed (1.0 = all, 0 = none; only with "
@@ -85,7 +88,7 @@ class TrainConfig:
                 "H100), cuDNN attention with a contiguous gradient (the fix for its backward crash; ~1.2x faster "
                 "steps than flash) otherwise, then flash/mem-efficient; PyTorch's default elsewhere. fa4 forces "
                 "FlashAttention 4 and fails at start-up where it cannot run.")
-    device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    device: str = _f("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.", cli=())
     memory_limit_gib: float | None = _f(
         None, "Use at most this many GiB of the GPU: PyTorch's allocator is held to it and the memory plan plans for "
               "it (a card shared with a display or another job; or measuring a smaller card on a bigger one). "
@@ -96,17 +99,18 @@ class TrainConfig:
               "train at 1024 px. Offloaded blocks are always checkpointed. Default: on CUDA as few as the memory "
               "plan needs (none when the model fits), said at start-up; 0 never offloads.", min=0)
 
-    lora_rank: int = _f(16, "LoRA rank.", min=1)
+    lora_rank: int = _f(16, "LoRA rank.", min=1, cli=())
     lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to the rank, as SimpleTuner).")
     lora_dropout: float = _f(0.0, "LoRA dropout probability.", min=0.0, max=1.0)
     lora_targets: str = _f("attention", "attention (q/k/v/out + add_q/k/v_proj + to_add_out), attention+ffs, all, or "
-                                        "a comma-separated list of module suffixes.")
+                                        "a comma-separated list of module suffixes.", cli=())
 
-    learning_rate: float = _f(1e-4, "Peak learning rate (the guide: 1e-5 with Lion, 5e-4 with AdamW).", min=0.0)
+    learning_rate: float = _f(1e-4, "Peak learning rate (the guide: 1e-5 with Lion, 5e-4 with AdamW).", min=0.0,
+                              cli=("--learning-rate", "--lr"))
     optimizer: Literal["adamw", "lion", "optimi-adamw", "adamw_bf16"] = _f(
         "adamw", "adamw (torch.optim.AdamW), lion (torch-optimi Lion; the guide's optimi-lion), optimi-adamw "
                  "(torch-optimi AdamW) or adamw_bf16 (adapter weights in bf16, torch-optimi AdamW with Kahan "
-                 "summation).")
+                 "summation).", cli=())
     adam_beta1: float = _f(0.9, "AdamW/Lion beta1.")
     adam_beta2: float = _f(0.999, "AdamW/Lion beta2 (0.99 is usual for Lion).")
     adam_weight_decay: float = _f(1e-2, "Decoupled weight decay.", min=0.0)
@@ -116,10 +120,10 @@ class TrainConfig:
                                                                            "the warmup.")
     lr_warmup_steps: int = _f(0, "Linear warmup from 0 over this many optimizer steps.", min=0)
 
-    max_train_steps: int = _f(1000, "Optimizer steps to train.", min=1)
-    train_batch_size: int = _f(1, "Samples per micro-batch (all of one bucket and reference count).", min=1)
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
-    seed: int = _f(42, "Seed of shuffling, noise, sigmas and caption choices.")
+    max_train_steps: int = _f(1000, "Optimizer steps to train.", min=1, cli=())
+    train_batch_size: int = _f(1, "Samples per micro-batch (all of one bucket and reference count).", min=1, cli=())
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1, cli=())
+    seed: int = _f(42, "Seed of shuffling, noise, sigmas and caption choices.", cli=())
 
     timestep_sampling: Literal["logit_normal", "uniform"] = _f("logit_normal", "How sigmas are drawn.")
     logit_mean: float = _f(0.0, "Mean of the logit-normal.")
@@ -130,15 +134,15 @@ class TrainConfig:
     caption_dropout_probability: float = _f(0.0, "Probability of blanking the instruction (the reference stays).",
                                             min=0.0, max=1.0)
     mask_loss: bool = _f(True, "Weigh the loss by the manifest's loss masks (kontext-data pair --masks) where a "
-                               "sample has one; false ignores the masks (every token weighs 1).")
+                               "sample has one; false ignores the masks (every token weighs 1).", cli=())
     mask_loss_weight: float = _f(0.1, "Weight of the squared error outside a loss mask (1 inside, grays in between; "
                                       "the loss is divided by the sum of the weights). Not 0: outside the edit the "
                                       "model must still learn to keep the reference (ai-toolkit's mask_min_value).",
                                  min=0.0, max=1.0)
 
-    validation_steps: int = _f(0, "Validate every N optimizer steps (0: only at the end).", min=0)
+    validation_steps: int = _f(0, "Validate every N optimizer steps (0: only at the end).", min=0, cli=())
     validation_samples: int = _f(0, "Validate on N training samples when the manifest has no eval split "
-                                    "(0: eval split, else 2 training samples).", min=0)
+                                    "(0: eval split, else 2 training samples).", min=0, cli=())
     validation_guidance: float = _f(2.5, "Guidance for validation images (2.5 recommended for Kontext).")
     validation_num_inference_steps: int = _f(28, "Denoising steps for validation images.", min=1)
     validation_resolution: str = _f("", "WxH (or N for NxN) of validation outputs; empty: each sample's own size.")
@@ -157,13 +161,13 @@ class TrainConfig:
     ema_warmup: bool = _f(True, "EMA warm-up: decay min(ema_decay, (1 + t) / (10 + t)) at step t + 1.")
     ema_validate: bool = _f(False, "Also validate (loss and images) with the EMA weights.")
 
-    checkpointing_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: off).", min=0)
+    checkpointing_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps (0: off).", min=0, cli=())
     checkpoints_total_limit: int = _f(3, "Keep the newest K checkpoints.", min=1)
-    resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to resume from.")
+    resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to resume from.", cli=("--resume",))
 
     cache_batch_size: int = _f(0, "Images per VAE encode call and captions per text-encoder call (0: automatic, "
-                                  "batches sized for the device: several on CUDA, 1 on the CPU).", min=0)
-    vae_tiling: bool = _f(False, "Encode with VAE tiling (diffusers tiles only above 1024 px).")
+                                  "batches sized for the device: several on CUDA, 1 on the CPU).", min=0, cli=())
+    vae_tiling: bool = _f(False, "Encode with VAE tiling (diffusers tiles only above 1024 px).", cli=())
     max_sequence_length: int = _f(512, "T5 tokens (512 for Kontext dev).", min=1, max=512)
 
     resolution: int = _f(0, "Informational: the manifest fixes the geometry (kontext-data --resolution). A value "
@@ -176,7 +180,7 @@ class TrainConfig:
     reference_sampling: Literal["combined", "random"] = _f(
         "combined", "Samples with several references: combined = all references in every step; random = one "
                     "reference per sample per step, drawn from (seed, sample id, epoch) (SimpleTuner's "
-                    "conditioning_multidataset_sampling).")
+                    "conditioning_multidataset_sampling).", cli=())
     dataset_weights: tuple[tuple[str, float], ...] = _f(
         (), "Weight per dataset: {dataset id or manifest path: w}; its samples are seen w times per epoch (2 = twice, "
             "0.5 = a seeded half each epoch). `kontext-train a.parquet:2` sets it for a manifest. Entries that apply "
@@ -188,7 +192,7 @@ class TrainConfig:
     validation_prompts: str = _f(
         "", "A JSONL file of extra validation edits, one {\"image\" or \"images\", \"prompt\", optional \"seed\", "
             "\"width\"/\"height\" or \"size\"} per line (image paths relative to the file's folder allowed); "
-            "rendered at every validation beside the eval strips, checked at start-up.")
+            "rendered at every validation beside the eval strips, checked at start-up.", cli=(), path=True)
 
     # --- model side (issue 6) ---
     quantize_on: Literal["gpu", "cpu"] = _f("gpu", "Where int8/fp8-quanto quantizes the base (the guide's "
@@ -197,8 +201,9 @@ class TrainConfig:
                                                    "gpu = on the training device (fast; the card holds the quantized "
                                                    "blocks plus one bf16 block, ~12 GB for the full model), cpu = each "
                                                    "block in RAM (~1 GB), then moved (the card holds only quantized "
-                                                   "blocks).")
-    adapter: Literal["lora", "lokr"] = _f("lora", "lora (peft LoRA) or lokr (peft LoKr, LyCORIS' Kronecker adapter).")
+                                                   "blocks).", cli=())
+    adapter: Literal["lora", "lokr"] = _f("lora", "lora (peft LoRA) or lokr (peft LoKr, LyCORIS' Kronecker adapter).",
+                                          cli=())
     lokr_factor: int = _f(16, "LoKr decomposition factor on attention modules (SimpleTuner default 16; -1 = "
                               "near-square).", min=-1)
     lokr_factor_ff: int = _f(8, "LoKr factor on feed-forward modules (default 8). diffusers loads one factor per "
@@ -207,7 +212,7 @@ class TrainConfig:
                                       "factor is decomposed with rank lora_rank.")
     lokr_decompose_both: bool = _f(False, "LoKr: also decompose the first factor (rank lora_rank).")
     lycoris_config: str = _f("", "A SimpleTuner/LyCORIS lycoris_config.json (algo lokr): its factor, full_matrix, "
-                                 "linear_dim/alpha and apply_preset are mapped to the lokr_* keys.")
+                                 "linear_dim/alpha and apply_preset are mapped to the lokr_* keys.", cli=(), path=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -679,3 +684,13 @@ def field_docs() -> list[tuple[str, str, str, Any]]:
         tp = hints[f.name]
         rows.append((f.name, str(tp).replace("typing.", ""), f.metadata.get("help", ""), f.default))
     return rows
+
+
+def cli_fields() -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) of every TrainConfig field that `kontext-train train` has an option for, in field order.
+
+    Such a field's metadata has ``cli``: its option's spellings (empty: ``--field-name``, or ``--x/--no-x`` for a
+    bool; one spelling of a bool: an on-only flag such as ``--verify``), and ``path`` when it names a file.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f, hints[f.name]) for f in fields(TrainConfig) if "cli" in f.metadata]

@@ -48,15 +48,13 @@ def sample_manifest(root: Path, n: int = 24, seed: int = 0, size: int = 128) -> 
 
 
 def cli_app():
-    """A local Typer app with the three commands (the lead registers them in kontext_data/cli.py)."""
+    """A local Typer app with the three commands, registered as kontext_data/cli.py registers them."""
     import typer
 
-    from kontext_data.cli_inspect import check, inspect, preview
+    from kontext_data import cli_inspect
 
     app = typer.Typer()
-    app.command("inspect")(inspect)
-    app.command("preview")(preview)
-    app.command("check")(check)
+    cli_inspect.register(app)
     return app
 
 

@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from kontext_data.cli_split import split as split_command
+from kontext_data import cli_split
 from kontext_data.split import (
     SplitConfig,
     SplitError,
@@ -383,7 +383,7 @@ def test_id_collisions_in_a_folder_are_problems_not_overwrites(tmp_path):
 @pytest.fixture(scope="module")
 def cli():
     app = typer.Typer()
-    app.command("split")(split_command)
+    cli_split.register(app)
 
     @app.command("version")
     def _version() -> None:  # a second command keeps `split` a sub-command, as in kontext-data
@@ -412,6 +412,23 @@ def test_cli_json_exit_codes_and_problem_rows(tmp_path, cli):
     assert res.exit_code == 2 and "panel index 7" in res.output
     res = runner.invoke(cli, ["split", "--help"])
     assert res.exit_code == 0 and "Example" in res.output
+
+
+def test_cli_dataset_split_and_its_old_hidden_spelling(tmp_path, cli, saved_dataset):
+    """`--dataset-split` picks a datasets split (not pair's train/eval); the old `--split` still works, unlisted."""
+    path, _ = saved_dataset
+    runner = CliRunner()
+    for flag in ("--dataset-split", "--split"):
+        res = runner.invoke(cli, ["split", str(path), "--out", str(tmp_path / "o"), flag, "test", "--json"])
+        assert res.exit_code == 2 and "no split 'test'" in json.loads(res.stdout)["errors"][0], res.output
+        res = runner.invoke(cli, ["split", str(path), "--out", str(tmp_path / flag), flag, "train", "-j", "1",
+                                  "--json"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["written"] == 4, res.output
+    both = runner.invoke(cli, ["split", str(path), "--out", str(tmp_path / "o"), "--split", "test",
+                               "--dataset-split", "validation", "--json"])
+    assert both.exit_code == 2 and "give one" in json.loads(both.stdout)["errors"][0]
+    help_text = runner.invoke(cli, ["split", "--help"], env={"COLUMNS": "300"}).output
+    assert "--dataset-split" in help_text and "--split " not in help_text
 
 
 def test_cli_manifest_pairs_the_role_folders(tmp_path, cli, parquet_files):

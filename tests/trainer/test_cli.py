@@ -107,6 +107,32 @@ def test_config_errors_exit_2_with_every_problem(tmp_path, sample_manifest):
         assert needle in result.output
 
 
+def test_config_errors_with_json_are_one_json_line(tmp_path, sample_manifest):
+    result = CliRunner().invoke(app, ["train", str(sample_manifest), "--set", "learning_rte=1", "--set", "seed",
+                                      "--json"])
+    assert result.exit_code == 2
+    (line,) = result.stdout.splitlines()
+    doc = json.loads(line)
+    assert doc["ok"] is False and doc["exit_code"] == 2 and doc["title"] == "invalid configuration"
+    assert doc["event"] == "error" and len(doc["errors"]) == 2 and "learning_rte" in " ".join(doc["errors"])
+
+
+def test_train_help_lists_every_config_option_with_its_help():
+    from kontext_trainer.config import TrainConfig, cli_fields
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "1000"})  # one line per option
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    fields = cli_fields()
+    assert len(fields) == 27 and {f.name for f, _ in fields} <= set(TrainConfig.__dataclass_fields__)
+    for field, _ in fields:
+        flag = (field.metadata["cli"] or ("--" + field.name.replace("_", "-"),))[0]
+        (line,) = [line for line in lines if line.strip("│ ").startswith((f"{flag} ", f"{flag},"))]
+        assert " ".join(field.metadata["help"].split()) in line, (field.name, line)
+    for flag in ("--lr", "--precision", "-o", "--no-mask-loss", "--no-vae-tiling", "--verify", "--download"):
+        assert any(f" {flag} " in line or f",{flag} " in line for line in lines), flag
+
+
 def test_manifest_problems_exit_1(tmp_path, manifest_copy, tiny_model):
     rec = read_manifest(manifest_copy).records()[0]
     import os

@@ -121,9 +121,9 @@ def test_ema_validation_swaps_back_exactly(sample_manifest, tiny_model, tmp_path
     assert evals[0]["ema_val_loss"] == evals[0]["val_loss"]  # at step 0 the EMA is the adapter
     assert evals[-1]["ema_val_loss"] != evals[-1]["val_loss"] and set(evals[-1]["ema_val_loss_by_sigma"]) == {
         "0.1", "0.3", "0.5", "0.7", "0.9"}
-    from kontext_trainer.cli import _validation_loss_line
+    from kontext_trainer.cli import validation_loss_line
 
-    assert _validation_loss_line(evals[-1]).endswith(
+    assert validation_loss_line(evals[-1]).endswith(
         f"at step 6; EMA {evals[-1]['ema_val_loss']:.4f} (train {evals[-1]['ema_train_eval_loss']:.4f})")
 
 

@@ -74,7 +74,7 @@ def test_evaluation_does_not_change_training(sample_manifest, tiny_model, tmp_pa
 def test_metrics_line_tensorboard_and_console(sample_manifest, tiny_model, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from kontext_trainer.cli import _Reporter
+    from kontext_trainer.cli import Reporter
 
     out = tmp_path / "out"
     events = []
@@ -98,7 +98,7 @@ def test_metrics_line_tensorboard_and_console(sample_manifest, tiny_model, tmp_p
     assert acc.Scalars("val/loss")[-1].value == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
 
     capsys.readouterr()
-    reporter = _Reporter(quiet=False, json_lines=True)
+    reporter = Reporter(quiet=False, json_lines=True)
     reporter("validation_loss", evals[-1])
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"event": "validation_loss", **evals[-1]}
