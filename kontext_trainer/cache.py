@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from kontext_data.fileio import atomic_path
 from kontext_data.manifest import GEOMETRY_FIELDS
 from kontext_trainer import encode as encode_mod
 from kontext_data.problems import ProblemsError
@@ -166,18 +166,13 @@ def shard_of(keys, rank: int, world_size: int) -> list:
     return sorted(keys)[rank::world_size] if world_size > 1 else sorted(keys)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_entry(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write one cache entry (safetensors, the tensors contiguous on the CPU) atomically
+    (`kontext_data.fileio.atomic_path`): a reader or a crash never sees half a file."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 @dataclass
@@ -317,7 +312,7 @@ class FeatureCache:
         def start(chunk):
             w, h = chunk[0][1].size
             buf = torch.empty((len(chunk), h, w, 3), dtype=vae.dtype, pin_memory=pin)
-            return buf, [loader.submit(_load_into, e, load_image, buf, j) for j, (_, e) in enumerate(chunk)]
+            return buf, [loader.submit(load_entry_into, e, load_image, buf, j) for j, (_, e) in enumerate(chunk)]
 
         try:
             with encode_mod.BoundedWriter(depth=2, on_written=report) as writer, \
@@ -406,12 +401,12 @@ def _threads(workers: int | None) -> int:
 
 def _save_or_raise(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     try:
-        _atomic_save(tensors, path, metadata)
+        save_entry(tensors, path, metadata)
     except Exception as exc:
         raise CacheError(str(path), f"{path}: cannot write this cache file ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_into(entry: ImageEntry, load_image: Callable | None, buf: torch.Tensor, j: int) -> bool:
+def load_entry_into(entry: ImageEntry, load_image: Callable | None, buf: torch.Tensor, j: int) -> bool:
     """Decode one entry and write its `images_to_tensor` values into row j of the batch buffer (B, H, W, 3), in
     the buffer's dtype (the same rounding as `.to(dtype)`). Runs in a loader thread (PIL, NumPy and torch release
     the GIL here). True: the image is not of the batch's size (the caller converts the whole batch itself)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from kontext_data.fileio import atomic_path
 from kontext_trainer.data import Sample
 
 
@@ -115,9 +116,8 @@ def _edit(pipe, refs, embedding, width: int, height: int, seed: int, *, guidance
 
 
 def _save_strip(strip, path: Path) -> Path:
-    tmp = path.with_suffix(".tmp.png")
-    strip.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # the temp name keeps .png: PIL picks the format by it
+        strip.save(tmp)
     return path
 
 
