@@ -193,6 +193,7 @@ def build_tokenizer(name: str, variant: str = "full"):
 
 
 def build_scheduler(variant: str = "full"):
+    """FLUX.1 Kontext's FlowMatchEulerDiscreteScheduler, configured as the variant's."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(**variant_spec(variant)["scheduler"])

@@ -67,6 +67,7 @@ def _hash(obj: Any) -> str:
 
 
 def text_key(encoder_fingerprint: str, caption: str, max_sequence_length: int) -> str:
+    """The cache key of a caption's text embeddings."""
     return _hash({"v": CACHE_FORMAT, "kind": "text", "fp": encoder_fingerprint, "len": max_sequence_length,
                   "caption": caption})
 
@@ -82,19 +83,23 @@ class ImageEntry:
 
     @staticmethod
     def from_geometry(path: str, file_hash: str, geometry: Mapping[str, Any], synth: str = "") -> "ImageEntry":
+        """An entry from a manifest row's geometry mapping (GEOMETRY_FIELDS)."""
         return ImageEntry(path=str(path), file_hash=file_hash,
                           geometry=tuple(int(geometry[k]) for k in GEOMETRY_FIELDS), synth=synth)
 
     @property
     def on_demand(self) -> bool:
+        """Whether the image is synthesized from its source (kontext-data degrade --on-demand)."""
         return bool(self.synth)
 
     @property
     def synth_record(self) -> dict:
+        """The on-demand degradation record ({} for an ordinary file)."""
         return json.loads(self.synth) if self.synth else {}
 
     @property
     def geometry_dict(self) -> dict[str, int]:
+        """The geometry as {field: value}, as the manifest writes it."""
         return dict(zip(GEOMETRY_FIELDS, self.geometry))
 
     @property
@@ -105,6 +110,7 @@ class ImageEntry:
 
 
 def latent_key(vae_fingerprint: str, entry: ImageEntry, dtype: str) -> str:
+    """The cache key of an image entry's latent (see the module docstring for what it covers)."""
     try:
         st = os.stat(entry.path)
         stamp = (st.st_size, st.st_mtime_ns)
@@ -177,6 +183,8 @@ def save_entry(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str,
 
 @dataclass
 class CacheStats:
+    """How many entries a run needed and how many it encoded."""
+
     text_total: int = 0
     text_encoded: int = 0
     latent_total: int = 0
@@ -190,26 +198,32 @@ class FeatureCache:
         self.root = Path(root)
 
     def text_path(self, key: str) -> Path:
+        """The file of a caption's embeddings."""
         return self.root / "text" / f"{key}.safetensors"
 
     def latent_path(self, key: str) -> Path:
+        """The file of an image entry's latent."""
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def load_text(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 prompt_embeds (L, D), CLIP pooled (P,)) of a cached caption."""
         from safetensors.torch import load_file
 
         d = load_file(str(self.text_path(key)))
         return d["prompt_embeds"], d["pooled"]
 
     def load_latent(self, key: str) -> torch.Tensor:
+        """The normalized latent (C, h, w) of a cached image entry."""
         from safetensors.torch import load_file
 
         return load_file(str(self.latent_path(key)))["latent"]
 
     def mask_path(self, key: str) -> Path:
+        """The file of a loss mask at latent resolution."""
         return self.root / "masks" / key[:2] / f"{key}.safetensors"
 
     def load_mask(self, key: str) -> torch.Tensor:
+        """The loss mask (h, w), float32 in [0, 1], of a cached mask entry."""
         from safetensors.torch import load_file
 
         return load_file(str(self.mask_path(key)))["mask"]

@@ -214,6 +214,7 @@ class TrainConfig:
                                  "linear_dim/alpha and apply_preset are mapped to the lokr_* keys.")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (what config.resolved.json and the saved adapter's metadata hold)."""
         return dataclasses.asdict(self)
 
     @property
@@ -232,6 +233,7 @@ class TrainConfig:
 
     @property
     def resolved_cache_dir(self) -> Path:
+        """cache_dir, or OUTPUT_DIR/cache when it is empty."""
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
 
 

@@ -77,6 +77,8 @@ class ExportError(ProblemsError):
 
 @dataclass
 class ExportResult:
+    """What `export_adapter` wrote, and from what."""
+
     path: Path
     source_format: str
     target_format: str
@@ -408,6 +410,7 @@ def _adapter_file(path: Path) -> Path:
 
 
 def default_output(source: Path, target_format: str) -> Path:
+    """Where an export goes without --out: NAME_comfyui.safetensors beside the source, or diffusers/ beside it."""
     folder = source.parent
     if target_format == "comfyui":
         return folder / f"{source.stem}_comfyui.safetensors"

@@ -26,6 +26,8 @@ KEYS = ("image", "images", "prompt", "seed", "width", "height", "size")
 
 @dataclass(frozen=True)
 class ValidationPrompt:
+    """One checked line of the validation prompts file."""
+
     line: int
     """Line of the JSONL file (1-based)."""
     prompt: str

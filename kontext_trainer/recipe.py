@@ -65,6 +65,8 @@ class TrainError(ProblemsError):
 
 @dataclass
 class TrainResult:
+    """What a finished run wrote and measured."""
+
     lora_path: Path
     config_path: Path
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -118,6 +120,8 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor per optimizer step (for LambdaLR): linear warmup over `warmup` steps from 1/warmup,
+    then constant, linear decay to 0 or a cosine to 0 at `total`."""
     def fn(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -149,6 +153,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints under OUTPUT_DIR/checkpoints (with training_state.pt), oldest step first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -181,6 +186,7 @@ class KontextLoRARecipe:
         self._metrics = None  # train()'s open metrics.jsonl, so evaluation lines keep the order of the steps
 
     def emit(self, kind: str, **data) -> None:
+        """Send one event (`stage`, `warning`, `step`, ...) to the caller's on_event."""
         self._emit_fn(kind, data)
 
     # ------------------------------------------------------------------------------------------- setup
@@ -911,6 +917,7 @@ class KontextLoRARecipe:
     # ------------------------------------------------------------------------------------------- saving
 
     def save_final(self) -> Path:
+        """Write the final adapter (and its EMA) to OUTPUT_DIR on rank 0; returns the adapter's path."""
         if not self.dist.is_main:
             return self.output_dir / adapters.LORA_WEIGHT_NAME
         path = adapters.save_lora(self.transformer, self.output_dir, training_config=self._training_metadata())
@@ -1007,6 +1014,7 @@ class KontextLoRARecipe:
 
 
 def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from `parts` (xxh64 of their text): the same on every process and Python run."""
     import xxhash
 
     return xxhash.xxh64_intdigest(":".join(str(p) for p in parts).encode()) & ((1 << 63) - 1)

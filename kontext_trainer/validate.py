@@ -27,6 +27,8 @@ from kontext_trainer.data import Sample
 
 @dataclass
 class ValidationResult:
+    """One rendered validation strip."""
+
     sample_id: str
     caption: str
     strip_path: Path
@@ -74,6 +76,7 @@ def make_strip(images: list, caption: str, labels: list[str]):
 
 
 def parse_resolution(text: str) -> tuple[int, int] | None:
+    """validation_resolution as (width, height): "WxH" or "N" (NxN); None when empty."""
     if not text:
         return None
     w, _, h = text.partition("x")
