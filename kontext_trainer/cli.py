@@ -244,7 +244,7 @@ def train_cmd(
     precision: Optional[str] = typer.Option(None, "--base-precision", "--precision",
                                             help="Base model precision: bf16 | fp32 | int8-quanto | fp8-quanto | "
                                                  "fp8-matmul (fp8 tensor-core matmuls, Ada/Hopper)."),
-    # --- model side (issue 6) ---
+    # --- model side: quantization and the adapter ---
     quantize_on: Optional[str] = typer.Option(None, "--quantize-on", help="Quantize on the gpu (training device) "
                                               "or in cpu RAM (the guide's quantize_via)."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="lora (default) | lokr."),

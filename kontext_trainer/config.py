@@ -176,7 +176,7 @@ class TrainConfig:
     report_to: Literal["tensorboard", "none"] = _f("tensorboard", "Where metrics go (OUTPUT_DIR/logs).")
     logging_steps: int = _f(1, "Log loss/lr/step time every N optimizer steps.", min=1)
 
-    # --- data side (issue 6) ---
+    # --- data side: several references, dataset weights, validation prompts ---
     reference_sampling: Literal["combined", "random"] = _f(
         "combined", "Samples with several references: combined = all references in every step; random = one "
                     "reference per sample per step, drawn from (seed, sample id, epoch) (SimpleTuner's "
@@ -194,7 +194,7 @@ class TrainConfig:
             "\"width\"/\"height\" or \"size\"} per line (image paths relative to the file's folder allowed); "
             "rendered at every validation beside the eval strips, checked at start-up.")
 
-    # --- model side (issue 6) ---
+    # --- model side: quantization and the adapter ---
     quantize_on: Literal["gpu", "cpu"] = _f("gpu", "Where int8/fp8-quanto quantizes the base (the guide's "
                                                    "quantize_via). The base loads block by block, each block quantized "
                                                    "before the next is read, so neither needs the whole bf16 model: "

@@ -1,4 +1,4 @@
-"""FlashAttention 4 for the training step's attention (issue 7): `attention_backend: fa4`.
+"""FlashAttention 4 for the training step's attention: `attention_backend: fa4`.
 
 In: diffusers' SDPA calls (`torch.nn.functional.scaled_dot_product_attention`, looked up at call time by its attention
 processors). Out: the same attention computed by FlashAttention 4's Hopper/Blackwell kernels (the `flash-attn-4`

@@ -1,4 +1,4 @@
-"""fp8 matmuls for the frozen base: the `fp8-matmul` base precision (issue 7's "fp8 matmuls for the frozen base").
+"""fp8 matmuls for the frozen base: the `fp8-matmul` base precision (SimpleTuner's fp8-torchao does the same).
 
 In: a FluxTransformer2DModel in bf16 with its adapter attached (peft LoRA or LoKr). Out: the same model where every
 frozen nn.Linear of the base (also the `base_layer` inside each adapter wrapper), except the guide's exclusions

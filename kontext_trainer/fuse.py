@@ -1,4 +1,4 @@
-"""Fused q/k/v projections with their adapters (issue 7, the guide's `fuse_qkv_projections`).
+"""Fused q/k/v projections with their adapters (the guide's `fuse_qkv_projections`).
 
 In: a FluxTransformer2DModel with its adapter attached (and its base converted to fp8-matmul / DequantLinear, if
 any). Out: the same model where each attention computes its three input projections in one matmul:

@@ -14,7 +14,7 @@ projections (x_embedder, context_embedder, the final proj_out) in bf16; the adaL
 (`norm1.linear`, `norm_out.linear`) is quantized, as in SimpleTuner: these hold ~3 B of the 12 B parameters and
 keeping them in bf16 would cost ~6 GB.
 
-`to_dequant_linears` (issue 7) then swaps every quanto QLinear for a `DequantLinear` holding the same int8/fp8 data
+`to_dequant_linears` then swaps every quanto QLinear for a `DequantLinear` holding the same int8/fp8 data
 and scales as plain tensors: the same arithmetic as quanto's CUDA path (dequantize to bf16, bf16 matmul), but made of
 ordinary tensors and one autograd Function, so torch.compile can compile the blocks (quanto's tensor subclasses
 make dynamo fail) and the dequantization fuses into one kernel; its backward re-dequantizes instead of keeping a

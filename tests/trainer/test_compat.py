@@ -60,7 +60,7 @@ def test_guide_config_is_accepted(tmp_path):
     # the guide's fuse_qkv_projections false (SimpleTuner's needs flash-attn) is honoured, with what ours costs
     assert c.fuse_qkv_projections is False
     assert any("fuse_qkv_projections" in n and "flash-attn" in n for n in r.notes)
-    assert c.reference_sampling == "random"  # conditioning_multidataset_sampling is used (data side, issue 6)
+    assert c.reference_sampling == "random"  # conditioning_multidataset_sampling is SimpleTuner's reference_sampling
 
 
 def test_guide_precisions_adapters_and_optimizers_resolve():
