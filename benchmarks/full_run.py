@@ -15,7 +15,7 @@ quantization), the first step of each new step shape (compiles), the steady stat
 validation, checkpoints, save, total; peak GPU memory (allocated, reserved, and what the process held outside
 PyTorch's allocator: the CUDA context, library workspaces); the trainer's peak host RSS (wait4); the start-up lines
 (the memory plan, offloading). With --bench-s-per-step, the steady state is compared with a bench_train_step row
-measured in the same call. The goals of the whole-run issue are checked and printed (docs/performance.md).
+measured in the same call. The step-time goals per card size (STEP_GOALS) are checked and printed (docs/performance.md).
 
 Example (one H100; ~34 GB of disk for the model):
   python benchmarks/full_run.py --cards 80:bf16 24:int8-quanto --steps 60 --tag a
@@ -43,7 +43,7 @@ from machine import machine_info, package_version  # noqa: E402
 # What the CUDA context and the libraries' workspaces take outside PyTorch's allocator on an H100 (measured by this
 # script as `outside_allocator_gib`); a card of N GB gives PyTorch about N - this.
 CONTEXT_GIB = 0.8
-# Goals of the whole-run issue (H100, 1024 px, LoRA rank 16 on attention): steady s/step per card.
+# Steady s/step a run should reach on a card of N GB (H100 held to N GB, 1024 px, LoRA rank 16 on attention).
 STEP_GOALS = {24: 1.0, 16: 1.3, 12: 1.8}
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data-parallel training on a real multi-GPU machine (issue 6): the tiny model, 1 process vs N processes (NCCL).
+"""Data-parallel training on a real multi-GPU machine: the tiny model, 1 process vs N processes (NCCL).
 
 Builds everything offline in --work: sample pairs (examples/make_sample.py), the manifest (`kontext-data pair`), the
 tiny random Kontext model (`kontext-train make-tiny-model`). Then runs the same `kontext-train` command twice on the

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from kontext_data.fileio import atomic_path
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "default"
@@ -80,6 +80,7 @@ def _train_adapter_params(transformer, dtype: torch.dtype = torch.float32) -> No
 
 
 def is_feed_forward(module_name: str) -> bool:
+    """Whether `module_name` is one of the feed-forward Linears (`FEED_FORWARD`), which LoKr gives its own factor."""
     return any(module_name == s or module_name.endswith("." + s) for s in FEED_FORWARD)
 
 
@@ -207,6 +208,7 @@ def attach_from_config(transformer, cfg, init_seed: int | None = None):
 
 
 def is_lokr_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether an adapter state dict holds LoKr factors (else LoRA)."""
     return any(".lokr_" in k for k in state_dict)
 
 
@@ -245,88 +247,6 @@ def load_adapter(pipe, path: Path | str, adapter_name: str | None = None) -> Non
                                            adapter_name=adapter_name)
     else:
         pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
-
-
-LYCORIS_KEYS = ("algo", "factor", "full_matrix", "decompose_both", "linear_dim", "linear_alpha", "apply_preset",
-                "multiplier")
-LYCORIS_FULL_DIM = 10000  # LyCORIS/SimpleTuner: a linear_dim this large means full-matrix factors
-
-
-def read_lycoris_config(path: str | Path) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Map a SimpleTuner/LyCORIS `lycoris_config.json` to our fields. Returns (values, warnings, problems): values
-    for adapter, lokr_factor, lokr_factor_ff, lokr_full_matrix, lokr_decompose_both, lora_rank, lora_alpha,
-    lora_targets; keys we cannot honour are listed in one warning."""
-    path = Path(path)
-    values: dict[str, Any] = {"adapter": "lokr"}
-    problems: list[str] = []
-    unsupported: list[str] = []
-    if not path.is_file():
-        return values, [], [f"lycoris_config: no such file {path}"]
-    try:
-        from kontext_trainer.config import strip_json_comments
-
-        data = json.loads(strip_json_comments(path.read_text(encoding="utf-8")))
-    except Exception as exc:
-        return values, [], [f"lycoris_config {path}: cannot parse ({type(exc).__name__}: {exc})"]
-    if not isinstance(data, dict):
-        return values, [], [f"lycoris_config {path}: the top level must be an object"]
-    algo = str(data.get("algo", "lokr")).lower()
-    if algo != "lokr":
-        problems.append(f"lycoris_config {path}: algo {algo!r} is not supported; only \"lokr\" is")
-    for key, value in data.items():
-        if key not in LYCORIS_KEYS:
-            unsupported.append(key)
-    if "factor" in data:
-        values["lokr_factor"] = values["lokr_factor_ff"] = int(data["factor"])
-    if "linear_dim" in data:
-        dim = int(data["linear_dim"])
-        if dim >= LYCORIS_FULL_DIM:
-            values["lokr_full_matrix"] = True
-        else:
-            values["lokr_full_matrix"] = False
-            values["lora_rank"] = dim
-    if "linear_alpha" in data and not values.get("lokr_full_matrix", True):
-        values["lora_alpha"] = float(data["linear_alpha"])
-    if "full_matrix" in data:
-        values["lokr_full_matrix"] = bool(data["full_matrix"])
-    if "decompose_both" in data:
-        values["lokr_decompose_both"] = bool(data["decompose_both"])
-    if float(data.get("multiplier", 1.0)) != 1.0:
-        unsupported.append("multiplier")
-    preset = data.get("apply_preset") or {}
-    if not isinstance(preset, dict):
-        problems.append(f"lycoris_config {path}: apply_preset must be an object")
-        preset = {}
-    for key in preset:
-        if key not in ("target_module", "module_algo_map"):
-            unsupported.append(f"apply_preset.{key}")
-    kinds = {"Attention": "attention", "FeedForward": "ffs"}
-    chosen = []
-    for name in preset.get("target_module") or []:
-        if name in kinds:
-            chosen.append(kinds[name])
-        else:
-            unsupported.append(f"apply_preset.target_module {name!r}")
-    if chosen:
-        values["lora_targets"] = "attention+ffs" if "ffs" in chosen else "attention"
-        if chosen == ["ffs"]:
-            values["lora_targets"] = ",".join(FEED_FORWARD)
-    for name, algo_map in (preset.get("module_algo_map") or {}).items():
-        if name not in kinds or not isinstance(algo_map, dict):
-            unsupported.append(f"apply_preset.module_algo_map {name!r}")
-            continue
-        for k, v in algo_map.items():
-            if k == "factor":
-                values["lokr_factor" if name == "Attention" else "lokr_factor_ff"] = int(v)
-            elif k == "algo" and str(v).lower() == "lokr":
-                continue
-            else:
-                unsupported.append(f"apply_preset.module_algo_map.{name}.{k}")
-    warnings = []
-    if unsupported:
-        warnings.append(f"lycoris_config {path.name}: {len(unsupported)} key(s) not supported here (ignored): "
-                        + ", ".join(unsupported))
-    return values, warnings, problems
 
 
 def attach_lora(transformer, rank: int, alpha: float | None, dropout: float, targets, init_seed: int = 0):
@@ -388,6 +308,7 @@ def act_dtype_lora_class():
 
 
 def trainable_parameters(transformer) -> list[torch.nn.Parameter]:
+    """The parameters that train (the adapter's; the base is frozen), in module order."""
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
@@ -401,6 +322,8 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
 
 
 def lora_metadata(transformer, training_config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The safetensors metadata of a saved adapter: diffusers' `lora_adapter_metadata` (the peft config, so alpha
+    loads right), rank/alpha/adapter kind and LoKr factors under `kontext.*`, and the training config."""
     cfg = transformer.peft_config[ADAPTER_NAME].to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     packed = {f"transformer.{k}": v for k, v in cfg.items()}
@@ -425,20 +348,12 @@ def lora_metadata(transformer, training_config: Mapping[str, Any] | None = None)
 
 def save_lora(transformer, out_dir: Path | str, training_config: Mapping[str, Any] | None = None,
               weight_name: str = LORA_WEIGHT_NAME) -> Path:
-    """Write the adapter in diffusers format to `out_dir/weight_name` atomically (temp file + os.replace)."""
+    """Write the adapter in diffusers format to `out_dir/weight_name` atomically (`kontext_data.fileio.atomic_path`)."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / weight_name
-    fd, tmp = tempfile.mkstemp(prefix=f".{weight_name}.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        save_file(lora_state_dict(transformer), tmp, metadata=lora_metadata(transformer, training_config))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = Path(out_dir) / weight_name
+    with atomic_path(path) as tmp:
+        save_file(lora_state_dict(transformer), str(tmp), metadata=lora_metadata(transformer, training_config))
     return path
 
 

@@ -24,6 +24,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
+
+from kontext_data.fileio import write_text_atomic
 from kontext_data.problems import ProblemsError
 
 VARIANTS = ("full", "tiny")
@@ -191,6 +193,7 @@ def build_tokenizer(name: str, variant: str = "full"):
 
 
 def build_scheduler(variant: str = "full"):
+    """FLUX.1 Kontext's FlowMatchEulerDiscreteScheduler, configured as the variant's."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(**variant_spec(variant)["scheduler"])
@@ -333,7 +336,7 @@ def make_random_model(out_dir: Path | str, variant: str = "full", seed: int = 0,
     _check_room(out_dir, variant, device, counts, torch.empty((), dtype=dtype).element_size())
     # the README goes first: a build stopped half-way is recognisable as ours (and replaceable), and model_index.json
     # goes last, so check_layout calls a half-written folder incomplete
-    (out_dir / "README.md").write_text(_readme(variant, seed, device, counts, spec["dtype"]))
+    write_text_atomic(out_dir / "README.md", _readme(variant, seed, device, counts, spec["dtype"]))
     index: dict[str, Any] = {}
     with _quiet_saving(), _seeded(seed, device):
         for name in COMPONENTS:
@@ -395,4 +398,4 @@ def _write_model_index(out_dir: Path, components: dict[str, list[str]]) -> None:
     config: dict[str, Any] = {"_class_name": FluxKontextPipeline.__name__, "_diffusers_version": diffusers.__version__}
     config.update({name: [None, None] for name in FluxKontextPipeline._optional_components})
     config.update(components)
-    (out_dir / "model_index.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "model_index.json", json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from kontext_data.fileio import atomic_path
 from kontext_data.manifest import GEOMETRY_FIELDS
 from kontext_trainer import encode as encode_mod
 from kontext_data.problems import ProblemsError
@@ -67,6 +67,7 @@ def _hash(obj: Any) -> str:
 
 
 def text_key(encoder_fingerprint: str, caption: str, max_sequence_length: int) -> str:
+    """The cache key of a caption's text embeddings."""
     return _hash({"v": CACHE_FORMAT, "kind": "text", "fp": encoder_fingerprint, "len": max_sequence_length,
                   "caption": caption})
 
@@ -82,19 +83,23 @@ class ImageEntry:
 
     @staticmethod
     def from_geometry(path: str, file_hash: str, geometry: Mapping[str, Any], synth: str = "") -> "ImageEntry":
+        """An entry from a manifest row's geometry mapping (GEOMETRY_FIELDS)."""
         return ImageEntry(path=str(path), file_hash=file_hash,
                           geometry=tuple(int(geometry[k]) for k in GEOMETRY_FIELDS), synth=synth)
 
     @property
     def on_demand(self) -> bool:
+        """Whether the image is synthesized from its source (kontext-data degrade --on-demand)."""
         return bool(self.synth)
 
     @property
     def synth_record(self) -> dict:
+        """The on-demand degradation record ({} for an ordinary file)."""
         return json.loads(self.synth) if self.synth else {}
 
     @property
     def geometry_dict(self) -> dict[str, int]:
+        """The geometry as {field: value}, as the manifest writes it."""
         return dict(zip(GEOMETRY_FIELDS, self.geometry))
 
     @property
@@ -105,6 +110,7 @@ class ImageEntry:
 
 
 def latent_key(vae_fingerprint: str, entry: ImageEntry, dtype: str) -> str:
+    """The cache key of an image entry's latent (see the module docstring for what it covers)."""
     try:
         st = os.stat(entry.path)
         stamp = (st.st_size, st.st_mtime_ns)
@@ -166,22 +172,19 @@ def shard_of(keys, rank: int, world_size: int) -> list:
     return sorted(keys)[rank::world_size] if world_size > 1 else sorted(keys)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_entry(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write one cache entry (safetensors, the tensors contiguous on the CPU) atomically
+    (`kontext_data.fileio.atomic_path`): a reader or a crash never sees half a file."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 @dataclass
 class CacheStats:
+    """How many entries a run needed and how many it encoded."""
+
     text_total: int = 0
     text_encoded: int = 0
     latent_total: int = 0
@@ -195,26 +198,32 @@ class FeatureCache:
         self.root = Path(root)
 
     def text_path(self, key: str) -> Path:
+        """The file of a caption's embeddings."""
         return self.root / "text" / f"{key}.safetensors"
 
     def latent_path(self, key: str) -> Path:
+        """The file of an image entry's latent."""
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def load_text(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 prompt_embeds (L, D), CLIP pooled (P,)) of a cached caption."""
         from safetensors.torch import load_file
 
         d = load_file(str(self.text_path(key)))
         return d["prompt_embeds"], d["pooled"]
 
     def load_latent(self, key: str) -> torch.Tensor:
+        """The normalized latent (C, h, w) of a cached image entry."""
         from safetensors.torch import load_file
 
         return load_file(str(self.latent_path(key)))["latent"]
 
     def mask_path(self, key: str) -> Path:
+        """The file of a loss mask at latent resolution."""
         return self.root / "masks" / key[:2] / f"{key}.safetensors"
 
     def load_mask(self, key: str) -> torch.Tensor:
+        """The loss mask (h, w), float32 in [0, 1], of a cached mask entry."""
         from safetensors.torch import load_file
 
         return load_file(str(self.mask_path(key)))["mask"]
@@ -317,7 +326,7 @@ class FeatureCache:
         def start(chunk):
             w, h = chunk[0][1].size
             buf = torch.empty((len(chunk), h, w, 3), dtype=vae.dtype, pin_memory=pin)
-            return buf, [loader.submit(_load_into, e, load_image, buf, j) for j, (_, e) in enumerate(chunk)]
+            return buf, [loader.submit(load_entry_into, e, load_image, buf, j) for j, (_, e) in enumerate(chunk)]
 
         try:
             with encode_mod.BoundedWriter(depth=2, on_written=report) as writer, \
@@ -406,12 +415,12 @@ def _threads(workers: int | None) -> int:
 
 def _save_or_raise(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     try:
-        _atomic_save(tensors, path, metadata)
+        save_entry(tensors, path, metadata)
     except Exception as exc:
         raise CacheError(str(path), f"{path}: cannot write this cache file ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_into(entry: ImageEntry, load_image: Callable | None, buf: torch.Tensor, j: int) -> bool:
+def load_entry_into(entry: ImageEntry, load_image: Callable | None, buf: torch.Tensor, j: int) -> bool:
     """Decode one entry and write its `images_to_tensor` values into row j of the batch buffer (B, H, W, 3), in
     the buffer's dtype (the same rounding as `.to(dtype)`). Runs in a loader thread (PIL, NumPy and torch release
     the GIL here). True: the image is not of the batch's size (the caller converts the whole batch itself)."""

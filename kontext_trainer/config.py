@@ -1,8 +1,9 @@
 """The training configuration: one frozen, typed dataclass, read from a config file plus overrides.
 
-In: a config file (JSON with // and /* */ comments, TOML or YAML; SimpleTuner's `config.json` keys accepted as
-aliases, with or without their leading `--`) and command-line overrides. Out: `TrainConfig`, every value checked
-up front; all problems raised together in one ConfigError; keys we do not use listed together as one warning.
+In: a config file (JSON with // and /* */ comments, TOML or YAML) and command-line overrides. Out: `TrainConfig`,
+every value checked up front; all problems raised together in one ConfigError; keys we do not use listed together
+as one warning. Keys and values of SimpleTuner's `config.json` (with or without their leading `--`) are accepted
+too: `kontext_trainer.compat` translates them, key by key, before our own checks.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from kontext_data.jsonc import strip_jsonc
-from kontext_trainer.model import DEFAULT_MODEL
 from kontext_data.problems import ProblemsError
+from kontext_trainer import compat
+from kontext_trainer.compat import normalize_key
+from kontext_trainer.config_values import coerce_value
+from kontext_trainer.model import DEFAULT_MODEL
 
 
 class ConfigError(ProblemsError):
@@ -176,7 +180,7 @@ class TrainConfig:
     report_to: Literal["tensorboard", "none"] = _f("tensorboard", "Where metrics go (OUTPUT_DIR/logs).")
     logging_steps: int = _f(1, "Log loss/lr/step time every N optimizer steps.", min=1)
 
-    # --- data side (issue 6) ---
+    # --- data side: several references, dataset weights, validation prompts ---
     reference_sampling: Literal["combined", "random"] = _f(
         "combined", "Samples with several references: combined = all references in every step; random = one "
                     "reference per sample per step, drawn from (seed, sample id, epoch) (SimpleTuner's "
@@ -194,7 +198,7 @@ class TrainConfig:
             "\"width\"/\"height\" or \"size\"} per line (image paths relative to the file's folder allowed); "
             "rendered at every validation beside the eval strips, checked at start-up.", cli=(), path=True)
 
-    # --- model side (issue 6) ---
+    # --- model side: quantization and the adapter ---
     quantize_on: Literal["gpu", "cpu"] = _f("gpu", "Where int8/fp8-quanto quantizes the base (the guide's "
                                                    "quantize_via). The base loads block by block, each block quantized "
                                                    "before the next is read, so neither needs the whole bf16 model: "
@@ -215,6 +219,7 @@ class TrainConfig:
                                  "linear_dim/alpha and apply_preset are mapped to the lokr_* keys.", cli=(), path=True)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (what config.resolved.json and the saved adapter's metadata hold)."""
         return dataclasses.asdict(self)
 
     @property
@@ -233,75 +238,26 @@ class TrainConfig:
 
     @property
     def resolved_cache_dir(self) -> Path:
+        """cache_dir, or OUTPUT_DIR/cache when it is empty."""
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
-
-# SimpleTuner config.json keys -> ours (None: same name). Value translations are in _translate.
-ALIASES: dict[str, str] = {
-    "pretrained_model_name_or_path": "model",
-    "checkpoints_total_limit": "checkpoints_total_limit",
-    "flow_schedule_shift": "flow_shift",
-    "flux_guidance_value": "train_guidance",
-    "vae_batch_size": "cache_batch_size",
-    "vae_enable_tiling": "vae_tiling",
-    "text_encoder_batch_size": "cache_batch_size",
-    "adam_weight_decay": "adam_weight_decay",
-    "weight_decay": "adam_weight_decay",
-    "tokenizer_max_length": "max_sequence_length",
-    "cache_dir_text": "cache_dir",
-    "logit_mean": "logit_mean",
-    "flow_sigmoid_scale": "logit_std",
-    "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout",
-    "lora_targets": "lora_targets",
-    "lora_target": "lora_targets",
-    "attention_mechanism": "attention_backend",
-    "conditioning_multidataset_sampling": "reference_sampling",
-    "quantize_via": "quantize_on",
-    "blocks_to_swap": "offload_blocks",  # musubi-tuner / diffusion-pipe
-}
-# keys whose value we check but that map to no field (checked in _translate)
-CHECKED_ONLY = ("model_family", "model_flavour", "model_type", "lora_type", "flow_use_uniform_schedule",
-                "offload_during_startup", "mixed_precision", "use_ema", "ema_validation")
-SIMPLETUNER_EMA_DECAY = 0.995  # SimpleTuner's ema_decay default, for a config with use_ema true and no ema_decay
-
-OPTIMIZER_ALIASES = {
-    "adamw": ("adamw", None),
-    "adamw_torch": ("adamw", None),
-    "adam": ("adamw", None),
-    "lion": ("lion", None),
-    "optimi-lion": ("lion", None),
-    "optimi_lion": ("lion", None),
-    "adamw_bf16": ("adamw_bf16", None),
-    "optimi-adamw": ("optimi-adamw", None),
-    "optimi_adamw": ("optimi-adamw", None),
-    "adamw_schedulefree": None,
-}
-SCHEDULER_ALIASES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear",
-                     "cosine": "cosine"}
-PRECISION_ALIASES = {"bf16": "bf16", "no_change": "bf16", "fp32": "fp32", "float32": "fp32", "bfloat16": "bf16"}
-PRECISION_ALIASES.update({"int8-quanto": "int8-quanto", "fp8-quanto": "fp8-quanto"})  # model side (issue 6)
-# SimpleTuner's fp8-torchao (torchao Float8Linear: fp8 weights, fp8 matmuls) is what fp8-matmul does (issue 7)
-PRECISION_ALIASES.update({"fp8-matmul": "fp8-matmul", "fp8-torchao": "fp8-matmul"})
-NOT_YET_PRECISIONS = ("int4-quanto", "int2-quanto", "int8-torchao",
-                      "fp8uz-quanto", "nf4-bnb", "int4-torchao")
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+"""Each field's declared type, resolved (the dataclass holds them as text)."""
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 @dataclass
 class ResolvedConfig:
+    """A checked TrainConfig, with the warnings (keys not used) and notes (values honoured our own way) to show."""
+
     config: TrainConfig
     warnings: list[str]
     notes: list[str]
 
 
 # ------------------------------------------------------------------------------------------ reading files
-
-
-def strip_json_comments(text: str) -> str:
-    """Remove // and /* */ comments and trailing commas outside strings (JSON with comments, as the guide)."""
-    return strip_jsonc(text)
 
 
 def read_config_file(path: Path | str) -> dict[str, Any]:
@@ -321,7 +277,7 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
 
             data = yaml.safe_load(text) or {}
         else:
-            data = json.loads(strip_json_comments(text))
+            data = json.loads(strip_jsonc(text))
     except Exception as exc:
         raise ConfigError([f"cannot parse {path.name} ({type(exc).__name__}: {exc})"], source=str(path)) from None
     if not isinstance(data, dict):
@@ -329,7 +285,7 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
     # TOML/YAML tables are flattened one level ([lora] rank = 16 -> lora_rank)
     flat: dict[str, Any] = {}
     for k, v in data.items():
-        if isinstance(v, dict) and suffix != ".json" and _norm_key(k) not in TABLE_KEYS:  # those stay tables
+        if isinstance(v, dict) and suffix != ".json" and normalize_key(k) not in TABLE_KEYS:  # those stay tables
             for k2, v2 in v.items():
                 flat[f"{k}_{k2}"] = v2
         else:
@@ -382,17 +338,7 @@ def parse_table(name: str, value: Any) -> tuple[tuple[tuple[str, Any], ...], str
     out: dict[str, Any] = {}
     bad: list[str] = []
     for key, raw in items:
-        number = None
-        if not isinstance(raw, bool):
-            try:
-                if kind is float:
-                    number = float(raw)
-                    number = number if math.isfinite(number) and number > 0 else None
-                else:
-                    f = float(raw)
-                    number = int(f) if f.is_integer() and f >= 0 else None
-            except (TypeError, ValueError):
-                number = None
+        number = _table_number(kind, raw)
         if not str(key).strip() or number is None:
             bad.append(f"{key!r}: {raw!r}")
             continue
@@ -402,192 +348,74 @@ def parse_table(name: str, value: Any) -> tuple[tuple[tuple[str, Any], ...], str
     return tuple(sorted(out.items())), None
 
 
-def _norm_key(key: str) -> str:
-    return key.lstrip("-").replace("-", "_").strip()
-
-
-def _type_of(name: str):
-    hints = typing.get_type_hints(TrainConfig)
-    return hints[name]
-
-
-def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
-    """Value converted to the field's type, or an error message."""
-    tp = _type_of(name)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    meta = next(f for f in fields(TrainConfig) if f.name == name).metadata
-    optional = type(None) in args
-    if optional:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-            return None, None
-        tp = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
+def _table_number(kind: type, raw: Any) -> float | int | None:
+    """A table entry's number: a finite float above 0 (weights) or a whole number >= 0 (repeats); None if not."""
+    if isinstance(raw, bool):
+        return None
     try:
-        if origin is Literal:
-            v = str(value).strip()
-            if v not in args:
-                return None, f"{name}: {value!r} is not one of {', '.join(repr(a) for a in args if a)}"
-            return v, None
-        if tp is bool:
-            if isinstance(value, bool):
-                return value, None
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True, None
-            if s in ("0", "false", "no", "off"):
-                return False, None
-            return None, f"{name}: {value!r} is not a boolean (true/false)"
-        if tp is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError
-                value = int(value)
-            v = int(str(value).strip()) if not isinstance(value, int) else value
-        elif tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            v = float(value)
-        elif tp is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            v = str(value)
-        else:  # pragma: no cover - all fields are covered above
-            v = value
+        f = float(raw)
     except (TypeError, ValueError):
-        return None, f"{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}"
-    if "min" in meta and v < meta["min"]:
-        return None, f"{name}: {v} is below the minimum {meta['min']}"
-    if "max" in meta and v > meta["max"]:
-        return None, f"{name}: {v} is above the maximum {meta['max']}"
-    return v, None
+        return None
+    if kind is float:
+        return f if math.isfinite(f) and f > 0 else None
+    return int(f) if f.is_integer() and f >= 0 else None
 
 
-def _translate(key: str, value: Any, problems: list[str], notes: list[str]) -> tuple[str | None, Any]:
-    """Map one (normalized) key and value to our field, checking SimpleTuner values. (None, _) = consumed."""
-    if key == "model_family":
-        if str(value).lower() not in ("flux", "kontext", "flux_kontext"):
-            problems.append(f"model_family: {value!r} is not supported: this tool trains FLUX.1 Kontext "
-                            "(model_family \"flux\" with model_flavour \"kontext\")")
-        return None, None
-    if key in ("model_flavour", "model_flavor"):
-        if str(value).lower() not in ("kontext", "kontext-dev", "kontext_dev"):
-            problems.append(f"model_flavour: {value!r}: only \"kontext\" (FLUX.1 Kontext [dev]) is supported")
-        return None, None
-    if key == "model_type":
-        if str(value).lower() != "lora":
-            problems.append(f"model_type: {value!r}: only \"lora\" training is supported")
-        return None, None
-    if key == "lora_type":
-        v = str(value).lower()
-        if v in ("lycoris", "lokr"):
-            return "adapter", "lokr"
-        if v != "standard":
-            problems.append(f"lora_type: {value!r} is not one of 'standard', 'lycoris'")
-            return None, None
-        return "adapter", "lora"
-    if key == "flow_use_uniform_schedule":
-        ok, err = _coerce("vae_tiling", value)
-        if err:
-            problems.append(f"flow_use_uniform_schedule: {value!r} is not a boolean")
-            return None, None
-        return "timestep_sampling", "uniform" if ok else "logit_normal"
-    if key == "use_ema":  # SimpleTuner turns its EMA on with use_ema; resolve_config applies it with ema_decay
-        ok, err = _coerce("vae_tiling", value)
-        if err:
-            problems.append(f"use_ema: {value!r} is not a boolean")
-        return None, None
-    if key == "ema_validation":  # SimpleTuner: none | ema_only | comparison
-        v = str(value).strip().lower()
-        if v not in ("none", "ema_only", "comparison"):
-            problems.append(f"ema_validation: {value!r} is not one of none, ema_only, comparison")
-            return None, None
-        if v == "ema_only":
-            notes.append("ema_validation ema_only: kontext-train validates the plain adapter and the EMA side by "
-                         "side (comparison)")
-        return "ema_validate", v != "none"
-    if key == "offload_during_startup":
-        notes.append("offload_during_startup: encoders are always freed after caching here")
-        return None, None
-    if key == "mixed_precision":
-        if str(value).lower() not in ("bf16", "no", "fp32"):
-            problems.append(f"mixed_precision: {value!r} is not supported (bf16)")
-        return None, None
-    if key == "base_model_precision":
-        v = str(value).lower()
-        if v in NOT_YET_PRECISIONS:
-            problems.append(f"base_model_precision: {value!r} is not available: use int8-quanto (the guide's "
-                            "choice, ~24 GB at 1024 px), fp8-quanto, fp8-matmul, bf16 or fp32")
-            return None, None
-        if v not in PRECISION_ALIASES:
-            problems.append(f"base_model_precision: {value!r} is not one of bf16, fp32, int8-quanto, fp8-quanto, "
-                            "fp8-matmul (no_change = bf16, fp8-torchao = fp8-matmul)")
-            return None, None
-        return key, PRECISION_ALIASES[v]
-    if key == "optimizer":
-        v = str(value).lower()
-        hit = OPTIMIZER_ALIASES.get(v)
-        if hit is None:
-            problems.append(f"optimizer: {value!r} is not supported; valid: adamw, lion, optimi-lion, "
-                            "optimi-adamw, adamw_bf16")
-            return None, None
-        if hit[1]:
-            notes.append(hit[1])
-        return key, hit[0]
-    if key == "lr_scheduler":
-        v = str(value).lower()
-        if v not in SCHEDULER_ALIASES:
-            problems.append(f"lr_scheduler: {value!r} is not one of {', '.join(SCHEDULER_ALIASES)}")
-            return None, None
-        return key, SCHEDULER_ALIASES[v]
-    if key == "validation_sigmas":  # a list, or comma-separated text (--set validation_sigmas=0.25,0.5,0.75)
-        items = value if isinstance(value, (list, tuple)) else str(value).strip().strip("[]()").split(",")
-        try:
-            sigmas = tuple(float(v) for v in items if str(v).strip())
-        except (TypeError, ValueError):
-            sigmas = ()
-        if not sigmas or not all(0.0 < v < 1.0 for v in sigmas):
-            problems.append(f"validation_sigmas: {value!r} is not a list of sigmas, each between 0 and 1 (exclusive)")
-            return None, None
-        return key, sigmas
-    if key == "validation_resolution":
-        text = str(value).strip()
-        first = text.split(",")[0].strip()
-        if "," in text:
-            notes.append(f"validation_resolution: several resolutions given; validating at the first, {first}")
-        if first and not re.fullmatch(r"\d+(x\d+)?", first):
-            problems.append(f"validation_resolution: {value!r} is not WxH or N")
-            return None, None
-        if first:
-            w, _, h = first.partition("x")
-            h = h or w
-            if int(w) % 16 or int(h) % 16 or int(w) == 0 or int(h) == 0:
-                problems.append(f"validation_resolution: {first} must be positive multiples of 16")
-                return None, None
-        return key, first
-    if key in ("lora_targets",) and isinstance(value, (list, tuple)):
-        return key, ",".join(str(v) for v in value)
-    if key == "manifest" and isinstance(value, (list, tuple)):
-        return key, join_manifest_paths([str(v) for v in value])
-    if key in TABLE_KEYS:  # {dataset id or manifest: number}, see kontext_trainer.weighting
-        table, error = parse_table(key, value)
+def _sigmas(value: Any) -> tuple[Any, str | None]:
+    """validation_sigmas: a list, or comma-separated text (--set validation_sigmas=0.25,0.5,0.75)."""
+    items = value if isinstance(value, (list, tuple)) else str(value).strip().strip("[]()").split(",")
+    try:
+        sigmas = tuple(float(v) for v in items if str(v).strip())
+    except (TypeError, ValueError):
+        sigmas = ()
+    if not sigmas or not all(0.0 < v < 1.0 for v in sigmas):
+        return None, f"validation_sigmas: {value!r} is not a list of sigmas, each between 0 and 1 (exclusive)"
+    return sigmas, None
+
+
+def _resolution(value: Any) -> tuple[Any, str | None]:
+    """validation_resolution: WxH or N, each a positive multiple of 16; empty: each sample's own size."""
+    text = str(value).strip()
+    if text and not re.fullmatch(r"\d+(x\d+)?", text):
+        return None, f"validation_resolution: {value!r} is not WxH or N"
+    if text:
+        w, _, h = text.partition("x")
+        h = h or w
+        if int(w) % 16 or int(h) % 16 or int(w) == 0 or int(h) == 0:
+            return None, f"validation_resolution: {text} must be positive multiples of 16"
+    return text, None
+
+
+def _listed(join: Callable[[list[str]], str]) -> Callable[[Any], tuple[Any, str | None]]:
+    """A text field that a config file may also give as a list: the list joined by `join`."""
+    return lambda value: (join([str(v) for v in value]) if isinstance(value, (list, tuple)) else value, None)
+
+
+VALUE_FORMS: dict[str, Callable[[Any], tuple[Any, str | None]]] = {
+    "validation_sigmas": _sigmas,
+    "validation_resolution": _resolution,
+    "lora_targets": _listed(",".join),
+    "manifest": _listed(join_manifest_paths),
+    "dataset_weights": lambda value: parse_table("dataset_weights", value),
+    "dataset_repeats": lambda value: parse_table("dataset_repeats", value),
+    "resume_from_checkpoint": lambda value: ("" if value is None else value, None),  # JSON null: none
+}
+"""Fields with a value form beyond their type (a list, a table, comma-separated text): value -> (value, error)."""
+
+
+def parse_value(name: str, value: Any) -> tuple[Any, str | None]:
+    """`value` for the field `name` (our name, our value vocabulary): its value form read (`VALUE_FORMS`), then
+    converted to the field's type and checked against its min/max metadata. (value, None), or (None, the error)."""
+    form = VALUE_FORMS.get(name)
+    if form is not None:
+        value, error = form(value)
         if error:
-            problems.append(error)
-            return None, None
-        return key, table
-    if key == "resume_from_checkpoint" and value is None:
-        return key, ""
-    if key == "attention_backend" and str(value) in ("diffusers", "sdpa"):
-        return key, "auto"
-    if key == "fuse_qkv_projections" and str(value).strip().lower() in ("false", "0", "no"):
-        notes.append("fuse_qkv_projections false (the guide's setting: SimpleTuner's fusion needs flash-attn): "
-                     "kontext-train's needs nothing extra and keeps the LoRA; true is ~2% faster on an H100")
-    if key == "quantize_via":  # model side (issue 6): SimpleTuner's accelerator|cpu
-        v = str(value).strip().lower()
-        return "quantize_on", {"accelerator": "gpu", "cuda": "gpu", "gpu": "gpu", "cpu": "cpu"}.get(v, v)
-    return ALIASES.get(key, key), value
+            return None, error
+    meta = _FIELDS[name].metadata
+    return coerce_value(name, FIELD_TYPES[name], value, meta.get("min"), meta.get("max"))
+
+
+# ------------------------------------------------------------------------------------------ resolving
 
 
 def resolve_config(file_values: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
@@ -597,63 +425,32 @@ def resolve_config(file_values: Mapping[str, Any] | None = None, overrides: Mapp
     problems: list[str] = []
     notes: list[str] = []
     unknown: list[str] = []
+    keyed: list[tuple[str, Any]] = []  # every known (normalized key, value), file first
     values: dict[str, Any] = {}
     for layer, strict in ((file_values or {}, False), (overrides or {}, True)):
         for raw_key, raw_value in layer.items():
-            key = _norm_key(raw_key)
-            if key not in FIELD_NAMES and key not in ALIASES and key not in CHECKED_ONLY and key not in (
-                    "model_flavor", "base_model_precision", "optimizer", "lr_scheduler", "validation_resolution"):
+            key = normalize_key(raw_key)
+            if key not in FIELD_NAMES and not compat.is_known(key):
                 if strict:
                     close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
                     problems.append(f"unknown option {raw_key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
                 else:
                     unknown.append(raw_key)
                 continue
-            name, value = _translate(key, raw_value, problems, notes)
+            keyed.append((key, raw_value))
+            name, value = compat.translate(key, raw_value, problems, notes)
             if name is None:
                 continue
-            coerced, err = _coerce(name, value)
+            value, err = parse_value(name, value)
             if err:
                 problems.append(err)
                 continue
-            values[name] = coerced
-    warnings: list[str] = []
-    if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(_norm_key(k), FIELD_NAMES, n=1, cutoff=0.85)
-            if close:
-                hints.append(f"{k!r} (did you mean {close[0]!r}?)")
-        warnings.append(f"{len(unknown)} config key(s) not used by kontext-train (ignored): {', '.join(unknown)}"
-                        + (f". Possible typos: {'; '.join(hints)}" if hints else ""))
-    if not values.get("manifest"):
-        problems.append("manifest: no manifest given (kontext-train MANIFEST.parquet)")
-    if values.get("activation_memory_budget") is not None and values["activation_memory_budget"] <= 0:
-        problems.append("activation_memory_budget: must be above 0 (0.05 keeps little more than block "
-                        "checkpointing; 1 keeps everything)")
-    if values.get("activation_memory_budget") is not None and values.get("compile_blocks") is False:
-        problems.append("activation_memory_budget: only compiled blocks have one; with compile_blocks false use "
-                        "checkpoint_fraction")
-    use_ema = next((_coerce("vae_tiling", v)[0] for layer in (file_values or {}, overrides or {})
-                    for k, v in layer.items() if _norm_key(k) == "use_ema"), None)
-    if use_ema is False and values.get("ema_decay") is not None:
-        notes.append(f"use_ema false: the EMA is off (ema_decay {values['ema_decay']:g} ignored)")
-        values["ema_decay"] = None
-    elif use_ema and values.get("ema_decay") is None:
-        values["ema_decay"] = SIMPLETUNER_EMA_DECAY
-    if values.get("ema_decay") is not None and values["ema_decay"] >= 1.0:
-        problems.append(f"ema_decay: {values['ema_decay']} must be below 1 (0.999 is usual; none turns the EMA off)")
-    if values.get("lycoris_config") and not problems:  # model side (issue 6): keys set explicitly win
-        from kontext_trainer.adapters import read_lycoris_config
-
-        explicit = {ALIASES.get(_norm_key(k), _norm_key(k)) for layer in (file_values or {}, overrides or {})
-                    for k in layer}
-        lyc_values, lyc_warnings, lyc_problems = read_lycoris_config(values["lycoris_config"])
-        problems += lyc_problems
-        warnings += lyc_warnings
-        for name, value in lyc_values.items():
-            if name not in explicit or name == "adapter":
-                values[name] = value
+            values[name] = value
+    warnings = _unused_keys_warning(unknown)
+    compat.apply_use_ema(keyed, values, notes)
+    problems += cross_field_problems(values)
+    if values.get("lycoris_config") and not problems:  # keys set explicitly win over the file's
+        compat.apply_lycoris_config(values, {compat.field_for(k) for k, _ in keyed}, warnings, problems)
     if problems:
         raise ConfigError(problems, source=source)
     config = TrainConfig(**values)
@@ -661,6 +458,36 @@ def resolve_config(file_values: Mapping[str, Any] | None = None, overrides: Mapp
         notes.append(f"validation_steps {config.validation_steps} > max_train_steps {config.max_train_steps}: "
                      "validation runs at the end only")
     return ResolvedConfig(config=config, warnings=warnings, notes=notes)
+
+
+def _unused_keys_warning(unknown: list[str]) -> list[str]:
+    """One warning listing the config file's keys kontext-train does not use, with likely typos; none if none."""
+    if not unknown:
+        return []
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(normalize_key(k), FIELD_NAMES, n=1, cutoff=0.85)
+        if close:
+            hints.append(f"{k!r} (did you mean {close[0]!r}?)")
+    return [f"{len(unknown)} config key(s) not used by kontext-train (ignored): {', '.join(unknown)}"
+            + (f". Possible typos: {'; '.join(hints)}" if hints else "")]
+
+
+def cross_field_problems(values: Mapping[str, Any]) -> list[str]:
+    """Problems of values that are valid alone but not together (or missing): checked after every key is read."""
+    problems = []
+    if not values.get("manifest"):
+        problems.append("manifest: no manifest given (kontext-train MANIFEST.parquet)")
+    budget = values.get("activation_memory_budget")
+    if budget is not None and budget <= 0:
+        problems.append("activation_memory_budget: must be above 0 (0.05 keeps little more than block "
+                        "checkpointing; 1 keeps everything)")
+    if budget is not None and values.get("compile_blocks") is False:
+        problems.append("activation_memory_budget: only compiled blocks have one; with compile_blocks false use "
+                        "checkpoint_fraction")
+    if values.get("ema_decay") is not None and values["ema_decay"] >= 1.0:
+        problems.append(f"ema_decay: {values['ema_decay']} must be below 1 (0.999 is usual; none turns the EMA off)")
+    return problems
 
 
 def parse_set_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -678,12 +505,8 @@ def parse_set_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def field_docs() -> list[tuple[str, str, str, Any]]:
     """(name, type, help, default) per field, for docs and --help."""
-    hints = typing.get_type_hints(TrainConfig)
-    rows = []
-    for f in fields(TrainConfig):
-        tp = hints[f.name]
-        rows.append((f.name, str(tp).replace("typing.", ""), f.metadata.get("help", ""), f.default))
-    return rows
+    return [(f.name, str(FIELD_TYPES[f.name]).replace("typing.", ""), f.metadata.get("help", ""), f.default)
+            for f in fields(TrainConfig)]
 
 
 def cli_fields() -> list[tuple[dataclasses.Field, Any]]:
@@ -692,5 +515,4 @@ def cli_fields() -> list[tuple[dataclasses.Field, Any]]:
     Such a field's metadata has ``cli``: its option's spellings (empty: ``--field-name``, or ``--x/--no-x`` for a
     bool; one spelling of a bool: an on-only flag such as ``--verify``), and ``path`` when it names a file.
     """
-    hints = typing.get_type_hints(TrainConfig)
-    return [(f, hints[f.name]) for f in fields(TrainConfig) if "cli" in f.metadata]
+    return [(f, FIELD_TYPES[f.name]) for f in fields(TrainConfig) if "cli" in f.metadata]

@@ -61,6 +61,7 @@ class AdapterEMA:
     # -------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """The exact EMA state (float32 shadows on the CPU, decay, warm-up, step) for a checkpoint."""
         return {"decay": self.decay, "warmup": self.warmup, "step": self.step,
                 "shadow": {n: t.detach().to("cpu", copy=True) for n, t in zip(self.names, self.shadow)}}
 

@@ -28,14 +28,14 @@ only read BFL names.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
+
+from kontext_data.fileio import atomic_path
 from kontext_data.problems import ProblemsError
 
 FORMATS = ("diffusers", "comfyui")
@@ -77,6 +77,8 @@ class ExportError(ProblemsError):
 
 @dataclass
 class ExportResult:
+    """What `export_adapter` wrote, and from what."""
+
     path: Path
     source_format: str
     target_format: str
@@ -407,21 +409,8 @@ def _adapter_file(path: Path) -> Path:
     return path
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def default_output(source: Path, target_format: str) -> Path:
+    """Where an export goes without --out: NAME_comfyui.safetensors beside the source, or diffusers/ beside it."""
     folder = source.parent
     if target_format == "comfyui":
         return folder / f"{source.stem}_comfyui.safetensors"
@@ -457,7 +446,10 @@ def export_adapter(adapter: Path | str, target_format: str, out: Path | str | No
     target = Path(out) if out else default_output(source, target_format)
     if target.resolve() == source.resolve():
         raise ExportError([f"{target}: the output would overwrite the input; pass another --out"])
-    _save_atomic(converted, target, meta)
+    from safetensors.torch import save_file
+
+    with atomic_path(target) as tmp:
+        save_file(converted, str(tmp), metadata=meta)
     n_modules = len({re.sub(r"(\.lora_[AB]\.weight|\.lora_(down|up)\.weight|\.alpha|\.lokr_\w+)$", "", k) for k in sd})
     return ExportResult(path=target, source_format=fmt, target_format=target_format, adapter=kind,
                         modules_in=n_modules, keys_out=len(converted), notes=notes)

@@ -20,6 +20,8 @@ from typing import Any, Hashable
 
 @dataclass
 class PhaseClock:
+    """The wall time of a run's phases and steps (see the module docstring); `summary()` is the table."""
+
     started: float = field(default_factory=time.perf_counter)
     phases: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
@@ -38,6 +40,7 @@ class PhaseClock:
             self.add(name, time.perf_counter() - t)
 
     def add(self, name: str, seconds: float, items: int = 0) -> None:
+        """Add `seconds` to phase `name`; `items` done in them give the phase a rate (items/s)."""
         self.phases[name] = self.phases.get(name, 0.0) + seconds
         self.counts[name] = self.counts.get(name, 0) + 1
         if items:
@@ -52,6 +55,7 @@ class PhaseClock:
         return bool(new)
 
     def summary(self, device=None) -> dict[str, Any]:
+        """The phase table as a JSON-ready dict (with peak GPU memory when `device` is CUDA)."""
         out: dict[str, Any] = {f"{k}_s": round(v, 3) for k, v in self.phases.items()}
         out.update({f"{k}_per_s": round(v, 2) for k, v in self.rates.items()})
         out.update({f"{k}_count": n for k, n in self.counts.items() if n > 1 or k in ("validation", "checkpoint")})

@@ -26,6 +26,8 @@ KEYS = ("image", "images", "prompt", "seed", "width", "height", "size")
 
 @dataclass(frozen=True)
 class ValidationPrompt:
+    """One checked line of the validation prompts file."""
+
     line: int
     """Line of the JSONL file (1-based)."""
     prompt: str
@@ -74,8 +76,6 @@ def _check_size(w: int, h: int, where: str, problems: list[str]) -> tuple[int, i
 
 def read_validation_prompts(path: str | os.PathLike) -> tuple[list[ValidationPrompt], list[str]]:
     """The prompts of a JSONL file and every problem of it (each naming the file and line)."""
-    from kontext_data.imageio import probe_file
-
     path = Path(path)
     if not path.is_file():
         return [], [f"{path}: no such file (validation_prompts)"]
@@ -90,14 +90,8 @@ def read_validation_prompts(path: str | os.PathLike) -> tuple[list[ValidationPro
         if not raw.strip():
             continue
         where = f"{path} line {number}"
-        try:
-            item = json.loads(raw)
-        except ValueError as exc:
-            problems.append(f"{where}: not valid JSON ({exc}); each line must be one object such as "
-                            '{"image": "ref.png", "prompt": "make it blue"}')
-            continue
-        if not isinstance(item, dict):
-            problems.append(f"{where}: expected a JSON object, got {type(item).__name__}")
+        item = _json_object(raw, where, problems)
+        if item is None:
             continue
         before = len(problems)
         unknown = sorted(set(item) - set(KEYS))
@@ -106,47 +100,11 @@ def read_validation_prompts(path: str | os.PathLike) -> tuple[list[ValidationPro
         prompt = item.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             problems.append(f"{where}: no \"prompt\" (the edit instruction, a non-empty string)")
-        if "image" in item and "images" in item:
-            problems.append(f"{where}: give \"image\" or \"images\", not both")
-            refs = []
-        elif "images" in item:
-            refs = item["images"] if isinstance(item["images"], list) else None
-            if not refs or not all(isinstance(r, str) and r for r in refs):
-                problems.append(f"{where}: \"images\" must be a non-empty list of image paths")
-                refs = []
-        elif isinstance(item.get("image"), str) and item["image"]:
-            refs = [item["image"]]
-        else:
-            problems.append(f"{where}: no reference image (\"image\": a path, or \"images\": a list of paths)")
-            refs = []
-        images, sizes = [], []
-        for ref in refs:
-            p = Path(os.path.expanduser(ref))
-            p = p if p.is_absolute() else folder / p
-            if not p.is_file():
-                problems.append(f"{where}: image not found: {p}" + ("" if Path(ref).is_absolute() else
-                                                                   f" (relative paths start at {folder})"))
-                continue
-            info = probe_file(p)
-            if info.problem:
-                problems.append(f"{where}: cannot read image {p} ({info.problem}: {info.detail})")
-                continue
-            images.append(str(p))
-            sizes.append((info.width, info.height))
+        images, sizes = _references(item, where, folder, problems)
         seed = item.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             problems.append(f"{where}: seed {seed!r} is not a whole number >= 0")
-        size = None
-        if "size" in item and ("width" in item or "height" in item):
-            problems.append(f"{where}: give \"size\" or \"width\"/\"height\", not both")
-        elif "size" in item:
-            size = _size(item["size"], where, problems)
-        elif "width" in item or "height" in item:
-            w, h = item.get("width"), item.get("height")
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (w, h)):
-                problems.append(f"{where}: width and height must both be given, as whole numbers (got {w!r}, {h!r})")
-            else:
-                size = _check_size(w, h, where, problems)
+        size = _output_size(item, where, problems)
         if len(problems) > before:
             continue
         n = len(prompts) + 1
@@ -156,6 +114,70 @@ def read_validation_prompts(path: str | os.PathLike) -> tuple[list[ValidationPro
         problems.append(f"{path}: no prompts (one JSON object per line, e.g. "
                         '{"image": "ref.png", "prompt": "make it blue"})')
     return prompts, problems
+
+
+def _json_object(raw: str, where: str, problems: list[str]) -> dict | None:
+    """One line's JSON object, or None with its problem."""
+    try:
+        item = json.loads(raw)
+    except ValueError as exc:
+        problems.append(f"{where}: not valid JSON ({exc}); each line must be one object such as "
+                        '{"image": "ref.png", "prompt": "make it blue"}')
+        return None
+    if not isinstance(item, dict):
+        problems.append(f"{where}: expected a JSON object, got {type(item).__name__}")
+        return None
+    return item
+
+
+def _references(item: dict, where: str, folder: Path, problems: list[str]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The line's reference images (`image` or `images`, relative to `folder`) as absolute paths, and their
+    (width, height) read from their headers; every missing or unreadable one is a problem."""
+    from kontext_data.imageio import probe_file
+
+    if "image" in item and "images" in item:
+        problems.append(f"{where}: give \"image\" or \"images\", not both")
+        refs = []
+    elif "images" in item:
+        refs = item["images"] if isinstance(item["images"], list) else None
+        if not refs or not all(isinstance(r, str) and r for r in refs):
+            problems.append(f"{where}: \"images\" must be a non-empty list of image paths")
+            refs = []
+    elif isinstance(item.get("image"), str) and item["image"]:
+        refs = [item["image"]]
+    else:
+        problems.append(f"{where}: no reference image (\"image\": a path, or \"images\": a list of paths)")
+        refs = []
+    images, sizes = [], []
+    for ref in refs:
+        p = Path(os.path.expanduser(ref))
+        p = p if p.is_absolute() else folder / p
+        if not p.is_file():
+            problems.append(f"{where}: image not found: {p}" + ("" if Path(ref).is_absolute() else
+                                                               f" (relative paths start at {folder})"))
+            continue
+        info = probe_file(p)
+        if info.problem:
+            problems.append(f"{where}: cannot read image {p} ({info.problem}: {info.detail})")
+            continue
+        images.append(str(p))
+        sizes.append((info.width, info.height))
+    return images, sizes
+
+
+def _output_size(item: dict, where: str, problems: list[str]) -> tuple[int, int] | None:
+    """The line's output size (`size`, or `width` + `height`), or None: the default size."""
+    if "size" in item and ("width" in item or "height" in item):
+        problems.append(f"{where}: give \"size\" or \"width\"/\"height\", not both")
+    elif "size" in item:
+        return _size(item["size"], where, problems)
+    elif "width" in item or "height" in item:
+        w, h = item.get("width"), item.get("height")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (w, h)):
+            problems.append(f"{where}: width and height must both be given, as whole numbers (got {w!r}, {h!r})")
+        else:
+            return _check_size(w, h, where, problems)
+    return None
 
 
 def reference_geometry(size: tuple[int, int], area: int) -> dict[str, int]:

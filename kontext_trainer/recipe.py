@@ -14,6 +14,8 @@ The library never prints: everything a user should see goes through `on_event(ki
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -43,6 +45,7 @@ from kontext_trainer.attention import attention_context
 from kontext_trainer.compile import can_compile_cuda, compile_blocks
 from kontext_trainer.flow import kontext_step, sample_sigmas
 from kontext_trainer.phases import PhaseClock
+from kontext_data.fileio import write_text_atomic
 from kontext_data.problems import ProblemsError
 
 EventFn = Callable[[str, dict], None]
@@ -64,6 +67,8 @@ class TrainError(ProblemsError):
 
 @dataclass
 class TrainResult:
+    """What a finished run wrote and measured."""
+
     lora_path: Path
     config_path: Path
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -117,6 +122,8 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor per optimizer step (for LambdaLR): linear warmup over `warmup` steps from 1/warmup,
+    then constant, linear decay to 0 or a cosine to 0 at `total`."""
     def fn(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
@@ -130,15 +137,25 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A fresh temp folder beside `final`, renamed onto it when the block succeeds (an existing `final` is
+    replaced) and removed when it fails: a checkpoint folder appears whole or not at all. The folder counterpart of
+    `kontext_data.fileio.atomic_path`, which does this for one file."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints under OUTPUT_DIR/checkpoints (with training_state.pt), oldest step first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -171,79 +188,24 @@ class KontextLoRARecipe:
         self._metrics = None  # train()'s open metrics.jsonl, so evaluation lines keep the order of the steps
 
     def emit(self, kind: str, **data) -> None:
+        """Send one event (`stage`, `warning`, `step`, ...) to the caller's on_event."""
         self._emit_fn(kind, data)
 
     # ------------------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        from kontext_data.manifest import ManifestError, read_manifest
-
+        """Everything train() needs, in the order that keeps memory low: the data checked (every problem of the
+        manifests and the prompts file raised together, before any model loads), the device, the caches (text
+        encoders, then the VAE), the transformer with its adapter and optimizer, a checkpoint to resume from."""
         cfg = self.cfg
-        paths = cfg.manifest_paths
-        t_manifest = time.perf_counter()
-        records, options, problems = read_manifests(paths)
-        if len(paths) == 1 and problems:
-            try:
-                read_manifest(paths[0])
-            except ManifestError as exc:
-                raise TrainError(exc.problems, title=f"manifest {cfg.manifest}") from None
-        problems += check_records(records, cfg.verify) + record_problems(records)
-        train_records = [r for r in records if r["split"] == "train"]
-        if not train_records and records:
-            problems.append("the manifest has no rows with split 'train'")
-        self.weighting = dataset_weighting(train_records, records, paths, options, cfg.dataset_weights,
-                                           cfg.dataset_repeats)
-        problems += self.weighting.problems
-        # the prompts file is checked now, with the manifest, so that a bad line stops the run before any model loads
-        self.val_prompts, prompt_problems = (read_validation_prompts(cfg.validation_prompts)
-                                             if cfg.validation_prompts else ([], []))
-        if problems or prompt_problems:
-            raise TrainError(problems + prompt_problems, title=" and ".join(
-                [f"manifest {', '.join(paths)}"] * bool(problems)
-                + [f"validation_prompts {cfg.validation_prompts}"] * bool(prompt_problems)))
-        for opts in options:
-            self._check_resolution(opts)
-        self.samples = samples_from_records(train_records)
-        self.val_samples = self._pick_validation(samples_from_records([r for r in records if r["split"] == "eval"]))
-        ignored_masks = 0
-        if not cfg.mask_loss:  # every token weighs 1, as without masks: they are neither cached nor loaded
-            import dataclasses
-
-            ignored_masks = sum(s.mask is not None for s in self.samples)
-            self.samples = [dataclasses.replace(s, mask=None) for s in self.samples]
-            self.val_samples = [dataclasses.replace(s, mask=None) for s in self.val_samples]
-        self._hold_out_validation()
-        if cfg.validation_loss:  # as many training samples beside them: over-fitting shows as the gap
-            self.train_eval_samples = pick_train_eval(self.samples, {s.sample_id for s in self.val_samples},
-                                                      len(self.val_samples), cfg.seed)
-        self.clock.add("manifest", time.perf_counter() - t_manifest)
-
+        with self.clock.phase("manifest"):
+            self._read_data()
         try:
             self.model_dir = model_mod.resolve_model_dir(cfg.model, allow_download=cfg.download)
         except model_mod.ModelError as exc:
             raise TrainError(exc.problems, title=f"model {cfg.model}") from None
-        self.dist, dist_device = init_distributed(cfg.device)
-        self.device = dist_device if dist_device is not None and cfg.device == "auto" else _resolve_device(cfg.device)
-        if self.device.type == "cuda" and self.device.index is None:
-            # an indexed device: torch.cuda's memory-fraction calls refuse a bare "cuda"
-            index = self.dist.local_rank if self.dist.enabled else torch.cuda.current_device()
-            self.device = torch.device("cuda", index)
-        self.dtype = quantize_mod.compute_dtype(cfg.base_model_precision)  # bf16 for quantized bases
-        if self.dist.enabled:
-            self.emit("stage", message=f"data parallel: {self.dist.describe(self.device)}")
-        self._limit_memory()
-        self.emit("stage", message=f"model {self.model_dir} on {self.device} ({cfg.base_model_precision}); "
-                                   f"{len(self.samples)} training samples in {self._n_buckets()} bucket(s), "
-                                   f"{len(self.val_samples)} validation sample(s)"
-                                   + (f", {len(self.val_prompts)} validation prompt(s)" if self.val_prompts else ""))
-        self.emit("stage", message=self.weighting.describe([s.sample_id for s in self.samples]))
-        n_masked = sum(s.mask is not None for s in self.samples)
-        if n_masked:
-            self.emit("stage", message=f"masked loss: {n_masked} of {len(self.samples)} training samples have a loss "
-                                       f"mask; errors outside it weigh {cfg.mask_loss_weight:g} (mask_loss_weight)")
-        elif ignored_masks:
-            self.emit("stage", message=f"masked loss off (mask_loss false): the loss masks of {ignored_masks} "
-                                       "training samples are ignored")
+        self._place()
+        self._describe_data()
         self._check_attention()
         try:
             self._build_caches()
@@ -260,7 +222,85 @@ class KontextLoRARecipe:
             self.writer = SummaryWriter(log_dir=str(self.output_dir / "logs"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            _atomic_write_text(self.output_dir / "config.resolved.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            write_text_atomic(self.output_dir / "config.resolved.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    def _read_data(self) -> None:
+        """The manifests' rows checked, the dataset weighting and the validation prompts read, the training,
+        validation and training-eval samples picked. Raises TrainError with every problem of the data."""
+        cfg = self.cfg
+        records, options = self._checked_records()
+        for opts in options:
+            self._check_resolution(opts)
+        self.samples = samples_from_records([r for r in records if r["split"] == "train"])
+        self.val_samples = self._pick_validation(samples_from_records([r for r in records if r["split"] == "eval"]))
+        self.ignored_masks = 0
+        if not cfg.mask_loss:  # every token weighs 1, as without masks: they are neither cached nor loaded
+            self.ignored_masks = sum(s.mask is not None for s in self.samples)
+            self.samples = [dataclasses.replace(s, mask=None) for s in self.samples]
+            self.val_samples = [dataclasses.replace(s, mask=None) for s in self.val_samples]
+        self._hold_out_validation()
+        if cfg.validation_loss:  # as many training samples beside them: over-fitting shows as the gap
+            self.train_eval_samples = pick_train_eval(self.samples, {s.sample_id for s in self.val_samples},
+                                                      len(self.val_samples), cfg.seed)
+
+    def _checked_records(self) -> tuple[list[dict], list[dict]]:
+        """The rows and options of the manifests, with `self.weighting` and `self.val_prompts`; every problem of
+        the manifests, their files, the dataset weights and the validation prompts file in one TrainError (the
+        prompts file is checked now, so that a bad line stops the run before any model loads)."""
+        from kontext_data.manifest import ManifestError, read_manifest
+
+        cfg = self.cfg
+        paths = cfg.manifest_paths
+        records, options, problems = read_manifests(paths)
+        if len(paths) == 1 and problems:
+            try:
+                read_manifest(paths[0])
+            except ManifestError as exc:
+                raise TrainError(exc.problems, title=f"manifest {cfg.manifest}") from None
+        problems += check_records(records, cfg.verify) + record_problems(records)
+        train_records = [r for r in records if r["split"] == "train"]
+        if not train_records and records:
+            problems.append("the manifest has no rows with split 'train'")
+        self.weighting = dataset_weighting(train_records, records, paths, options, cfg.dataset_weights,
+                                           cfg.dataset_repeats)
+        problems += self.weighting.problems
+        self.val_prompts, prompt_problems = (read_validation_prompts(cfg.validation_prompts)
+                                             if cfg.validation_prompts else ([], []))
+        if problems or prompt_problems:
+            raise TrainError(problems + prompt_problems, title=" and ".join(
+                [f"manifest {', '.join(paths)}"] * bool(problems)
+                + [f"validation_prompts {cfg.validation_prompts}"] * bool(prompt_problems)))
+        return records, options
+
+    def _place(self) -> None:
+        """The device (this process's GPU under data parallelism), the compute dtype and the memory limit."""
+        cfg = self.cfg
+        self.dist, dist_device = init_distributed(cfg.device)
+        self.device = dist_device if dist_device is not None and cfg.device == "auto" else _resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # an indexed device: torch.cuda's memory-fraction calls refuse a bare "cuda"
+            index = self.dist.local_rank if self.dist.enabled else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+        self.dtype = quantize_mod.compute_dtype(cfg.base_model_precision)  # bf16 for quantized bases
+        if self.dist.enabled:
+            self.emit("stage", message=f"data parallel: {self.dist.describe(self.device)}")
+        self._limit_memory()
+
+    def _describe_data(self) -> None:
+        """The start-up lines about the model, the samples, the dataset weighting and the loss masks."""
+        cfg = self.cfg
+        self.emit("stage", message=f"model {self.model_dir} on {self.device} ({cfg.base_model_precision}); "
+                                   f"{len(self.samples)} training samples in {self._n_buckets()} bucket(s), "
+                                   f"{len(self.val_samples)} validation sample(s)"
+                                   + (f", {len(self.val_prompts)} validation prompt(s)" if self.val_prompts else ""))
+        self.emit("stage", message=self.weighting.describe([s.sample_id for s in self.samples]))
+        n_masked = sum(s.mask is not None for s in self.samples)
+        if n_masked:
+            self.emit("stage", message=f"masked loss: {n_masked} of {len(self.samples)} training samples have a loss "
+                                       f"mask; errors outside it weigh {cfg.mask_loss_weight:g} (mask_loss_weight)")
+        elif self.ignored_masks:
+            self.emit("stage", message=f"masked loss off (mask_loss false): the loss masks of {self.ignored_masks} "
+                                       "training samples are ignored")
 
     def _check_attention(self) -> None:
         """Which attention kernels the steps will run, said once; `fa4` where FlashAttention 4 cannot run fails here,
@@ -326,8 +366,6 @@ class KontextLoRARecipe:
         loss is measured on pairs the adapter never saw."""
         if not self.cfg.validation_holdout or not self.val_samples or self.val_samples[0].split == "eval":
             return
-        import dataclasses
-
         held = {s.sample_id for s in self.val_samples}
         rest = [s for s in self.samples if s.sample_id not in held]
         if not rest:
@@ -410,10 +448,26 @@ class KontextLoRARecipe:
     # ------------------------------------------------------------------------------------------- model
 
     def _build_model(self) -> None:
-        cfg = self.cfg
+        """The transformer, loaded as the memory plan says, with its adapter, kernels and optimizer."""
         self._decide_compile()
-        # The memory plan comes first, from the model's shapes alone: blocks it offloads are loaded straight into CPU
-        # memory, so a card smaller than the whole base (int8 FLUX is 11.1 GiB) never has to hold it.
+        plan, host_blocks = self._memory_plan()
+        self._load_transformer(host_blocks)
+        self._attach_adapter()
+        self._prepare_blocks(plan)
+        self._new_optimizer()
+        self.scheduler = model_mod.load_scheduler(self.model_dir)
+        self.ema = self._make_ema()
+        if self.ema is not None:
+            self.emit("stage", message=f"EMA of the adapter: decay {self.cfg.ema_decay:g}"
+                                       + (" with warm-up" if self.cfg.ema_warmup else "")
+                                       + f", float32 on {self.device} (ema_decay)")
+        self._describe_adapter()
+
+    def _memory_plan(self) -> tuple["memory.MemoryPlan", list[str]]:
+        """The memory plan and the names of the blocks it offloads. It comes first, from the model's shapes alone:
+        blocks it offloads are loaded straight into CPU memory, so a card smaller than the whole base (int8 FLUX is
+        11.1 GiB) never has to hold it."""
+        cfg = self.cfg
         meta = model_mod.empty_transformer(self.model_dir, self.dtype)
         self._base_params = sum(p.numel() for p in meta.parameters())
         plan = memory.MemoryPlan(0.0, 0.0, "no checkpointing (gradient_checkpointing false)")
@@ -421,9 +475,11 @@ class KontextLoRARecipe:
             plan = self._checkpoint_plan()
         plan = self._offload_plan(plan, memory.estimate_block_bytes(meta, cfg.base_model_precision))
         names = {id(m): n for n, m in meta.named_modules()}
-        host_blocks = [names[id(b)] for b in model_mod.transformer_blocks(meta)[:plan.offload_blocks]]
-        del meta
-        # quantized (int8/fp8-quanto) and frozen before the adapter is attached
+        return plan, [names[id(b)] for b in model_mod.transformer_blocks(meta)[:plan.offload_blocks]]
+
+    def _load_transformer(self, host_blocks: list[str]) -> None:
+        """The frozen base, quantized (int8/fp8-quanto) as it loads, before the adapter is attached."""
+        cfg = self.cfg
         with self.clock.phase("model load"):
             self.transformer, self.quantize_report = quantize_mod.load_transformer(
                 self.model_dir, cfg.base_model_precision, self.device, cfg.quantize_on, host_blocks=set(host_blocks))
@@ -431,6 +487,11 @@ class KontextLoRARecipe:
             r = self.quantize_report
             self.emit("stage", message=f"{r.precision}: {len(r.quantized)} Linear modules quantized, "
                                        f"{_kept_and_weights(r)}")
+
+    def _attach_adapter(self) -> None:
+        """The LoRA/LoKr adapter on the device; then fp8-matmul's conversion (the adapter stays float32) or quanto's
+        weights as plain tensors (compilable)."""
+        cfg = self.cfg
         try:
             self.lora_config = adapters.attach_from_config(self.transformer, cfg)
         except ValueError as exc:
@@ -448,8 +509,12 @@ class KontextLoRARecipe:
                 torch.cuda.empty_cache()
             self.emit("stage", message=f"fp8-matmul: {len(r.converted)} base Linear modules on fp8 weights and fp8 "
                                        f"matmuls, {_kept_and_weights(r)}")
-        if quantize_mod.is_quantized(cfg.base_model_precision):  # quanto's data as plain tensors: compilable
+        if quantize_mod.is_quantized(cfg.base_model_precision):
             quantize_mod.to_dequant_linears(self.transformer)
+
+    def _prepare_blocks(self, plan: "memory.MemoryPlan") -> None:
+        """Fused q/k/v, the plan's activation checkpointing and block offload, and compiled blocks."""
+        cfg = self.cfg
         if cfg.fuse_qkv_projections:
             n = fuse_mod.fuse_qkv(self.transformer)
             total = sum(1 for m in self.transformer.modules() if type(m).__name__ == "FluxAttention")
@@ -469,16 +534,18 @@ class KontextLoRARecipe:
             why = "compile_blocks" if cfg.compile_blocks else "on CUDA by default; compile_blocks=false turns it off"
             self.emit("stage", message=f"torch.compile of the transformer blocks ({why}): the first steps include "
                                        f"compiling")
+
+    def _new_optimizer(self) -> None:
+        """A fresh optimizer and learning-rate schedule over the adapter's current trainable parameters."""
+        cfg = self.cfg
         self.params = adapters.trainable_parameters(self.transformer)
         self.optimizer = build_optimizer(cfg, self.params)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
-        self.scheduler = model_mod.load_scheduler(self.model_dir)
-        self.ema = self._make_ema()
-        if self.ema is not None:
-            self.emit("stage", message=f"EMA of the adapter: decay {cfg.ema_decay:g}"
-                                       + (" with warm-up" if cfg.ema_warmup else "")
-                                       + f", float32 on {self.device} (ema_decay)")
+
+    def _describe_adapter(self) -> None:
+        """The start-up line about the adapter (and the warning for a LoKr diffusers' own loader cannot read)."""
+        cfg = self.cfg
         n = sum(p.numel() for p in self.params)
         if cfg.adapter == "lokr" and cfg.lokr_factor != cfg.lokr_factor_ff and any(
                 adapters.is_feed_forward(m) for m in self.lora_config.target_modules):
@@ -515,9 +582,9 @@ class KontextLoRARecipe:
         tokens = max((memory.sample_tokens(s.target.size, [r.size for r in s.references]) for s in self.samples),
                      default=0)
         return memory.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
-                                wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
-                                scale=min(1.0, self._base_params / memory.FULL_TRANSFORMER_PARAMS),
-                                fa4=attention.runs_fa4(cfg.attention_backend, self.device, tokens))
+                               wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
+                               scale=min(1.0, self._base_params / memory.FULL_TRANSFORMER_PARAMS),
+                               fa4=attention.runs_fa4(cfg.attention_backend, self.device, tokens))
 
     def _offload_plan(self, plan: "memory.MemoryPlan", sizes: list[int]) -> "memory.MemoryPlan":
         """offload_blocks N: the first N blocks offloaded (and checkpointed); default on CUDA: as few as make the
@@ -532,7 +599,7 @@ class KontextLoRARecipe:
             fraction = max(plan.fraction, n / len(sizes))
             peak = max(0.0, plan.peak_gib - (sum(sizes[:n]) - resident) / 2**30) if plan.peak_gib else 0.0
             return memory.MemoryPlan(fraction, peak, f"{plan.reason}; offloading the first {n} blocks "
-                                                     f"(offload_blocks; they are checkpointed)", plan.budget, n)
+                                                    f"(offload_blocks; they are checkpointed)", plan.budget, n)
         if cfg.offload_blocks == 0 or self.device.type != "cuda" or not plan.peak_gib:
             return plan
         limit = self._card_gib() - memory.allocator_headroom_gib()
@@ -552,7 +619,7 @@ class KontextLoRARecipe:
         if cfg.activation_memory_budget is not None and self.compile:
             b = cfg.activation_memory_budget
             return memory.MemoryPlan(0.0, peak(0.0, b), f"compiled blocks with activation memory budget {b:g} "
-                                                        f"(activation_memory_budget)", b)
+                                                       f"(activation_memory_budget)", b)
         if cfg.activation_memory_budget is not None:  # compile fell back to eager (no Triton)
             self.emit("warning", message="activation_memory_budget needs compiled blocks: checkpointing every "
                                          "block instead")
@@ -560,7 +627,7 @@ class KontextLoRARecipe:
         if self.device.type != "cuda":
             return memory.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
         return memory.plan_memory(self._card_gib(), shape, headroom_gib=memory.allocator_headroom_gib(),
-                                  compiled=self.compile)
+                                 compiled=self.compile)
 
     # ------------------------------------------------------------------------------------------- train
 
@@ -568,83 +635,25 @@ class KontextLoRARecipe:
         return choose_caption(sample, self.cfg.seed, epoch, self.cfg.caption_dropout_probability)
 
     def train(self) -> TrainResult:
+        """Optimizer steps up to max_train_steps (from a resumed step on), with checkpoints and validations on
+        schedule, then the final validation, the adapter (and its EMA) saved, and the run's result."""
         cfg = self.cfg
-        metrics_path = self.output_dir / "metrics.jsonl"
         losses: list[tuple[int, float]] = []
         validation_dirs: list[Path] = []
         it = self.sampler.iterate(self.epoch, self.position, with_copy=True)
         started = time.perf_counter()
         first_step = self.step
-        if not self.dist.is_main:
-            metrics_path = Path(os.devnull)  # rank 0 alone writes outputs
+        # rank 0 alone writes outputs
+        metrics_path = self.output_dir / "metrics.jsonl" if self.dist.is_main else Path(os.devnull)
         if self.step == 0 and self._loss_on():
             self.validate(images=False)  # the baseline every later validation loss is compared with
         with open(metrics_path, "a", encoding="utf-8") as metrics:
             self._metrics = metrics
             while self.step < cfg.max_train_steps:
-                t0 = time.perf_counter()
-                step_loss = 0.0
-                failure = None
-                shapes = []
-                self.optimizer.zero_grad(set_to_none=True)
-                for micro in range(cfg.gradient_accumulation_steps):
-                    epoch, position, idx, copy = next(it)
-                    draw = draw_epoch(epoch, copy)  # a repeated sample's viewings draw their captions anew
-                    self.epoch, self.position = epoch, position
-                    # this rank's shard of the global batch (all of it in one process)
-                    shard = shard_indices(idx, self.dist.rank, self.dist.world_size)
-                    if not shard:
-                        continue  # contributes zero gradients to the all-reduce
-                    batch_samples = [self.samples[i] for i in shard]
-                    shapes.append((batch_samples[0].bucket, len(batch_samples)))
-                    captions = [self._caption_for(s, draw) for s in batch_samples]
-                    chosen = choose_references(batch_samples, cfg.reference_sampling, cfg.seed, draw)
-                    batch = load_batch(batch_samples, self.cache, self.keys, captions, chosen).to(self.device,
-                                                                                                  self.dtype)
-                    sigmas, noise = self._sigmas_and_noise(batch_samples, batch, micro)
-                    weight = len(shard) / len(idx) / cfg.gradient_accumulation_steps
-                    try:
-                        step_loss += kontext_step(
-                            self.transformer, batch, None, scheme=cfg.timestep_sampling, shift=cfg.flow_shift,
-                            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, guidance=cfg.train_guidance,
-                            attention_backend=cfg.attention_backend, loss_scale=weight, sigmas=sigmas, noise=noise,
-                            mask_loss_weight=cfg.mask_loss_weight,
-                        ) * weight
-                    except FloatingPointError as exc:
-                        failure = str(exc)
-                        break
-                # every rank learns of a non-finite loss on any rank before the gradient all-reduce (no hang)
-                if self.dist.sum_scalar(1.0 if failure else 0.0, self.device) > 0:
-                    raise self._diverged(failure or "a non-finite loss on another process")
-                self.dist.all_reduce_grads(self.params)
-                step_loss = self.dist.sum_scalar(step_loss, self.device)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
-                if not math.isfinite(grad_norm):  # never step on inf/NaN gradients
-                    raise self._diverged(f"non-finite gradient norm {grad_norm} (loss {step_loss})")
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.step += 1
-                if self.ema is not None:
-                    self.ema.update(self.params, self.step)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                self.clock.step(dt, shapes)
-                lr = self.lr_scheduler.get_last_lr()[0]
+                step_loss, dt = self._optimizer_step(it)
                 losses.append((self.step, step_loss))
-                metrics.write(json.dumps({"step": self.step, "loss": step_loss, "lr": lr, "step_time": dt,
-                                          "epoch": self.epoch}) + "\n")
-                if self.writer and self.step % cfg.logging_steps == 0:
-                    self.writer.add_scalar("train/loss", step_loss, self.step)
-                    self.writer.add_scalar("train/lr", lr, self.step)
-                    self.writer.add_scalar("train/step_time_s", dt, self.step)
-                self.emit("step", step=self.step, total=cfg.max_train_steps, loss=step_loss, lr=lr, step_time=dt)
-                last = self.step == cfg.max_train_steps
-                if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0 and not last:
-                    self.save_checkpoint()
-                if cfg.validation_steps and self.step % cfg.validation_steps == 0 and not last:
-                    validation_dirs.append(self.validate())
+                self._log_step(metrics, step_loss, dt)
+                validation_dirs += self._on_schedule()
         if not cfg.skip_final_validation:
             validation_dirs.append(self.validate())
         elif self._loss_on():
@@ -657,14 +666,97 @@ class KontextLoRARecipe:
         if self.writer:
             self.writer.flush()
             self.writer.close()
-        n_steps = max(1, self.step - first_step)
         timings = self.clock.summary(self.device)
         self.emit("timings", **timings)
         return TrainResult(lora_path=lora_path, config_path=self.output_dir / "config.resolved.json", losses=losses,
                            validation_dirs=validation_dirs, checkpoints=list_checkpoints(self.output_dir),
-                           seconds_per_step=(time.perf_counter() - started) / n_steps, timings=timings,
-                           validation_losses=list(self.validation_losses),
+                           seconds_per_step=(time.perf_counter() - started) / max(1, self.step - first_step),
+                           timings=timings, validation_losses=list(self.validation_losses),
                            ema_path=self.output_dir / EMA_WEIGHT_NAME if self.ema is not None else None)
+
+    def _optimizer_step(self, it) -> tuple[float, float]:
+        """One optimizer step over gradient_accumulation_steps micro-batches drawn from `it`, gradients summed over
+        the processes: (the step's loss, its seconds). Raises TrainError when a loss or gradient is not finite,
+        before the optimizer steps."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        step_loss = 0.0
+        failure = None
+        shapes: list = []
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.gradient_accumulation_steps):
+            try:
+                step_loss += self._micro_step(next(it), micro, shapes)
+            except FloatingPointError as exc:
+                failure = str(exc)
+                break
+        # every rank learns of a non-finite loss on any rank before the gradient all-reduce (no hang)
+        if self.dist.sum_scalar(1.0 if failure else 0.0, self.device) > 0:
+            raise self._diverged(failure or "a non-finite loss on another process")
+        self.dist.all_reduce_grads(self.params)
+        step_loss = self.dist.sum_scalar(step_loss, self.device)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+        if not math.isfinite(grad_norm):  # never step on inf/NaN gradients
+            raise self._diverged(f"non-finite gradient norm {grad_norm} (loss {step_loss})")
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.params, self.step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.clock.step(dt, shapes)
+        return step_loss, dt
+
+    def _micro_step(self, drawn: tuple, micro: int, shapes: list) -> float:
+        """Forward and backward of this process's shard of one micro-batch (`drawn` from the sampler: epoch,
+        position, indices, copy); its (bucket, size) is appended to `shapes`. Returns its share of the step's loss
+        (0 for an empty shard, which contributes zero gradients to the all-reduce)."""
+        cfg = self.cfg
+        epoch, position, idx, copy = drawn
+        draw = draw_epoch(epoch, copy)  # a repeated sample's viewings draw their captions anew
+        self.epoch, self.position = epoch, position
+        shard = shard_indices(idx, self.dist.rank, self.dist.world_size)  # all of it in one process
+        if not shard:
+            return 0.0
+        batch_samples = [self.samples[i] for i in shard]
+        shapes.append((batch_samples[0].bucket, len(batch_samples)))
+        captions = [self._caption_for(s, draw) for s in batch_samples]
+        chosen = choose_references(batch_samples, cfg.reference_sampling, cfg.seed, draw)
+        batch = load_batch(batch_samples, self.cache, self.keys, captions, chosen).to(self.device, self.dtype)
+        sigmas, noise = self._sigmas_and_noise(batch_samples, batch, micro)
+        weight = len(shard) / len(idx) / cfg.gradient_accumulation_steps
+        return kontext_step(
+            self.transformer, batch, None, scheme=cfg.timestep_sampling, shift=cfg.flow_shift,
+            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, guidance=cfg.train_guidance,
+            attention_backend=cfg.attention_backend, loss_scale=weight, sigmas=sigmas, noise=noise,
+            mask_loss_weight=cfg.mask_loss_weight,
+        ) * weight
+
+    def _log_step(self, metrics, step_loss: float, dt: float) -> None:
+        """The step's metrics.jsonl line, TensorBoard scalars (every logging_steps) and `step` event."""
+        lr = self.lr_scheduler.get_last_lr()[0]
+        metrics.write(json.dumps({"step": self.step, "loss": step_loss, "lr": lr, "step_time": dt,
+                                  "epoch": self.epoch}) + "\n")
+        if self.writer and self.step % self.cfg.logging_steps == 0:
+            self.writer.add_scalar("train/loss", step_loss, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+            self.writer.add_scalar("train/step_time_s", dt, self.step)
+        self.emit("step", step=self.step, total=self.cfg.max_train_steps, loss=step_loss, lr=lr, step_time=dt)
+
+    def _on_schedule(self) -> list[Path]:
+        """The checkpoint and validation due after this step (the last step's come after the loop); returns the
+        validation folders written."""
+        cfg = self.cfg
+        if self.step == cfg.max_train_steps:
+            return []
+        if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+            self.save_checkpoint()
+        if cfg.validation_steps and self.step % cfg.validation_steps == 0:
+            return [self.validate()]
+        return []
 
     # ------------------------------------------------------------------------------------------- validation
 
@@ -808,6 +900,7 @@ class KontextLoRARecipe:
     # ------------------------------------------------------------------------------------------- saving
 
     def save_final(self) -> Path:
+        """Write the final adapter (and its EMA) to OUTPUT_DIR on rank 0; returns the adapter's path."""
         if not self.dist.is_main:
             return self.output_dir / adapters.LORA_WEIGHT_NAME
         path = adapters.save_lora(self.transformer, self.output_dir, training_config=self._training_metadata())
@@ -836,11 +929,8 @@ class KontextLoRARecipe:
             self.dist.barrier()
 
     def _save_checkpoint(self) -> Path:
-        root = self.output_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        try:
+        final = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        with staged_folder(final) as tmp:
             adapters.save_lora(self.transformer, tmp, training_config=self._training_metadata())
             if self.ema is not None:
                 self.ema.save(self.transformer, self.params, tmp, self._training_metadata())
@@ -850,12 +940,6 @@ class KontextLoRARecipe:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
             }, tmp / "training_state.pt")
             (tmp / "config.resolved.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for old in list_checkpoints(self.output_dir)[:-self.cfg.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
         self.emit("checkpoint", path=str(final), step=self.step)
@@ -897,11 +981,8 @@ class KontextLoRARecipe:
             adapters.load_lora_into(self.transformer, ckpt / adapters.LORA_WEIGHT_NAME)
         except ValueError as exc:
             raise TrainError([str(exc) + " (was it trained with other lora_rank / lora_targets?)"]) from None
-        self.params = adapters.trainable_parameters(self.transformer)
-        self.optimizer = build_optimizer(self.cfg, self.params)
+        self._new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.cfg.lr_scheduler, self.cfg.lr_warmup_steps, self.cfg.max_train_steps))
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
         if self.ema is not None and state.get("ema") is not None:
@@ -916,6 +997,7 @@ class KontextLoRARecipe:
 
 
 def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from `parts` (xxh64 of their text): the same on every process and Python run."""
     import xxhash
 
     return xxhash.xxh64_intdigest(":".join(str(p) for p in parts).encode()) & ((1 << 63) - 1)

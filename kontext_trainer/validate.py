@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
+from kontext_data.fileio import atomic_path
 from kontext_trainer.data import Sample
 
 
 @dataclass
 class ValidationResult:
+    """One rendered validation strip."""
+
     sample_id: str
     caption: str
     strip_path: Path
@@ -73,6 +76,7 @@ def make_strip(images: list, caption: str, labels: list[str]):
 
 
 def parse_resolution(text: str) -> tuple[int, int] | None:
+    """validation_resolution as (width, height): "WxH" or "N" (NxN); None when empty."""
     if not text:
         return None
     w, _, h = text.partition("x")
@@ -115,9 +119,8 @@ def _edit(pipe, refs, embedding, width: int, height: int, seed: int, *, guidance
 
 
 def _save_strip(strip, path: Path) -> Path:
-    tmp = path.with_suffix(".tmp.png")
-    strip.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # the temp name keeps .png: PIL picks the format by it
+        strip.save(tmp)
     return path
 
 

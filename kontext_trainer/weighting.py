@@ -36,15 +36,19 @@ class DatasetShare:
 
     @property
     def multiplier(self) -> float:
+        """Viewings per epoch of each of its samples: weight x (repeats + 1)."""
         return self.weight * (self.repeats + 1)
 
     @property
     def per_epoch(self) -> float:
+        """Viewings per epoch of the whole dataset."""
         return self.samples * self.multiplier
 
 
 @dataclass
 class Weighting:
+    """The weight and group of every training sample, with the problems of the tables and the start-up line."""
+
     by_sample: dict[str, tuple[float, str]] = field(default_factory=dict)
     """sample id -> (weight, group): the group is its dataset's label (fractional weights pick a share of each)."""
     factors: dict[str, tuple[float, int]] = field(default_factory=dict)
@@ -57,6 +61,7 @@ class Weighting:
         return [w for w, _ in pairs], [g for _, g in pairs]
 
     def shares(self, sample_ids: Sequence[str]) -> list[DatasetShare]:
+        """Per dataset: its samples among `sample_ids` and what they are seen per epoch."""
         counts: dict[str, int] = {}
         for i in sample_ids:
             label = self.by_sample.get(i, (1.0, ""))[1]

@@ -140,7 +140,7 @@ def test_ranks_encode_disjoint_shares_that_make_the_whole(tiny_pipeline, sample_
 
 
 def _sequential_latents(cache, vae, keyed, batch_size):
-    from kontext_trainer.cache import _atomic_save, load_entry_image
+    from kontext_trainer.cache import save_entry, load_entry_image
 
     by_size = {}
     for key, entry in sorted(cache.missing_latents(keyed).items()):
@@ -150,12 +150,12 @@ def _sequential_latents(cache, vae, keyed, batch_size):
             chunk = items[i:i + batch_size]
             latents = encode_images(vae, [load_entry_image(e) for _, e in chunk], "cpu")
             for j, (key, entry) in enumerate(chunk):
-                _atomic_save({"latent": latents[j]}, cache.latent_path(key),
+                save_entry({"latent": latents[j]}, cache.latent_path(key),
                              {"path": entry.path, "hash": entry.file_hash, "synth": entry.synth})
 
 
 def _sequential_text(cache, pipe, keyed, batch_size):
-    from kontext_trainer.cache import _atomic_save
+    from kontext_trainer.cache import save_entry
 
     todo = sorted(cache.missing_text(keyed).items())
     with torch.no_grad():
@@ -164,7 +164,7 @@ def _sequential_text(cache, pipe, keyed, batch_size):
             prompt_embeds, pooled, _ = pipe.encode_prompt(prompt=[c for _, c in chunk], prompt_2=None,
                                                           device=torch.device("cpu"), max_sequence_length=512)
             for j, (key, caption) in enumerate(chunk):
-                _atomic_save({"prompt_embeds": prompt_embeds[j], "pooled": pooled[j]}, cache.text_path(key),
+                save_entry({"prompt_embeds": prompt_embeds[j], "pooled": pooled[j]}, cache.text_path(key),
                              {"caption": caption[:4000]})
 
 
@@ -192,7 +192,7 @@ def _files(root):
 
 
 def _temp_files(root):
-    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    return [p for p in root.rglob("*") if ".tmp" in p.name]  # fileio's temp names: .NAME.XXXX.tmp.safetensors
 
 
 def _encoders(pipe):
@@ -230,18 +230,18 @@ def test_pipelined_text_is_the_bytes_of_the_sequential_loop(tiny_pipeline, sampl
 def test_loader_threads_build_the_batch_images_to_tensor_builds(sample_manifest):
     """The batch assembled row by row in loader threads equals images_to_tensor(images).to(dtype): same values,
     same dtype rounding and the same (channels-last) strides, so the VAE's convolutions see the same input."""
-    from kontext_trainer.cache import _load_into, images_to_tensor, load_entry_image
+    from kontext_trainer.cache import load_entry_into, images_to_tensor, load_entry_image
 
     keyed = _entries(sample_manifest)
     chunk = [e for e in keyed.values() if e.size == (64, 64)][:3]
     for dtype in (torch.float32, torch.bfloat16):
         buf = torch.empty((len(chunk), 64, 64, 3), dtype=dtype)
-        assert not any(_load_into(e, None, buf, j) for j, e in enumerate(chunk))
+        assert not any(load_entry_into(e, None, buf, j) for j, e in enumerate(chunk))
         expected = images_to_tensor([load_entry_image(e) for e in chunk]).to(dtype=dtype)
         x = buf.permute(0, 3, 1, 2)
         assert torch.equal(x, expected) and x.stride() == expected.stride() and x.dtype == expected.dtype
     odd = torch.empty((1, 48, 48, 3))  # not the image's size: the caller converts the whole batch itself
-    assert _load_into(chunk[0], None, odd, 0) is True
+    assert load_entry_into(chunk[0], None, odd, 0) is True
 
 
 def test_batch_size_changes_latents_only_by_float_rounding(tiny_pipeline, sample_manifest, tmp_path):
@@ -288,14 +288,14 @@ def test_a_failed_write_names_the_cache_file(tiny_pipeline, sample_manifest, tmp
     keyed = _entries(sample_manifest)
     cache = cache_mod.FeatureCache(tmp_path / "cache")
     victim = cache.latent_path(sorted(keyed)[5])
-    real = cache_mod._atomic_save
+    real = cache_mod.save_entry
 
     def flaky(tensors, path, metadata=None):
         if path == victim:
             raise OSError(28, "No space left on device")
         return real(tensors, path, metadata)
 
-    monkeypatch.setattr(cache_mod, "_atomic_save", flaky)
+    monkeypatch.setattr(cache_mod, "save_entry", flaky)
     try:
         cache.encode_latents(tiny_pipeline.vae, keyed, "cpu", 2)
         raise AssertionError("a failed write must raise")

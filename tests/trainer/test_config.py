@@ -1,56 +1,14 @@
-"""Config files (JSON with comments, TOML, YAML) + overrides; the SimpleTuner guide's keys; all errors at once."""
+"""Config files (JSON with comments, TOML, YAML) + overrides; all errors at once. (SimpleTuner's keys:
+tests/trainer/test_compat.py.)"""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 
 from kontext_trainer.config import ConfigError, read_config_file, resolve_config
-
-GUIDE_CONFIG = """{
-  "model_family":   "flux",
-  "model_flavour": "kontext",                       // <-- cambia esto de "dev" a "kontext"
-  "base_model_precision": "bf16",
-  "gradient_checkpointing": true,
-  "fuse_qkv_projections": false,                    // honoured, with a note (ours needs no flash-attn)
-  "lora_rank": 16,
-  "learning_rate": 1e-5,
-  "optimizer": "optimi-lion",
-  "max_train_steps": 10000,
-  "validation_guidance": 2.5,
-  "validation_resolution": "1024x1024",
-  "conditioning_multidataset_sampling": "random",
-  "--output_dir": "out/kontext", /* SimpleTuner also writes keys with dashes */
-  "train_batch_size": 2,
-  "gradient_accumulation_steps": 4,
-  "seed": 7,
-  "lr_scheduler": "constant_with_warmup",
-  "lr_warmup_steps": 100,
-  "validation_steps": 250,
-  "checkpointing_steps": 500,
-  "resolution": 1024,
-  "resolution_type": "pixel_area",
-  "data_backend_config": "config/multidatabackend.json",
-}
-"""
-
-
-def test_guide_config_is_accepted(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(GUIDE_CONFIG)
-    r = resolve_config(read_config_file(path), {"manifest": "m.parquet"})
-    c = r.config
-    assert (c.optimizer, c.learning_rate, c.lora_rank, c.max_train_steps) == ("lion", 1e-5, 16, 10000)
-    assert (c.validation_guidance, c.validation_resolution, c.output_dir) == (2.5, "1024x1024", "out/kontext")
-    assert (c.train_batch_size, c.gradient_accumulation_steps, c.seed) == (2, 4, 7)
-    assert (c.lr_scheduler, c.lr_warmup_steps, c.validation_steps, c.checkpointing_steps) == ("constant", 100, 250, 500)
-    assert (c.resolution, c.resolution_type, c.base_model_precision) == (1024, "pixel_area", "bf16")
-    assert len(r.warnings) == 1  # the unused keys, listed together
-    assert "data_backend_config" in r.warnings[0]
-    # the guide's fuse_qkv_projections false (SimpleTuner's needs flash-attn) is honoured, with what ours costs
-    assert c.fuse_qkv_projections is False
-    assert any("fuse_qkv_projections" in n and "flash-attn" in n for n in r.notes)
-    assert c.reference_sampling == "random"  # conditioning_multidataset_sampling is used (data side, issue 6)
-
 
 def test_overrides_win_and_are_typed():
     r = resolve_config({"learning_rate": 1e-5, "lora_rank": 16},
@@ -68,19 +26,6 @@ def test_every_error_is_reported_together():
     for needle in ("model_flavour", "lora_rank", "optimizer", "learning_rate", "lr_scheduler",
                    "validation_resolution", "did you mean 'lora_rank'"):
         assert needle in text
-
-
-def test_guide_precisions_adapters_and_optimizers_resolve():
-    r = resolve_config({"base_model_precision": "int8-quanto", "lora_type": "lycoris", "quantize_via": "cpu",
-                        "optimizer": "optimi-lion"}, {"manifest": "m"})
-    c = r.config
-    assert (c.base_model_precision, c.adapter, c.quantize_on, c.optimizer) == ("int8-quanto", "lokr", "cpu", "lion")
-    r2 = resolve_config({"optimizer": "adamw_bf16", "quantize_via": "accelerator", "lora_type": "standard"},
-                        {"manifest": "m"}).config
-    assert (r2.optimizer, r2.quantize_on, r2.adapter) == ("adamw_bf16", "gpu", "lora")
-    with pytest.raises(ConfigError) as exc:
-        resolve_config({"base_model_precision": "nf4-bnb", "lora_type": "loha"}, {"manifest": "m"})
-    assert "int8-quanto" in exc.value.problems[0] and "lycoris" in exc.value.problems[1]
 
 
 def test_toml_and_yaml(tmp_path):
@@ -113,18 +58,92 @@ def test_compile_blocks_with_a_quanto_base_is_accepted_and_a_budget_needs_compil
         resolve_config({"manifest": m, "activation_memory_budget": 0})
 
 
-def test_simpletuner_ema_keys_keep_their_meaning():
-    """use_ema turns the EMA on (SimpleTuner's default decay 0.995 when no ema_decay is given) or off (whatever
-    ema_decay says); ema_validation comparison/ema_only validates the EMA too, none does not."""
-    from kontext_trainer.config import ConfigError, resolve_config
+# ------------------------------------------------------------------------------------------- shipped configs
+# Every training config a user can copy from the docs or the examples must load. Which blocks those are is decided
+# by a rule, not a list: `_not_a_training_config` says why a block is skipped.
 
-    on = resolve_config({"use_ema": True, "manifest": "m.parquet"}).config
-    assert on.ema_decay == 0.995 and not on.ema_validate
-    off = resolve_config({"use_ema": False, "ema_decay": 0.99, "manifest": "m.parquet"})
-    assert off.config.ema_decay is None and any("use_ema false" in n for n in off.notes)
-    both = resolve_config({"use_ema": "true", "ema_decay": 0.9, "ema_validation": "comparison",
-                           "manifest": "m.parquet"}).config
-    assert both.ema_decay == 0.9 and both.ema_validate
-    assert not resolve_config({"ema_validation": "none", "manifest": "m.parquet"}).config.ema_validate
-    with pytest.raises(ConfigError, match="ema_validation"):
-        resolve_config({"ema_validation": "sometimes", "manifest": "m.parquet"})
+ROOT = Path(__file__).resolve().parents[2]
+FENCE = re.compile(r"^```(json|jsonc|toml|ya?ml)[ \t]*\n(.*?)^```", re.S | re.M)
+HEREDOC = re.compile(r"<<-?\s*['\"]?(JSONC?|TOML|YAML)['\"]?[^\n]*\n(.*?)^\s*\1\s*$", re.S | re.M)
+SUFFIX = {"json": ".json", "jsonc": ".jsonc", "toml": ".toml", "yaml": ".yaml", "yml": ".yaml"}
+
+
+def _shipped_config_blocks() -> list[tuple[str, str, str]]:
+    """(where, suffix, text) of every config-language block: fenced ```json / ```jsonc / ```toml / ```yaml blocks
+    of docs/**/*.md, config files in examples/, config heredocs (<<'JSON' ... JSON) of examples/*.sh, and the
+    SimpleTuner guide's config.json copies in tests/fixtures/simpletuner/."""
+    blocks = []
+    for md in sorted((ROOT / "docs").rglob("*.md")):
+        text = md.read_text(encoding="utf-8")
+        for m in FENCE.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            blocks.append((f"{md.relative_to(ROOT)}:{line}", SUFFIX[m.group(1)], m.group(2)))
+    for path in sorted((ROOT / "examples").iterdir()):
+        if path.suffix in (".json", ".jsonc", ".toml", ".yaml", ".yml"):
+            blocks.append((str(path.relative_to(ROOT)), path.suffix, path.read_text(encoding="utf-8")))
+        elif path.suffix == ".sh":
+            text = path.read_text(encoding="utf-8")
+            for m in HEREDOC.finditer(text):
+                line = text.count("\n", 0, m.start()) + 1
+                blocks.append((f"{path.relative_to(ROOT)}:{line}", SUFFIX[m.group(1).lower()], m.group(2)))
+    for path in sorted((ROOT / "tests" / "fixtures" / "simpletuner").glob("config*.json*")):
+        blocks.append((str(path.relative_to(ROOT)), path.suffix, path.read_text(encoding="utf-8")))
+    return blocks
+
+
+def _not_a_training_config(where: str, values: dict) -> str | None:
+    """Why a parsed block is not a training config (None: it is one). The rule: a training config is one object
+    most of whose keys kontext-train reads (our fields or SimpleTuner keys), or a copy of SimpleTuner's config.json.
+    Other JSON in the docs is another file's format: kontext-data's reports and provenance records, whose keys are
+    their own."""
+    from kontext_trainer.compat import is_known, normalize_key
+    from kontext_trainer.config import FIELD_NAMES
+
+    if "fixtures/simpletuner" in where:
+        return None
+    known = [k for k in values if normalize_key(k) in FIELD_NAMES or is_known(normalize_key(k))]
+    if len(known) * 2 <= len(values):
+        return f"another file's format: only {known or 'none'} of its keys {sorted(values)} are config keys"
+    return None
+
+
+def test_every_config_shipped_in_docs_and_examples_loads(tmp_path):
+    configs, skipped = [], []
+    for i, (where, suffix, text) in enumerate(_shipped_config_blocks()):
+        path = tmp_path / f"block{i}{suffix}"
+        path.write_text(text, encoding="utf-8")
+        try:
+            values = read_config_file(path)
+        except ConfigError as exc:  # several JSON objects, one per line: JSON Lines (validation prompts), data
+            if suffix in (".json", ".jsonc") and len([ln for ln in text.splitlines() if ln.strip()]) > 1 and all(
+                    ln.strip().startswith("{") for ln in text.splitlines() if ln.strip()):
+                skipped.append((where, "JSON Lines: a data file (one object per line), not a config"))
+                continue
+            raise AssertionError(f"{where}: does not parse as a config: {exc.problems}") from None
+        reason = _not_a_training_config(where, values)
+        if reason:
+            skipped.append((where, reason))
+            continue
+        overrides = {} if "manifest" in values else {"manifest": "m.parquet"}  # the manifest comes from the CLI
+        try:
+            resolve_config(values, overrides, source=where)
+        except ConfigError as exc:
+            raise AssertionError(f"{where}: {exc.problems}") from None
+        configs.append(where)
+    names = " ".join(configs)
+    # the rule must keep finding the configs users copy: the quickstarts, train.md's, the demo's, the guide's
+    for expected in ("docs/quickstart.md", "docs/es/quickstart.md", "docs/train.md", "examples/demo_train.sh",
+                     "tests/fixtures/simpletuner/config.jsonc"):
+        assert expected in names, (expected, configs, skipped)
+    assert all(reason for _, reason in skipped)
+
+
+def test_train_md_documents_every_config_key():
+    """docs/train.md's "Every key" table has one row per TrainConfig field, and no row for a field that is gone."""
+    from kontext_trainer.config import FIELD_NAMES
+
+    text = (ROOT / "docs" / "train.md").read_text(encoding="utf-8")
+    table = text.split("### Every key", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert sorted(set(FIELD_NAMES) - set(rows)) == [], "fields missing from docs/train.md's table"
+    assert sorted(set(rows) - set(FIELD_NAMES)) == [], "rows of docs/train.md's table that are no field"

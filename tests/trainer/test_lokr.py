@@ -1,5 +1,5 @@
-"""LoKr (peft LoKrConfig) on the tiny model: SimpleTuner's factors and full matrices, a lycoris_config.json mapped
-with one warning, training through the recipe, and the saved file loading into a diffusers pipeline."""
+"""LoKr (peft LoKrConfig) on the tiny model: SimpleTuner's factors and full matrices, training through the recipe,
+and the saved file loading into a diffusers pipeline. (lycoris_config.json: tests/trainer/test_compat.py.)"""
 
 from __future__ import annotations
 
@@ -12,18 +12,10 @@ from safetensors import safe_open
 
 from conftest import forward_backward
 
-from kontext_trainer.adapters import attach_lokr, load_adapter, read_lycoris_config, save_lora
-from kontext_trainer.config import ConfigError, TrainConfig, resolve_config
+from kontext_trainer.adapters import attach_lokr, load_adapter, save_lora
+from kontext_trainer.config import TrainConfig
 from kontext_trainer.flow import kontext_ids
 from kontext_trainer.recipe import KontextLoRARecipe
-
-SIMPLETUNER_LYCORIS = {
-    "algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
-    "apply_preset": {"target_module": ["Attention", "FeedForward"],
-                     "module_algo_map": {"Attention": {"factor": 16}, "FeedForward": {"factor": 8}}},
-    "use_scalar": True, "dropout": 0.0,
-}
-
 
 def _args():
     g = torch.Generator().manual_seed(0)
@@ -55,25 +47,6 @@ def test_factors_full_matrices_and_zero_start(tiny_model):
     attach_lokr(tr2, "attention", factor=2, factor_ff=2, full_matrix=False, rank=1)  # w2 16x16: decomposed
     names = {n for n, _ in tr2.named_parameters() if "lokr_" in n}
     assert "transformer_blocks.0.attn.to_q.lokr_w2_a.default" in names
-
-
-def test_lycoris_config_is_mapped_with_one_warning(tmp_path):
-    path = tmp_path / "lycoris_config.json"
-    path.write_text(json.dumps(SIMPLETUNER_LYCORIS))
-    values, warnings, problems = read_lycoris_config(path)
-    assert not problems
-    assert values == {"adapter": "lokr", "lokr_factor": 16, "lokr_factor_ff": 8, "lokr_full_matrix": True,
-                      "lora_targets": "attention+ffs"}
-    assert len(warnings) == 1 and "use_scalar" in warnings[0] and "dropout" in warnings[0]
-    r = resolve_config({"lycoris_config": str(path), "lora_type": "lycoris", "lokr_factor": 4}, {"manifest": "m"})
-    c = r.config
-    assert (c.adapter, c.lokr_factor, c.lokr_factor_ff, c.lora_targets) == ("lokr", 4, 8, "attention+ffs")
-    assert any("use_scalar" in w for w in r.warnings)
-    path.write_text(json.dumps({"algo": "loha", "linear_dim": 8}))
-    with pytest.raises(ConfigError, match="loha"):
-        resolve_config({"lycoris_config": str(path)}, {"manifest": "m"})
-    with pytest.raises(ConfigError, match="no such file"):
-        resolve_config({"lycoris_config": str(tmp_path / "none.json")}, {"manifest": "m"})
 
 
 def test_lokr_trains_and_loads_into_the_pipeline(tiny_model, sample_manifest, tmp_path):

@@ -32,12 +32,15 @@ def test_manifest_problems_come_together_before_the_model(manifest_copy, tmp_pat
     assert "no-such-model" not in text  # the model was never looked at
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_model, sample_manifest, tmp_path):
-    full = train(_cfg(sample_manifest, tiny_model, tmp_path / "full", max_train_steps=6))
-    first = train(_cfg(sample_manifest, tiny_model, tmp_path / "split", max_train_steps=3, checkpointing_steps=3))
+@pytest.mark.parametrize("schedule", [{}, {"lr_scheduler": "cosine", "lr_warmup_steps": 4}])
+def test_resume_reproduces_the_uninterrupted_run(tiny_model, sample_manifest, tmp_path, schedule):
+    """Also mid-warmup with a decaying schedule: the first resumed step runs at the checkpoint's learning rate."""
+    full = train(_cfg(sample_manifest, tiny_model, tmp_path / "full", max_train_steps=6, **schedule))
+    first = train(_cfg(sample_manifest, tiny_model, tmp_path / "split", max_train_steps=3, checkpointing_steps=3,
+                       **schedule))
     assert [c.name for c in first.checkpoints] == ["checkpoint-000003"]
     rest = train(_cfg(sample_manifest, tiny_model, tmp_path / "split", max_train_steps=6,
-                      resume_from_checkpoint="latest"))
+                      resume_from_checkpoint="latest", **schedule))
     assert [s for s, _ in rest.losses] == [4, 5, 6]
     assert [l for _, l in rest.losses] == pytest.approx([l for _, l in full.losses[3:]], rel=1e-5)
     assert [l for _, l in first.losses] == pytest.approx([l for _, l in full.losses[:3]], rel=1e-6)
