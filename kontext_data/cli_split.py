@@ -54,6 +54,7 @@ def split(
     Over 4 machines: the same command with --shard 0/4 ... --shard 3/4.
     """
     from kontext_data import split as sp
+    from kontext_data.problems import ProblemsError
 
     try:
         cols, rows = sp.parse_layout(layout, panels)
@@ -66,7 +67,7 @@ def split(
             workers=workers, shard=sp.parse_shard(shard), limit=limit, overwrite=overwrite,
         )
         sp.validate_config(config)
-    except sp.SplitError as exc:
+    except ProblemsError as exc:  # SplitError, or the ShardError of --shard
         _fail(exc.problems, json_out, 2)
         return
 
