@@ -100,6 +100,7 @@ def degrade(
     """
     from . import degradations as D
     from .degrade import DegradeConfig, DegradeError, build_chain, load_params_file, parse_shard, run_degrade
+    from .problems import ProblemsError
 
     err = Console(stderr=True)
     problems: list[str] = []
@@ -139,7 +140,7 @@ def degrade(
         problems.append("--caption: empty captions are not allowed")
     try:
         shard_t = parse_shard(shard)
-    except DegradeError as exc:
+    except ProblemsError as exc:  # the ShardError of --shard
         problems.extend(exc.problems)
         shard_t = (0, 1)
     if problems:
