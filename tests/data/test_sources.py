@@ -3,8 +3,6 @@ and hub sources; row values."""
 
 from __future__ import annotations
 
-import json
-
 import cv2
 import numpy as np
 import pyarrow as pa
