@@ -13,20 +13,20 @@ The policy, set here once for every verb:
   The function is sent once to each process, not with every item.
 * Bounded in-flight work: at most ``window`` items (default :data:`WINDOW_PER_WORKER` per process) are taken from
   the input and not yet handed back, so memory stays flat however many items a source yields.
-* Threads and memory: each worker process starts with one OpenMP/MKL/OpenBLAS/OpenCV thread
-  (:data:`THREAD_ENV`, set before it imports anything; a variable the user exported is kept): the parallelism is
-  the processes. It ignores SIGINT (the parent handles Ctrl-C and stops the pool), and raises glibc's malloc
-  thresholds (:func:`tune_malloc`: image buffers of up to 64 MiB are reused instead of being returned to the OS
-  after every image, whose page faults cost ~20% of a JPEG round trip on our machines). The calling process does the
-  same while it runs items itself (OpenCV at one thread only when the caller says its items use OpenCV, and only
-  while they run).
+* Threads and memory: each worker process starts with one OpenMP/MKL/OpenBLAS/OpenCV thread (:data:`THREAD_ENV`,
+  set before it imports anything; a variable the user exported is kept): the parallelism is the processes. It
+  ignores SIGINT from its start (the parent handles Ctrl-C; a Ctrl-C while a process still imports its modules
+  prints no traceback). It raises glibc's malloc thresholds (:func:`tune_malloc`): image buffers of up to 64 MiB
+  are reused instead of being returned to the OS after every image, whose page faults cost ~20% of a JPEG round
+  trip on our machines. The calling process does the same while it runs items itself (OpenCV at one thread only
+  when the caller says its items use OpenCV, and only while they run).
 * Errors: an item whose function raises comes back as a result carrying the error's type and text; nothing is
   raised across the process boundary. A worker process that dies (killed, out of memory) fails the items that were
   in flight, and a fresh pool takes the rest.
 * ``parent_works=True``: the calling process is one of the ``workers`` and runs items between collecting results
   (it starts at once while the spawned processes still import their modules, so short runs scale too).
-* Ctrl-C (KeyboardInterrupt) or a caller that stops iterating: no new item starts; the processes finish the item
-  they hold (writes stay whole) and exit.
+* Ctrl-C (KeyboardInterrupt) or a caller that stops iterating: no new item is handed out; the processes finish the
+  one or two items already handed to them (their writes stay whole) and exit.
 
 Shards: :func:`parse_shard` reads ``--shard K/N`` for every verb into a :class:`Shard`; each verb decides which of
 its items a shard holds (row index, or a hash of the path).
@@ -176,7 +176,9 @@ def _start_worker(env: dict[str, str], payload: bytes) -> None:
     """Initializer of every worker process: the thread environment before any import, SIGINT to the parent,
     malloc thresholds, then the function (and the caller's initializer). Never raises: a failure to start is
     reported by every item this process is given."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C that came during start-up is dropped here
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     for key, value in env.items():
         os.environ.setdefault(key, value)
     tune_malloc()
@@ -187,6 +189,21 @@ def _start_worker(env: dict[str, str], payload: bytes) -> None:
         _INSTALLED[:] = [fn]
     except Exception as exc:  # noqa: BLE001 - reported per item instead of breaking the pool
         _INSTALLED[:] = [WorkError(type(exc).__name__, f"the worker process could not start: {exc}")]
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread: a process started inside inherits the block, so a Ctrl-C that arrives while it
+    is still importing (before :func:`_start_worker` ignores SIGINT) waits instead of printing its traceback. This
+    process gets such a Ctrl-C as soon as the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _run_installed(item: Any) -> tuple[bool, Any]:
@@ -279,12 +296,13 @@ class _PoolRun:
     def _submit(self, index: int, item: Any) -> None:
         from concurrent.futures.process import BrokenProcessPool
 
-        try:
-            future = self.executor.submit(_run_installed, item)
-        except BrokenProcessPool:  # a worker died: the items it held already failed; a fresh pool takes the rest
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.executor = self._new_executor()
-            future = self.executor.submit(_run_installed, item)
+        with _sigint_blocked():  # submit starts the worker processes (on demand)
+            try:
+                future = self.executor.submit(_run_installed, item)
+            except BrokenProcessPool:  # a worker died: the items it held already failed; a fresh pool takes the rest
+                self.executor.shutdown(wait=False, cancel_futures=True)
+                self.executor = self._new_executor()
+                future = self.executor.submit(_run_installed, item)
         self.pending[future] = (index, item)
 
     def _fill(self) -> None:

@@ -49,6 +49,19 @@ def die_on_three(x: int) -> int:
     return x
 
 
+GREETING: list[str] = []
+
+
+def set_greeting(text: str) -> None:
+    if text == "fail":
+        raise RuntimeError("no greeting today")
+    GREETING[:] = [text]
+
+
+def greet(x: int) -> str:
+    return f"{GREETING[0]} {x}"
+
+
 def sum_chunk(chunk) -> list[int]:
     return [x + 1 for x in chunk]
 
@@ -138,6 +151,18 @@ def test_workers_start_single_threaded_but_keep_what_the_user_set(monkeypatch):
     assert values == {("1", "3")}
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_initializer_prepares_every_process_that_runs_items(workers):
+    results = run_items(greet, range(4), workers, initializer=set_greeting, initargs=("hello",), parent_works=True)
+    assert sorted(r.value for r in results) == ["hello 0", "hello 1", "hello 2", "hello 3"]
+
+
+def test_a_worker_that_cannot_start_reports_it_for_every_item():
+    results = list(run_items(greet, range(3), 2, initializer=set_greeting, initargs=("fail",)))
+    assert len(results) == 3 and not any(r.ok for r in results)
+    assert all("could not start: no greeting today" in r.error.message for r in results)
+
+
 def test_progress_and_chunks():
     seen = []
     list(run_items(square_or_fail, [1, 2, 4], 1, progress=lambda done, total: seen.append((done, total))))
@@ -152,7 +177,8 @@ def test_progress_and_chunks():
         list(map_chunks(broken_chunk, chunks, 2))
 
 
-def test_ctrl_c_stops_the_pool_cleanly(tmp_path):
+@pytest.mark.parametrize("when", ["while the workers start", "after a result"])
+def test_ctrl_c_stops_the_pool_cleanly(tmp_path, when):
     script = tmp_path / "interrupt.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time
@@ -162,7 +188,8 @@ def test_ctrl_c_stops_the_pool_cleanly(tmp_path):
         from test_workers import slow_first
         if __name__ == "__main__":
             try:
-                for result in run_items(slow_first, [6] * 1000, 2):
+                print("ready", flush=True)
+                for result in run_items(slow_first, [0] * 1000, 2):
                     print("result", flush=True)
             except KeyboardInterrupt:
                 print("interrupted", flush=True)
@@ -170,11 +197,15 @@ def test_ctrl_c_stops_the_pool_cleanly(tmp_path):
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    assert proc.stdout.readline().strip() == "result"
+    assert proc.stdout.readline().strip() == "ready"
+    if when == "after a result":
+        assert proc.stdout.readline().strip() == "result"
+    else:
+        time.sleep(0.3)  # the spawned processes are importing their modules now
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in out
-    assert "Traceback" not in err, err  # the worker processes leave quietly
+    assert "Traceback" not in err, err  # the worker processes leave quietly, even one still starting
 
 
 def test_parse_shard_one_format_for_every_verb():
