@@ -479,6 +479,8 @@ class DegradeWorker:
 
 @dataclass(frozen=True)
 class Failure:
+    """A source that produced nothing: its path and the message naming the problem (and the fix)."""
+
     path: str
     message: str
 
