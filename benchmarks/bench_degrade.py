@@ -39,8 +39,8 @@ from PIL import Image, ImageFilter, features
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kontext_data import degradations as D  # noqa: E402
-from kontext_data.degrade import (DegradeConfig, _tune_malloc, available_cores, build_chain,  # noqa: E402
-                                  run_degrade)
+from kontext_data.degrade import DegradeConfig, build_chain, run_degrade  # noqa: E402
+from kontext_data.workers import available_cpus, tune_malloc  # noqa: E402
 
 W, H = 1152, 896
 JPEG_Q = (10, 30)
@@ -195,7 +195,7 @@ class SimpleTunerStyle:
 
 def _init_fast():
     cv2.setNumThreads(1)
-    _tune_malloc()
+    tune_malloc()
 
 
 def _init_plain():
@@ -237,7 +237,7 @@ def main() -> None:
     ap.add_argument("--st-images", type=int, default=60, help="images for the slow SimpleTuner-style chain")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
-    cores = available_cores()
+    cores = available_cpus()
     print(f"machine: {cpu_model()}, {cores} cores usable (host has {os.cpu_count()}), {platform.platform()}")
     print(f"python {platform.python_version()}, numpy {np.__version__}, opencv {cv2.__version__}, "
           f"pillow {PIL.__version__} (libjpeg-turbo {features.version('libjpeg_turbo')}, "

@@ -47,9 +47,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from kontext_data.manifest import geometry_items, read_manifest, view_image, write_similarity
+from kontext_data.workers import chunked, map_chunks, resolve_workers
 
 THUMB = 64  # side of the structure/colour thumbnails
 IDENTITY_THUMB = 128  # side of the thumbnails of the "identical" test
@@ -322,38 +323,6 @@ class CheckWorker:
         return out
 
 
-def run_pool(worker: Callable[[Any], list], chunks: list, workers: int,
-             on_progress: Callable[[int], None] | None = None) -> Iterable:
-    """Yield every item of worker(chunk) for all chunks: in a spawn pool when workers > 1, else in-process."""
-    if workers > 1 and len(chunks) > 1:
-        import multiprocessing as mp
-
-        try:
-            import cv2
-
-            cv2.setNumThreads(1)
-        except ImportError:
-            pass
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(min(workers, len(chunks))) as pool:
-            for out in pool.imap_unordered(worker, chunks):
-                if on_progress:
-                    on_progress(len(out))
-                yield from out
-    else:
-        for chunk in chunks:
-            out = worker(chunk)
-            if on_progress:
-                on_progress(len(out))
-            yield from out
-
-
-def resolve_workers(workers: int, n: int) -> int:
-    if n < POOL_MIN_SAMPLES:
-        return 1
-    return max(1, workers or os.cpu_count() or 1)
-
-
 def tasks_from_records(records: list[dict]) -> list[CheckTask]:
     """One CheckTask per record (`read_manifest(...).records()`), in order."""
     return [CheckTask(row=i, target=r["target_path"], geometry=geometry_items(r),
@@ -370,9 +339,9 @@ def check_records(records: list[dict], config: CheckConfig, manifest: Path | str
     """Score every pair of `records` (as `read_manifest(...).records()` gives them) and flag the suspects."""
     start = time.perf_counter()
     tasks = [t for t in tasks_from_records(records) if t.references]
-    workers = resolve_workers(config.workers, len(tasks))
+    workers = resolve_workers(config.workers, len(tasks), pool_min_items=POOL_MIN_SAMPLES)
     chunk = max(1, min(CHUNK, math.ceil(len(tasks) / (workers * 4)))) if workers > 1 else CHUNK
-    chunks = [tasks[k:k + chunk] for k in range(0, len(tasks), chunk)]
+    chunks = chunked(tasks, chunk)
     samples = [SampleScore(row=i, sample_id=r["sample_id"], conditioning_type=r["conditioning_type"])
                for i, r in enumerate(records)]
     done = 0
@@ -386,7 +355,7 @@ def check_records(records: list[dict], config: CheckConfig, manifest: Path | str
         if on_progress:
             on_progress(done, total)
 
-    for row, scores in run_pool(CheckWorker(), chunks, workers, tick):
+    for row, scores in map_chunks(CheckWorker(), chunks, workers, tick, opencv=True):
         samples[row].references = scores
     median, mad = _decide(samples, records, config)
     return CheckResult(manifest=Path(manifest), config=config, samples=samples, median=median, mad=mad,

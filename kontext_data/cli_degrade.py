@@ -136,6 +136,7 @@ def _config_or_fail(src: Path, out: Path, types: Optional[list[str]], params: Op
                     param_values: dict[str, Any], json_out: bool):
     """The DegradeConfig of the command line, or exit 2 with every problem of it at once."""
     from .degrade import DegradeConfig, DegradeError, build_chain, load_params_file, parse_shard
+    from .problems import ProblemsError
 
     problems: list[str] = []
     file_steps: list = []
@@ -166,7 +167,7 @@ def _config_or_fail(src: Path, out: Path, types: Optional[list[str]], params: Op
         problems.append("--caption: empty captions are not allowed")
     try:
         shard_t = parse_shard(shard)
-    except DegradeError as exc:
+    except ProblemsError as exc:  # the ShardError of --shard
         problems.extend(exc.problems)
         shard_t = (0, 1)
     if problems:

@@ -63,6 +63,7 @@ def split(
     Over 4 machines: the same command with --shard 0/4 ... --shard 3/4.
     """
     from kontext_data import split as sp
+    from kontext_data.problems import ProblemsError
 
     if old_split is not None and dataset_split not in ("train", old_split):
         fail(f"--split {old_split!r} and --dataset-split {dataset_split!r}: give one (--split is the old name)",
@@ -81,7 +82,7 @@ def split(
         started = time.perf_counter()
         with ProgressView(quiet=json_out, unit="rows") as view:
             result = sp.split_composites(config, progress=lambda done, total: view.update("split", done, total))
-    except sp.SplitError as exc:
+    except ProblemsError as exc:  # SplitError, or the ShardError of --shard
         fail_with(exc, json_out=json_out, code=EXIT_USAGE, command="kontext-data split")
     elapsed = time.perf_counter() - started
 

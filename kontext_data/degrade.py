@@ -19,26 +19,26 @@ The library never prints or exits; :func:`run_degrade` returns a :class:`Degrade
 
 from __future__ import annotations
 
+import contextlib
 import json
-import multiprocessing as mp
 import os
-import threading
 import time
-import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import xxhash
 
 from . import degradations as D
+from kontext_data.fileio import atomic_path
+from kontext_data.imageio import IMAGE_EXTENSIONS
 from kontext_data.problems import ProblemsError
+from kontext_data.workers import Shard, WorkError, parse_shard, resolve_workers, run_items
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "SIDECAR_DIR",
+    "SOURCE_EXTENSIONS",
     "DegradeConfig",
     "DegradeError",
     "DegradeResult",
@@ -55,7 +55,9 @@ __all__ = [
     "synthesize_reference",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+SOURCE_EXTENSIONS = IMAGE_EXTENSIONS - {".gif"}
+"""Sources degrade reads. GIF is left out: OpenCV decodes it only in recent builds and Pillow otherwise, so its
+pixels would depend on the installed versions, and the on-demand path must reproduce a reference bit for bit."""
 SIDECAR_DIR = ".kontext-degrade"
 _RECORDS = "records"
 _TMP = "tmp"
@@ -89,9 +91,10 @@ class DegradeConfig:
     seed: int = 0
     """Root seed; the per-image seed is derived from it and the source's relative path."""
     workers: int | None = None
-    """Processes (None: all cores). 1 runs in this process."""
+    """Processes (None or 0: one per CPU this process may use). 1 runs in this process."""
     shard: tuple[int, int] = (0, 1)
-    """(K, N): process only the sources whose path hash is K modulo N (0 <= K < N)."""
+    """(K, N) (a :class:`~kontext_data.workers.Shard`, from ``parse_shard``): process only the sources whose path
+    hash is K modulo N (0 <= K < N)."""
     on_demand: bool = False
     """Write only records and captions; the trainer synthesizes the pixels at load time."""
     overwrite: bool = False
@@ -104,20 +107,6 @@ class DegradeConfig:
     @property
     def codec(self) -> str:
         return D.chain_output_codec(list(self.chain))
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"K/N"`` with 0 <= K < N (0-based, as ``SLURM_ARRAY_TASK_ID`` with ``--array=0-(N-1)``)."""
-    if text is None or text == "":
-        return (0, 1)
-    try:
-        k_s, n_s = text.split("/")
-        k, n = int(k_s), int(n_s)
-    except ValueError:
-        raise DegradeError([f"--shard {text!r}: expected K/N, e.g. 0/4 (K counts from 0)"]) from None
-    if n < 1 or not 0 <= k < n:
-        raise DegradeError([f"--shard {text!r}: need N >= 1 and 0 <= K < N (K counts from 0, e.g. 0/4 .. 3/4)"])
-    return (k, n)
 
 
 def steps_from_entry(entry: dict, where: str, problems: list[str]) -> tuple[list[tuple[str, dict]], list[str]]:
@@ -267,8 +256,9 @@ def pick_caption(captions: tuple[str, ...] | list[str], seed: int) -> str | None
 
 
 def in_shard(source_rel: str, shard: tuple[int, int]) -> bool:
-    k, n = shard
-    return n == 1 or xxhash.xxh3_64_intdigest(source_rel.encode()) % n == k
+    """True when the source belongs to ``shard`` (K, N): by a hash of its relative path, so that every source
+    keeps its shard however the folder grows."""
+    return shard[1] == 1 or Shard(*shard).holds(xxhash.xxh3_64_intdigest(source_rel.encode()))
 
 
 def output_name(source_rel: str, codec: str) -> str:
@@ -292,7 +282,7 @@ def _scan(src: Path, exclude: Path | None) -> list[str]:
             dirs[:] = [d for d in dirs if os.path.join(root, d) != exclude_s]
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
-            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in SOURCE_EXTENSIONS:
                 continue
             out.append(Path(os.path.relpath(os.path.join(root, f), src)).as_posix())
     out.sort()
@@ -328,7 +318,8 @@ def _lib_versions() -> dict[str, str]:
 
 
 class DegradeWorker:
-    """Picklable per-image job (sent once to every spawned process)."""
+    """Picklable per-image job (sent once to every spawned process). An exception it raises becomes a failed
+    :class:`ItemResult` in :func:`run_degrade` (see :func:`failure_message`)."""
 
     def __init__(self, src: Path, out: Path, chain_json: list[dict], captions: tuple[str, ...],
                  on_demand: bool, overwrite: bool, root_seed: int):
@@ -340,12 +331,10 @@ class DegradeWorker:
         self.overwrite = overwrite
         self.root_seed = root_seed
         self._chain: list[D.Step] | None = None
-        self._dirs: set[str] = set()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_chain"] = None
-        state["_dirs"] = set()
         return state
 
     @property
@@ -356,29 +345,13 @@ class DegradeWorker:
             self._versions = _lib_versions()
         return self._chain
 
-    def _mkdir(self, d: Path) -> None:
-        key = str(d)
-        if key not in self._dirs:
-            d.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(key)
-
-    def _tmp_write(self, data: bytes) -> Path:
-        tmp_dir = self.out / SIDECAR_DIR / _TMP
-        self._mkdir(tmp_dir)
-        tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        return tmp
-
     def __call__(self, task: tuple[str, str]) -> ItemResult:
-        source_rel, out_rel = task
-        try:
-            return self._run(source_rel, out_rel)
-        except Exception as exc:  # noqa: BLE001 - a worker never raises across the process boundary
-            msg = str(exc) or type(exc).__name__
-            if not msg.startswith(str(self.src)):
-                msg = f"{self.src / source_rel}: {msg}"
-            return ItemResult(source_rel, out_rel, "failed", msg)
+        return self._run(*task)
+
+    def failure_message(self, source_rel: str, error: WorkError) -> str:
+        """What a failed source reports: the error text, prefixed with the source's path unless it names it."""
+        msg = error.message or error.type
+        return msg if msg.startswith(str(self.src)) else f"{self.src / source_rel}: {msg}"
 
     def _record_path(self, out_rel: str) -> Path:
         return self.out / SIDECAR_DIR / _RECORDS / (out_rel + ".json")
@@ -433,7 +406,26 @@ class DegradeWorker:
 
         img = D.decode_source(data, str(src_path))  # also validates on-demand sources
         self._remove_stale_siblings(source_rel, out_rel)
-        record = {
+        record = self._record(source_rel, out_rel, chain, seed, caption, img.shape, src_hash)
+        out_bytes = None
+        if not self.on_demand:
+            pixels, jpeg_bytes = D.apply_chain(img, chain, np.random.default_rng(seed), encode_last=True)
+            out_bytes = jpeg_bytes if jpeg_bytes is not None else D.encode_png(pixels)
+            record["output_xxh3"] = xxhash.xxh3_64_hexdigest(out_bytes)
+            if pixels is not None:
+                record["size"] = [int(pixels.shape[1]), int(pixels.shape[0])]
+        stale_caption = old is not None and old.get("caption") is not None
+        self._write(out_path, out_bytes, rec_path, record, txt_path, caption, stale_caption)
+        if out_bytes is not None:
+            return ItemResult(source_rel, out_rel, "written")
+        if old is not None and not old.get("on_demand"):
+            out_path.unlink(missing_ok=True)  # was written by an earlier on-disk run
+        return ItemResult(source_rel, out_rel, "recorded")
+
+    def _record(self, source_rel: str, out_rel: str, chain: list[D.Step], seed: int, caption: str | None,
+                shape: tuple[int, ...], src_hash: str) -> dict:
+        """The provenance record of one output (``output_xxh3`` and the output ``size`` are set once it exists)."""
+        return {
             "schema": D.SCHEMA_VERSION,
             "source": source_rel,
             "output": out_rel,
@@ -444,34 +436,28 @@ class DegradeWorker:
             "caption": caption,
             "on_demand": self.on_demand,
             "codec": None if self.on_demand else D.chain_output_codec(chain),
-            "size": [int(img.shape[1]), int(img.shape[0])],
+            "size": [int(shape[1]), int(shape[0])],
             "source_xxh3": src_hash,
             "output_xxh3": None,
             "versions": self._versions,
         }
-        out_tmp = None
-        if not self.on_demand:
-            pixels, jpeg_bytes = D.apply_chain(img, chain, np.random.default_rng(seed), encode_last=True)
-            out_bytes = jpeg_bytes if jpeg_bytes is not None else D.encode_png(pixels)
-            record["output_xxh3"] = xxhash.xxh3_64_hexdigest(out_bytes)
-            if pixels is not None:
-                record["size"] = [int(pixels.shape[1]), int(pixels.shape[0])]
-            out_tmp = self._tmp_write(out_bytes)
-        txt_tmp = self._tmp_write(caption.encode("utf-8")) if caption is not None else None
-        rec_tmp = self._tmp_write(json.dumps(record, sort_keys=True, indent=1).encode("utf-8"))
-        self._mkdir(out_path.parent)
-        self._mkdir(rec_path.parent)
-        if txt_tmp is not None:
-            os.replace(txt_tmp, txt_path)
-        elif old is not None and old.get("caption") is not None:
-            txt_path.unlink(missing_ok=True)  # we wrote it for an earlier caption list
-        os.replace(rec_tmp, rec_path)  # the record first: an output file without a record is never ours
-        if out_tmp is not None:
-            os.replace(out_tmp, out_path)
-            return ItemResult(source_rel, out_rel, "written")
-        if old is not None and not old.get("on_demand"):
-            out_path.unlink(missing_ok=True)  # was written by an earlier on-disk run
-        return ItemResult(source_rel, out_rel, "recorded")
+
+    def _write(self, out_path: Path, out_bytes: bytes | None, rec_path: Path, record: dict, txt_path: Path,
+               caption: str | None, stale_caption: bool) -> None:
+        """Write every file of one source atomically, their temp files in the sidecar's ``tmp`` folder (a killed
+        run leaves nothing half-written in REFDIR). Renamed in this order: the caption, the record, the output last:
+        an output file without a record is never ours, and a caption we wrote for an earlier caption list goes
+        before the record that no longer names it."""
+        tmp_dir = self.out / SIDECAR_DIR / _TMP
+        with contextlib.ExitStack() as renames:  # leaving it renames in reverse order of entering
+            if out_bytes is not None:
+                renames.enter_context(atomic_path(out_path, tmp_dir=tmp_dir)).write_bytes(out_bytes)
+            rec_tmp = renames.enter_context(atomic_path(rec_path, tmp_dir=tmp_dir))
+            rec_tmp.write_bytes(json.dumps(record, sort_keys=True, indent=1).encode("utf-8"))
+            if caption is not None:
+                renames.enter_context(atomic_path(txt_path, tmp_dir=tmp_dir)).write_bytes(caption.encode("utf-8"))
+            elif stale_caption:
+                txt_path.unlink(missing_ok=True)
 
     def _outputs_intact(self, old: dict, out_path: Path, txt_path: Path, caption: str | None) -> bool:
         if caption is not None:
@@ -488,31 +474,13 @@ class DegradeWorker:
             return False
 
 
-def _init_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
-    _tune_malloc()
-
-
-def _tune_malloc() -> None:
-    """Keep glibc from returning OpenCV's large buffers to the OS after every image (page faults ~20% of a
-    JPEG round trip on our machines). No effect elsewhere."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 64 * 1024 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 # ------------------------------------------------------------------------------------------- run
 
 
 @dataclass(frozen=True)
 class Failure:
+    """A source that produced nothing: its path and the message naming the problem (and the fix)."""
+
     path: str
     message: str
 
@@ -559,14 +527,6 @@ class DegradeResult:
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round((self.written + self.recorded) / self.elapsed_s, 2) if self.elapsed_s else None,
         }
-
-
-def available_cores() -> int:
-    """Cores this process may run on (the cpuset a Slurm job or a container grants), not the host's count."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _clean_stale_tmp(out: Path) -> None:
@@ -668,8 +628,7 @@ def run_degrade(config: DegradeConfig, progress: Callable[[ItemResult], None] | 
     out.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(out)
     removed = prune_orphans(out, sources, config.shard)
-    workers = config.workers or available_cores()
-    workers = max(1, min(workers, len(tasks) or 1))
+    workers = resolve_workers(config.workers, len(tasks))
     chain = list(config.chain)
     result = DegradeResult(src=str(config.src), out=str(out), chain=[s.to_json() for s in chain],
                            params_hash=config.params_hash, codec=config.codec, on_demand=config.on_demand,
@@ -679,7 +638,11 @@ def run_degrade(config: DegradeConfig, progress: Callable[[ItemResult], None] | 
         on_start(len(tasks))
     worker = DegradeWorker(Path(config.src).resolve(), out.resolve(), result.chain, config.captions,
                            config.on_demand, config.overwrite, int(config.seed))
-    for item in _execute(worker, tasks, workers):
+    # this process is one of the workers: it starts at once while the spawned ones import their modules
+    for done in run_items(worker, tasks, workers, parent_works=True, opencv=True):
+        source_rel, out_rel = done.item
+        item = done.value if done.ok else ItemResult(source_rel, out_rel, "failed",
+                                                     worker.failure_message(source_rel, done.error))
         if item.status == "failed":
             result.failures.append(Failure(str(Path(config.src) / item.source), item.message or "failed"))
         elif item.status == "written":
@@ -693,75 +656,6 @@ def run_degrade(config: DegradeConfig, progress: Callable[[ItemResult], None] | 
     result.failures.sort(key=lambda f: f.path)
     result.elapsed_s = time.perf_counter() - t0
     return result
-
-
-def _execute(worker: DegradeWorker, tasks: list[tuple[str, str]], workers: int) -> Iterable[ItemResult]:
-    """Yield one ItemResult per task, in completion order.
-
-    ``workers == 1``: in this process. Otherwise this process is one of the N workers and a ``spawn`` pool of
-    N - 1 processes is fed through ``imap_unordered`` from the same bounded queue: this process starts working at
-    once while the pool's processes import their modules (~0.3-0.5 s), and collects their results between its own
-    images, so short runs scale too.
-    """
-    if not tasks:
-        return
-    import cv2
-
-    prev_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    _tune_malloc()
-    try:
-        if workers == 1:
-            for t in tasks:
-                yield worker(t)
-            return
-        queue = deque(tasks)
-        lock = threading.Lock()
-        children = workers - 1
-        slots = threading.Semaphore(children * 4)
-        stop = threading.Event()
-
-        def feed():
-            while True:
-                slots.acquire()
-                if stop.is_set():
-                    return
-                with lock:
-                    if not queue:
-                        return
-                    task = queue.popleft()
-                yield task
-
-        pool = mp.get_context("spawn").Pool(children, initializer=_init_worker)
-        try:
-            results = pool.imap_unordered(worker, feed(), chunksize=1)
-            done = 0
-            while done < len(tasks):
-                while done < len(tasks):  # collect what the pool has finished
-                    try:
-                        item = results.next(timeout=0)
-                    except (mp.TimeoutError, StopIteration):
-                        break
-                    slots.release()
-                    done += 1
-                    yield item
-                with lock:
-                    task = queue.popleft() if queue else None
-                if task is not None:
-                    done += 1
-                    yield worker(task)
-                elif done < len(tasks):
-                    item = results.next()
-                    slots.release()
-                    done += 1
-                    yield item
-        finally:
-            stop.set()
-            slots.release(children * 4 + 1)
-            pool.terminate()
-            pool.join()
-    finally:
-        cv2.setNumThreads(prev_threads)
 
 
 # ---------------------------------------------------------------------------------- pair / trainer

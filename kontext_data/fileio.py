@@ -28,17 +28,22 @@ def _final_mode(path: Path, folder: bool) -> int:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, make_parents: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, make_parents: bool = True,
+                tmp_dir: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield a fresh temp path beside `path` (same folder, so the rename is atomic); write it, and on leaving the
     block it replaces `path`. On an exception the temp file is removed and `path` is left as it was.
 
     The temp name keeps `path`'s suffix (``.name.XXXX.tmp.parquet``): writers that pick a format by extension still do.
     The new file takes the mode of the file it replaces, or the umask's default for a new one.
+    `tmp_dir`: make the temp file in that folder instead (on the same filesystem as `path`), e.g. a hidden work
+    folder, so that a writer killed mid-write leaves nothing beside its outputs.
     """
     path = Path(path)
+    folder = path.parent if tmp_dir is None else Path(tmp_dir)
     if make_parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

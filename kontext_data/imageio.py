@@ -14,12 +14,15 @@ from pathlib import Path
 import xxhash
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+"""The one list of image file extensions (lower case) for every verb; a verb that cannot use one of them leaves it
+out where it reads files, with the reason (split and degrade: GIF)."""
 CAPTION_EXTENSION = ".txt"
 # EXIF orientations 5-8 swap width and height
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 def is_image_name(name: str) -> bool:
+    """True for a visible file name (no leading dot) with an image extension, in any case."""
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import xxhash
 
+from kontext_data.fileio import write_text_atomic
 from kontext_data.geometry import GeometryOptions, compute_geometry
 from kontext_data.imageio import IMAGE_EXTENSIONS, ImageInfo
 from kontext_data.manifest import CONDITIONING_TYPES, SPLITS, store_path, write_manifest
@@ -93,7 +94,7 @@ class PairConfig:
     verify_decode: bool = False
     """Decode every image fully instead of trusting headers and end markers."""
     workers: int = 0
-    """Processes for probing; 0 = all cores."""
+    """Processes for probing; 0 = one per CPU this process may use."""
     cache_dir: Path | None = None
     """Probe cache location; None disables the cache."""
 
@@ -608,10 +609,7 @@ class _RunMemo:
         report = result.report()
         data = {"fingerprint": self.fingerprint, "manifest_stat": self._stat(report["manifest"]), "report": report}
         try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data), encoding="utf-8")
-            os.replace(tmp, self.file)
+            write_text_atomic(self.file, json.dumps(data))
         except OSError:
             pass  # an unwritable cache only makes the next run slower
 
@@ -632,12 +630,11 @@ def pair_folders(config: PairConfig, on_progress: Callable[[int, int], None] | N
         return reused
     p = _Pairing(config, listings, [])
     p.attach_provenance()
-    workers = config.workers or os.cpu_count() or 1
     real = [FolderListing(lst.root, {r: e for r, e in lst.images.items() if r not in v}, lst.captions)
             for lst, v in zip(listings, p.virtual)]
     prefetch = threading.Thread(target=p.prefetch, daemon=True)
     prefetch.start()
-    infos, stats = probe_all(real, config.cache_dir, workers, config.verify_decode, on_progress)
+    infos, stats = probe_all(real, config.cache_dir, config.workers, config.verify_decode, on_progress)
     prefetch.join()
     for i, virtual in enumerate(p.virtual):  # on-demand references share their source's probe
         infos[i].update({out_rel: infos[0][source] for out_rel, source in virtual.items() if source in infos[0]})

@@ -501,7 +501,8 @@ def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title:
     The folder is rebuilt as a whole (`fileio.atomic_dir`; a thumbnail whose file, geometry and degradation did not
     change is copied from the previous run), then the page is written: its links are valid from then on.
     """
-    from kontext_data.check import resolve_workers, run_pool
+    from kontext_data.check import POOL_MIN_SAMPLES
+    from kontext_data.workers import chunked, map_chunks, resolve_workers
 
     out = Path(config.out)
     folder_name = f"{out.stem}_files"
@@ -516,9 +517,8 @@ def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title:
                 shutil.copyfile(old, tmp_dir / name)
             else:
                 todo.append(job)
-        workers = resolve_workers(config.workers, len(todo))
-        chunk = 16 if workers > 1 else 64
-        chunks = [todo[k:k + chunk] for k in range(0, len(todo), chunk)]
+        workers = resolve_workers(config.workers, len(todo), pool_min_items=POOL_MIN_SAMPLES)
+        chunks = chunked(todo, 16 if workers > 1 else 64)
         done = len(jobs) - len(todo)
         failed: dict[str, str] = {}
 
@@ -530,7 +530,7 @@ def html_page(records, rows, sims, flags, reasons, config: PreviewConfig, title:
 
         if on_progress:
             on_progress(done, len(jobs))
-        for name, error in run_pool(ThumbWorker(str(tmp_dir), max_side), chunks, workers, tick):
+        for name, error in map_chunks(ThumbWorker(str(tmp_dir), max_side), chunks, workers, tick, opencv=True):
             if error:
                 failed[name] = error
     page, errors = _page_text(items, failed, sims, flags, reasons, config, folder_name, title)

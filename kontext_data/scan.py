@@ -1,23 +1,24 @@
-"""Folder scanning with an incremental probe cache and a process pool.
+"""Folder scanning with an incremental probe cache and the shared process pool.
 
 In: dataset folders. Out: for each folder, `{relative posix path: FileEntry}` for images and the set of caption
-files; for each image an `ImageInfo` (hash, oriented size, problem), computed in parallel on a cold run and read
-from the cache (keyed by absolute folder, relative path, size and mtime) on a warm one.
+files; for each image an `ImageInfo` (hash, oriented size, problem), computed in parallel on a cold run (chunks of
+files through :func:`kontext_data.workers.map_chunks`) and read from the cache (keyed by absolute folder, relative
+path, size and mtime) on a warm one.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
 import xxhash
 
+from kontext_data.fileio import atomic_path
 from kontext_data.imageio import CAPTION_EXTENSION, IMAGE_EXTENSIONS, ImageInfo, ProbeWorker
+from kontext_data.workers import chunked, map_chunks, resolve_workers
 
 CACHE_FORMAT = 2
 # below this many files the pool's start-up costs more than it saves
@@ -140,11 +141,8 @@ class ProbeCache:
             return
         rows = [(rel, *astuple_fast(info)) for rel, info in self.entries.items()]
         try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.file.parent)
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_path(self.file) as tmp, open(tmp, "wb") as fh:
                 pickle.dump((CACHE_FORMAT, rows), fh, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, self.file)
         except OSError:
             pass  # an unwritable cache must not fail the command
 
@@ -164,7 +162,10 @@ def probe_all(
     verify_decode: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[dict[str, ImageInfo]], dict[str, int]]:
-    """Probe every image of every listing, using and refreshing the cache. Returns infos per folder and counts."""
+    """Probe every image of every listing, using and refreshing the cache. Returns infos per folder and counts.
+
+    ``workers``: processes (0: one per available CPU); runs below POOL_MIN_FILES files to probe stay in this
+    process."""
     caches = [ProbeCache(cache_dir, lst.root) for lst in listings]
     results: list[dict[str, ImageInfo]] = [{} for _ in listings]
     todo: list[tuple[int, str, str]] = []
@@ -180,31 +181,21 @@ def probe_all(
     done = total - len(todo)
     if on_progress:
         on_progress(done, total)
-    worker = ProbeWorker(verify_decode)
-    chunks = [todo[k : k + CHUNK] for k in range(0, len(todo), CHUNK)]
-    if workers > 1 and len(todo) >= POOL_MIN_FILES:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(min(workers, len(chunks))) as pool:
-            for out in pool.imap_unordered(worker, chunks):
-                done = _collect(out, results, caches, done, total, on_progress)
-    else:
-        for chunk in chunks:
-            done = _collect(worker(chunk), results, caches, done, total, on_progress)
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress:
+            on_progress(done, total)
+
+    workers = resolve_workers(workers, len(todo), pool_min_items=POOL_MIN_FILES)
+    for folder, rel, info in map_chunks(ProbeWorker(verify_decode), chunked(todo, CHUNK), workers, tick):
+        results[folder][rel] = info
+        if info.mtime_ns:  # an unreadable file has no identity to cache
+            caches[folder].put(rel, info)
     for lst, cache in zip(listings, caches):
         cache.prune(lst.images)
         cache.save()
     return results, {"files": total, "probed": len(todo), "cached": total - len(todo)}
-
-
-def _collect(out, results, caches, done, total, on_progress) -> int:
-    for folder, rel, info in out:
-        results[folder][rel] = info
-        if info.mtime_ns:  # an unreadable file has no identity to cache
-            caches[folder].put(rel, info)
-    done += len(out)
-    if on_progress:
-        on_progress(done, total)
-    return done
 
 
 def listing_fingerprint(listings: list[FolderListing], extra: str) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kontext_data.imageio import fast_header, open_rgb, probe_bytes
+from kontext_data.imageio import IMAGE_EXTENSIONS, fast_header, is_image_name, open_rgb, probe_bytes
 from pairkit import image
 
 
@@ -103,3 +103,11 @@ def test_open_rgb_orients_and_flattens(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     rgba.save(tmp_path / "t.png")
     assert open_rgb(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_one_list_of_image_extensions_and_the_verbs_that_cannot_read_gif_leave_only_it_out():
+    from kontext_data.degrade import SOURCE_EXTENSIONS
+    from kontext_data.sources import COMPOSITE_EXTENSIONS
+
+    assert ".gif" in IMAGE_EXTENSIONS and is_image_name("sub/a.GIF") and not is_image_name(".hidden.png")
+    assert set(COMPOSITE_EXTENSIONS) == set(SOURCE_EXTENSIONS) == IMAGE_EXTENSIONS - {".gif"}
