@@ -43,7 +43,6 @@ back as an error string). numpy, PIL and cv2 are imported inside functions.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -1,7 +1,7 @@
 """``kontext-data degrade``: the Typer command (thin: parse, build DegradeConfig, call run_degrade, report).
 
 The degradation parameters' options (``--blur-radius``, ``--quality``, ...) are generated from
-:data:`kontext_data.degradations.PARAM_SPECS`: one option per parameter, with its type, documentation and default.
+:data:`kontext_data.degrade_params.PARAM_SPECS`: one option per parameter, with its type, documentation and default.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from kontext_data import degradations as D
+from kontext_data import degrade_params as D
 from kontext_data.clikit import (EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, OptionSpec, ProgressView, err, fail, fail_with,
                                  generated_options, interactive, interrupted, json_option, print_json)
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
+from kontext_data.degrade_params import ALIASES, PARAM_SPECS, Param, canonical_type, valid_type_names
 from kontext_data.problems import ProblemsError
 
 __all__ = [
@@ -230,7 +231,7 @@ def _poisson_noise(img: np.ndarray, rng: np.random.Generator, level: float) -> n
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-_INTERP = {
+_INTERP = {  # the order of degrade_params.UPSCALE_METHODS
     "nearest": cv2.INTER_NEAREST,
     "bilinear": cv2.INTER_LINEAR,
     "bicubic": cv2.INTER_CUBIC,
@@ -341,8 +342,6 @@ REGISTRY: dict[str, Callable[..., np.ndarray]] = {
     "downscale": downscale,
 }
 
-#: SimpleTuner generator names -> our canonical names
-ALIASES: dict[str, str] = {"superresolution": "blur", "jpeg_artifacts": "jpeg"}
 
 # Variants that stop before the final decode and return (pixels, None) or (None, jpeg_bytes): the stage
 # writes the exact bytes of the last requested JPEG round instead of decoding and re-encoding them.
@@ -353,65 +352,6 @@ _ENCODING_TAIL: dict[str, Callable[..., tuple[np.ndarray | None, bytes | None]]]
 
 
 # ------------------------------------------------------------------------------------ parameter specs
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter: default, kind ('float', 'int', 'bool', 'str', 'int_pair', 'int_list'), limits."""
-
-    default: Any
-    kind: str
-    doc: str
-    choices: tuple | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    optional: bool = False  # None allowed
-    exclusive_min: bool = False
-
-
-PARAM_SPECS: dict[str, dict[str, Param]] = {
-    "blur": {
-        "blur_radius": Param(2.0, "float", "Gaussian sigma / box half-width in px (motion: default length 2r+1)",
-                             minimum=0.0, maximum=256.0),
-        "blur_type": Param("gaussian", "str", "kernel shape", choices=("gaussian", "box", "motion", "both")),
-        "motion_length": Param(None, "float", "motion streak length in px (default 2*blur_radius+1)",
-                               minimum=1.0, maximum=512.0, optional=True),
-        "motion_angle": Param(None, "float", "motion direction in degrees (default: drawn per image in [0,180))",
-                              minimum=-360.0, maximum=360.0, optional=True),
-        "add_noise": Param(True, "bool", "add Gaussian noise after the blur"),
-        "noise_level": Param(0.02, "float", "noise std as a fraction of 255", minimum=0.0, maximum=1.0),
-        "downscale_factor": Param(None, "float", "down-then-up scale factor before the blur (>1)",
-                                  minimum=1.0, maximum=64.0, optional=True),
-        "jpeg_quality": Param(None, "int", "optional final JPEG pass at this quality (output is .jpg)",
-                              minimum=1, maximum=100, optional=True),
-    },
-    "jpeg": {
-        "quality_mode": Param("fixed", "str", "how the base quality is chosen", choices=("fixed", "range", "random")),
-        "quality": Param(25, "int", "base quality for quality_mode=fixed", minimum=1, maximum=100),
-        "quality_range": Param([10, 50], "int_pair", "inclusive [low, high] for quality_mode=range",
-                               minimum=1, maximum=100),
-        "quality_list": Param([10, 20, 30, 40], "int_list", "choices for quality_mode=random",
-                              minimum=1, maximum=100),
-        "compression_rounds": Param(1, "int", "number of encode/decode rounds", minimum=1, maximum=50),
-        "round_quality_decay": Param(0.9, "float", "quality multiplier per extra round",
-                                     minimum=0.0, maximum=1.0, exclusive_min=True),
-        "subsampling": Param(None, "str", "chroma subsampling (default: libjpeg's 4:2:0)",
-                             choices=("4:4:4", "4:2:2", "4:2:0"), optional=True),
-        "optimize": Param(False, "bool", "optimized Huffman tables (same pixels, smaller file)"),
-        "progressive": Param(False, "bool", "progressive JPEG (same pixels, other byte layout)"),
-    },
-    "noise": {
-        "noise_type": Param("gaussian", "str", "noise model", choices=("gaussian", "poisson")),
-        "noise_level": Param(0.02, "float", "gaussian: std / 255; poisson: std at white / 255",
-                             minimum=0.0, maximum=1.0),
-    },
-    "downscale": {
-        "factor": Param(2.0, "float", "downscale factor (area averaging)", minimum=1.0, maximum=64.0),
-        "upscale": Param("bilinear", "str", "interpolation back to the original size",
-                         choices=tuple(_INTERP)),
-        "restore_size": Param(True, "bool", "scale back up to the original size (False: keep the small image)"),
-    },
-}
 
 
 def _check_value(type_name: str, key: str, spec: Param, value: Any) -> tuple[Any, str | None]:
@@ -478,16 +418,6 @@ class Step:
 
     def to_json(self) -> dict:
         return {"type": self.type, "params": dict(self.params)}
-
-
-def canonical_type(name: str) -> str | None:
-    name = str(name).strip().lower()
-    name = ALIASES.get(name, name)
-    return name if name in REGISTRY else None
-
-
-def valid_type_names() -> str:
-    return ", ".join(list(REGISTRY) + [f"{a} (= {c})" for a, c in ALIASES.items()])
 
 
 def resolve_chain(steps: list[tuple[str, dict]]) -> list[Step]:

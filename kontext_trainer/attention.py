@@ -34,9 +34,10 @@ from typing import Callable, Iterator
 import torch
 
 from kontext_trainer import fa4
+from kontext_trainer.config import ATTENTION_BACKENDS
 
-BACKENDS = ("auto", "default", "flash", "efficient", "math", "cudnn", "fa4")
-"""Every `attention_backend` value, in the order messages list them."""
+BACKENDS = ATTENTION_BACKENDS
+"""Every `attention_backend` value, in the order messages list them (declared once, in the config schema)."""
 CUDA_ONLY = ("flash", "efficient", "cudnn", "fa4")
 """Backends whose kernels exist only on CUDA: elsewhere PyTorch's own (math) attention runs instead."""
 AUTO_MIN_TOKENS = 4096

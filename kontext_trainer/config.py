@@ -41,6 +41,11 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+ATTENTION_BACKENDS = ("auto", "default", "flash", "efficient", "math", "cudnn", "fa4")
+"""Every `attention_backend` value, in the order messages list them (the one list: kontext_trainer.attention, which
+implements them, reads it from here, so the torch-free config schema need not import torch)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one `kontext-train` run needs. Each field's metadata['help'] is its documentation."""
@@ -86,7 +91,7 @@ class TrainConfig:
         True, "Compute each attention's q/k/v projections (base and LoRA) in one matmul: same adapter, same saved "
               "file, ~2% faster steps on an H100. Needs no flash-attn here (the guide's warning is SimpleTuner's). "
               "LoKr layers stay unfused.")
-    attention_backend: Literal["auto", "default", "flash", "efficient", "math", "cudnn", "fa4"] = _f(
+    attention_backend: Literal[ATTENTION_BACKENDS] = _f(
         "auto", "SDPA kernels for training: auto = on CUDA FlashAttention 4 for samples of 4,096+ tokens where "
                 "flash-attn-4 is installed and passes a self-test (Hopper/Blackwell; ~5% faster 1024 px steps on an "
                 "H100), cuDNN attention with a contiguous gradient (the fix for its backward crash; ~1.2x faster "

@@ -14,17 +14,15 @@ The library never prints: everything a user should see goes through `on_event(ki
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -45,7 +43,7 @@ from kontext_trainer.attention import attention_context
 from kontext_trainer.compile import can_compile_cuda, compile_blocks
 from kontext_trainer.flow import kontext_step, sample_sigmas
 from kontext_trainer.phases import PhaseClock
-from kontext_data.fileio import write_text_atomic
+from kontext_data.fileio import atomic_dir, write_text_atomic
 from kontext_data.problems import ProblemsError
 
 EventFn = Callable[[str, dict], None]
@@ -135,23 +133,6 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
-
-
-@contextlib.contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
-    """A fresh temp folder beside `final`, renamed onto it when the block succeeds (an existing `final` is
-    replaced) and removed when it fails: a checkpoint folder appears whole or not at all. The folder counterpart of
-    `kontext_data.fileio.atomic_path`, which does this for one file."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -930,7 +911,7 @@ class KontextLoRARecipe:
 
     def _save_checkpoint(self) -> Path:
         final = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        with staged_folder(final) as tmp:
+        with atomic_dir(final) as tmp:  # a checkpoint folder appears whole or not at all
             adapters.save_lora(self.transformer, tmp, training_config=self._training_metadata())
             if self.ema is not None:
                 self.ema.save(self.transformer, self.params, tmp, self._training_metadata())

@@ -17,14 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kontext_data", "kontext_trainer")
 
-KNOWN_CYCLES: list[frozenset[str]] = [
-    frozenset({"kontext_data.cli", "kontext_data.cli_inspect"}),
-    frozenset({"kontext_trainer.adapters", "kontext_trainer.config"}),
-]
-"""Import cycles tolerated until the changes that break them are merged. The goal is an empty list: remove an entry
-as soon as its cycle is gone (test_known_cycles_still_exist says when), never add one."""
-
-HEAVY = ("torch", "diffusers", "transformers", "pyarrow")
+HEAVY = ("torch", "diffusers", "transformers", "pyarrow", "numpy", "cv2", "PIL")
 """Libraries `kontext-data` must not import to start (they take seconds to import, and the data tools run without
 them)."""
 
@@ -190,17 +183,10 @@ def test_the_scan_sees_function_level_and_relative_imports(modules, tmp_path):
 
 
 def test_no_import_cycles(modules):
-    unexpected = [sorted(c) for c in _cycles(modules) if c not in KNOWN_CYCLES]
+    unexpected = [sorted(c) for c in _cycles(modules)]
     assert not unexpected, ("import cycles (lazy imports inside functions count): "
                             + "; ".join(" <-> ".join(c) for c in unexpected)
                             + ". Move what both sides need into one module, or the shared part into a third.")
-
-
-def test_known_cycles_still_exist(modules):
-    """KNOWN_CYCLES only shrinks: an entry whose cycle is gone is removed (the goal is an empty list)."""
-    cycles = _cycles(modules)
-    gone = [sorted(c) for c in KNOWN_CYCLES if c not in cycles]
-    assert not gone, f"these cycles are gone: remove them from KNOWN_CYCLES in {__file__}: {gone}"
 
 
 def test_no_private_names_across_modules(modules):

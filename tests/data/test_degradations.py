@@ -257,3 +257,16 @@ def test_chain_hash_tracks_every_parameter():
     assert base != D.chain_hash(_chain("jpeg", quality=26))
     assert base != D.chain_hash(_chain("jpeg", subsampling="4:4:4"))
     assert D.chain_hash(_chain("blur")) != D.chain_hash(_chain("blur", noise_level=0.03))
+
+
+def test_parameter_specs_cover_every_type_and_upscale_method():
+    """The declarations `kontext-data degrade` builds its options from describe exactly what the code implements."""
+    from kontext_data.degrade_params import PARAM_SPECS, UPSCALE_METHODS, canonical_type
+
+    assert set(D.REGISTRY) == set(PARAM_SPECS)
+    assert canonical_type("JPEG_Artifacts") == "jpeg" and canonical_type("sharpen") is None
+    img = np.full((16, 16, 3), 128, np.uint8)
+    for method in UPSCALE_METHODS:  # every declared choice runs
+        out = D.apply_chain(img, D.resolve_chain([("downscale", {"factor": 2, "upscale": method})]),
+                            np.random.default_rng(0))
+        assert out.shape == img.shape
