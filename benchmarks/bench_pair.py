@@ -48,6 +48,7 @@ from PIL import Image
 from rich.console import Console
 
 from machine import machine_info as base_machine_info, package_version
+from kontext_data.fileio import write_json_atomic
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -352,13 +353,6 @@ def cleanup(work: Path, created: bool) -> None:
             p.unlink()
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -402,7 +396,7 @@ def run_benchmark(args, machine: dict, work: Path) -> int:
             elif p.exists():
                 p.unlink()
         generate(work, n)
-        write_json(work / MARKER, {"n": n, "format": DATASET_FORMAT})
+        write_json_atomic(work / MARKER, {"n": n, "format": DATASET_FORMAT})
         gen_s = time.perf_counter() - t0
     paths = list_files(str(edited)) + list_files(str(reference))
     data_bytes = sum(os.path.getsize(p) for p in paths if p.endswith(IMAGE_EXT))
@@ -465,12 +459,12 @@ def run_benchmark(args, machine: dict, work: Path) -> int:
 
     print_table(results)
     if args.json_path:
-        write_json(Path(args.json_path), results)
+        write_json_atomic(Path(args.json_path), results)
         console.print(f"results: {args.json_path}")
     if not args.no_save:
         suffix = "" if n == 10_000 else f"-n{n}"
         path = RESULTS_DIR / f"bench_pair-{machine['hostname']}-{datetime.date.today().isoformat()}{suffix}.json"
-        write_json(path, results)
+        write_json_atomic(path, results)
         console.print(f"results: {path}")
     return status
 

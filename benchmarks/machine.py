@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import sys
 from importlib import metadata
+from pathlib import Path
+
+# the checkout's packages, for a benchmark run as `python benchmarks/X.py` without installing them
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 
 def cpu_model() -> str:
@@ -29,7 +34,9 @@ def package_version(dist: str) -> str:
 
 def usable_cores() -> int:
     """Cores this process may run on (a Slurm job's or a container's cpuset), not the host's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from kontext_data.workers import available_cpus
+
+    return available_cpus()
 
 
 def machine_info() -> dict:

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kontext_data.fileio import write_bytes_atomic
+
 # Named colours of the objects: saturated, far apart, none close to the backgrounds below.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -246,19 +248,6 @@ def build_sample(index: int, n: int, size: int, seed: int, aspects: int = 0) -> 
     return Sample(_rel_stem(index, n), width, height, background, tuple(before), tuple(after), edit, caption)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _encode(img: Image.Image, jpeg: bool) -> bytes:
     buf = io.BytesIO()
     img.save(buf, **(JPEG_PARAMS if jpeg else PNG_PARAMS))
@@ -296,9 +285,9 @@ def make_sample(outdir: str | os.PathLike, n: int = 32, size: int = 128, seed: i
                 made_dirs.add(d)
         ref_bytes = _encode(_render(s.width, s.height, s.background, s.before), jpeg)
         edit_bytes = _encode(_render(s.width, s.height, s.background, s.after), jpeg)
-        _write_atomic(reference + ext, ref_bytes)
-        _write_atomic(edited + ext, edit_bytes)
-        _write_atomic(edited + ".txt", (s.caption + "\n").encode("utf-8"))
+        write_bytes_atomic(reference + ext, ref_bytes)
+        write_bytes_atomic(edited + ext, edit_bytes)
+        write_bytes_atomic(edited + ".txt", (s.caption + "\n").encode("utf-8"))
         counts["pairs"] += 1
         counts["captions"] += 1
         counts["subfolder"] += "/" in s.rel_stem

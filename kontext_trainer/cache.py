@@ -410,7 +410,9 @@ class FeatureCache:
 
 def _threads(workers: int | None) -> int:
     """Threads of a loader pool: `workers`, else one per CPU up to 8 (decoding and resizing release the GIL)."""
-    return workers or min(8, os.cpu_count() or 1)
+    from kontext_data.workers import available_cpus
+
+    return workers or min(8, available_cpus())
 
 
 def _save_or_raise(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
