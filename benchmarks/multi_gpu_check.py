@@ -110,7 +110,9 @@ def main() -> int:
                "--output-dir", str(out), "--device", args.device, "--precision", "fp32", "--max-train-steps",
                str(args.steps), "--train-batch-size", str(args.batch), "--lora-rank", "8", "--lr", "1e-3",
                "--seed", "0", "--checkpointing-steps", str(args.steps // 2), "--set", "report_to=none",
-               "--set", "skip_final_validation=true", "--json", "--quiet"]
+               "--set", "skip_final_validation=true", "--json", "--quiet",
+               # the same global batch in both runs: the N-process curve must equal the 1-process one
+               "--set", "batch_semantics=global"]
         if args.compile != "auto":
             cmd += ["--set", f"compile_blocks={'true' if args.compile == 'on' else 'false'}"]
         if n > 1:

@@ -130,7 +130,14 @@ class TrainConfig:
     lr_warmup_steps: int = _f(0, "Linear warmup from 0 over this many optimizer steps.", min=0)
 
     max_train_steps: int = _f(1000, "Optimizer steps to train.", min=1, cli=())
-    train_batch_size: int = _f(1, "Samples per micro-batch (all of one bucket and reference count).", min=1, cli=())
+    train_batch_size: int = _f(1, "Samples per micro-batch on each process (all of one bucket and reference "
+                                  "count); with N processes a micro-step trains N times as many (batch_semantics).",
+                               min=1, cli=())
+    batch_semantics: Literal["per_device", "global"] = _f(
+        "per_device", "How train_batch_size reads under data parallelism: per_device (as SimpleTuner, diffusers and "
+                      "accelerate read it: N processes train N x train_batch_size samples per micro-step, each "
+                      "process a batch of its own) or global (the micro-batch of all processes together, shared "
+                      "out: N-invariant runs, but a batch smaller than N leaves processes idle).", cli=())
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1, cli=())
     seed: int = _f(42, "Seed of shuffling, noise, sigmas and caption choices.", cli=())
 

@@ -3,8 +3,10 @@
 In: the environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Out: `Dist`, this process's
 place in the group, with the few collective operations the recipe needs.
 
-How a step is split (DDP semantics): every rank builds the same global batch (same sampler, same seed), takes its
-own contiguous shard of it (`shard_indices`), and scales its loss by `len(shard) / len(batch)`; after the
+How a step is split (DDP semantics): every rank builds the same global batch (same sampler, same seed; its size from
+`batch_sizes`: N x train_batch_size per micro-step with the default per_device reading, train_batch_size with the
+global one), takes its own contiguous shard of it (`shard_indices`: with per_device, exactly train_batch_size
+samples each, of one bucket), and scales its loss by `len(shard) / len(batch)`; after the
 micro-batches of one optimizer step the adapter's gradients are summed over the ranks in one flat all-reduce. The
 result is the gradient of the global batch's mean loss, as one process with the whole batch computes it (only the
 order of the floating-point additions differs). The base model is frozen, so only the adapter's gradients travel,
@@ -13,7 +15,13 @@ once per optimizer step (what DDP does with `no_sync` under gradient accumulatio
 drawn per sample (seeded by step and sample id), so they do not depend on which rank holds the sample.
 
 Caching is split too: each rank encodes a disjoint share of the missing cache entries, then all wait at a
-barrier. Rank 0 alone writes checkpoints, the final LoRA, validation strips, metrics and TensorBoard logs.
+barrier. Where the cache folder is not shared between machines (a per-node disk), a second round has each machine
+encode what its own cache still lacks, shared out among its local processes. Rank 0 alone writes checkpoints, the
+final LoRA, validation strips, metrics and TensorBoard logs.
+
+Several machines: every node runs the same command under `torchrun --nnodes M --nproc-per-node G --rdzv-backend
+c10d --rdzv-endpoint HOST:PORT --rdzv-id RUN` (or `accelerate launch --num_machines M --machine_rank i
+--main_process_ip HOST`); ranks are global, LOCAL_WORLD_SIZE tells each its machine's share.
 
 The process group is set up by accelerate's `PartialState` (NCCL on GPUs, gloo on the CPU), so both
 `accelerate launch --multi_gpu` and `torchrun` work.
@@ -25,6 +33,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,6 +45,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
+    """Processes on this machine (node): with several nodes, each node's share of what its own cache lacks."""
 
     @property
     def enabled(self) -> bool:
@@ -54,15 +65,31 @@ class Dist:
 
             dist.barrier()
 
-    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients of `params` over the ranks, in one flat buffer (missing gradients count as 0)."""
+    def all_reduce_grads(self, params: list[torch.nn.Parameter], timing: dict[str, float] | None = None) -> None:
+        """Sum the gradients of `params` over the ranks, in one flat buffer (missing gradients count as 0).
+
+        With `timing`, adds to it this rank's `idle_s` (waiting for the slowest rank to reach the all-reduce:
+        measured with a one-element all-reduce first, after the device finished its work) and `allreduce_s` (the
+        gradients' all-reduce itself). The extra synchronization costs a few microseconds a step."""
         if not self.enabled:
             return
+        import time
+
         import torch.distributed as dist
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
+        if timing is not None:
+            _synchronize(flat.device)
+            t0 = time.perf_counter()
+            dist.all_reduce(torch.zeros(1, device=flat.device), op=dist.ReduceOp.SUM)
+            _synchronize(flat.device)
+            t1 = time.perf_counter()
+            timing["idle_s"] = timing.get("idle_s", 0.0) + t1 - t0
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if timing is not None:
+            _synchronize(flat.device)
+            timing["allreduce_s"] = timing.get("allreduce_s", 0.0) + time.perf_counter() - t1
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()
@@ -81,6 +108,16 @@ class Dist:
         dist.all_gather_object(devices, str(device))
         return f"{self.world_size} processes ({dist.get_backend()}) on {', '.join(devices)}"
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (a picklable object), in rank order, on every rank (a collective)."""
+        if not self.enabled:
+            return [value]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
     def sum_scalar(self, value: float, device=None) -> float:
         """`value` summed over the ranks (a collective: call on all ranks)."""
         if not self.enabled:
@@ -90,6 +127,33 @@ class Dist:
         t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.item())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batch_sizes(train_batch_size: int, world_size: int, semantics: str) -> tuple[int, int]:
+    """(global micro-batch, the largest share one process trains) for `train_batch_size` read as `semantics`:
+    per_device: (B x N, B), as SimpleTuner, diffusers and accelerate read it; global: (B, ceil(B / N))."""
+    if semantics == "per_device":
+        return train_batch_size * world_size, train_batch_size
+    return train_batch_size, -(-train_batch_size // world_size)
+
+
+def describe_batch(train_batch_size: int, world_size: int, semantics: str, accumulation: int) -> str:
+    """The start-up line of the batch a step trains, e.g. `batch: 1 per process x 2 processes = 2 samples per
+    micro-step (batch_semantics per_device)`; where a global batch leaves processes idle, it says so."""
+    total, share = batch_sizes(train_batch_size, world_size, semantics)
+    per_step = f"; x {accumulation} accumulated = {total * accumulation} per optimizer step" if accumulation > 1 else ""
+    if semantics == "per_device":
+        return (f"batch: {train_batch_size} per process x {world_size} processes = {total} samples per micro-step "
+                f"(batch_semantics per_device){per_step}")
+    idle = (f"; {world_size - total} of {world_size} processes idle every micro-step (batch_semantics per_device "
+            f"gives each a batch of its own)" if total < world_size else "")
+    return (f"batch: {total} samples per micro-step shared out over {world_size} processes, at most {share} each "
+            f"(batch_semantics global){per_step}{idle}")
 
 
 def world_size_from_env() -> int:
@@ -108,8 +172,10 @@ def init_distributed(device: str) -> tuple[Dist, torch.device | None]:
     from accelerate import PartialState
 
     state = PartialState(cpu=(device == "cpu"))
-    return Dist(rank=state.process_index, world_size=state.num_processes,
-                local_rank=state.local_process_index), state.device
+    # torchrun (and accelerate launch, which runs it) sets LOCAL_WORLD_SIZE; without it, one machine is assumed
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or state.num_processes)
+    return Dist(rank=state.process_index, world_size=state.num_processes, local_rank=state.local_process_index,
+                local_world_size=local_world), state.device
 
 
 def shard_indices(indices: list[int], rank: int, world_size: int) -> list[int]:

@@ -36,7 +36,7 @@ from kontext_trainer.data import choose_references, materialize_on_demand, read_
 from kontext_trainer.data import draw_epoch
 from kontext_trainer.prompts import read_validation_prompts
 from kontext_trainer.weighting import dataset_weighting
-from kontext_trainer.distributed import Dist, init_distributed, shard_indices
+from kontext_trainer.distributed import Dist, batch_sizes, describe_batch, init_distributed, shard_indices
 from kontext_trainer.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
 from kontext_trainer.attention import attention_context
@@ -194,7 +194,7 @@ class KontextLoRARecipe:
             raise TrainError([f"{exc.path}: {exc}"], title="caching") from None
         self._build_model()
         weights, groups = self.weighting.for_samples([s.sample_id for s in self.samples])
-        self.sampler = BucketBatchSampler(self.samples, cfg.train_batch_size, cfg.seed, weights, groups)
+        self.sampler = BucketBatchSampler(self.samples, self.global_batch, cfg.seed, weights, groups)
         if cfg.resume_from_checkpoint:
             self._resume(cfg.resume_from_checkpoint)
         if cfg.report_to == "tensorboard" and self.dist.is_main:
@@ -263,8 +263,14 @@ class KontextLoRARecipe:
             index = self.dist.local_rank if self.dist.enabled else torch.cuda.current_device()
             self.device = torch.device("cuda", index)
         self.dtype = quantize_mod.compute_dtype(cfg.base_model_precision)  # bf16 for quantized bases
+        # the sampler draws global micro-batches; each process trains its share (at most device_batch samples)
+        self.global_batch, self.device_batch = batch_sizes(cfg.train_batch_size, self.dist.world_size,
+                                                           cfg.batch_semantics)
+        self.comm_timing: dict[str, float] | None = {} if self.dist.enabled else None
         if self.dist.enabled:
             self.emit("stage", message=f"data parallel: {self.dist.describe(self.device)}")
+            self.emit("stage", message=describe_batch(cfg.train_batch_size, self.dist.world_size,
+                                                      cfg.batch_semantics, cfg.gradient_accumulation_steps))
         self._limit_memory()
 
     def _describe_data(self) -> None:
@@ -362,21 +368,12 @@ class KontextLoRARecipe:
     # ------------------------------------------------------------------------------------------- caches
 
     def _build_caches(self) -> None:
-        cfg = self.cfg
+        """Text embeddings, VAE latents and loss masks of every training and eval sample, encoded where the cache
+        lacks them (shared out over the processes), then the `cache` event with what was encoded and reused."""
         from kontext_data.manifest import load_image
 
-        all_samples = self.samples + [s for s in self.val_samples if s.split == "eval"]
-        captions = sorted({c for s in all_samples for c in s.captions} | {BLANK_CAPTION}
-                          | {p.prompt for p in self.val_prompts})
-        text_fp = model_mod.fingerprint(self.model_dir, "text_encoder") + model_mod.fingerprint(
-            self.model_dir, "text_encoder_2") + model_mod.fingerprint(self.model_dir, "tokenizer") + \
-            model_mod.fingerprint(self.model_dir, "tokenizer_2")
-        text_keys = {c: text_key(text_fp, c, cfg.max_sequence_length) for c in captions}
-        vae_fp = model_mod.fingerprint(self.model_dir, "vae")
-        dtype_name = str(self.dtype).replace("torch.", "")
-        entries = {e for s in all_samples for e in (s.target, *s.references)}
-        latent_keys = {e: latent_key(vae_fp, e, dtype_name) for e in entries}
-        mask_keys = {s.mask: mask_key(s.mask) for s in all_samples if s.mask is not None}
+        cfg = self.cfg
+        text_keys, latent_keys, mask_keys = self._cache_keys()
         self.keys = KeyBook(text=text_keys, latent=latent_keys, mask=mask_keys)
 
         def progress(stage, done, total):
@@ -385,46 +382,75 @@ class KontextLoRARecipe:
         stats = {"text_total": len(text_keys), "latent_total": len(latent_keys)}
         if mask_keys:
             stats["mask_total"] = len(mask_keys)
-        missing_text = self.cache.missing_text({k: c for c, k in text_keys.items()}, self.dist.rank,
-                                               self.dist.world_size)
-        if missing_text:
-            self.emit("stage", message=f"encoding {len(missing_text)} of {len(text_keys)} caption(s)")
-            with self.clock.phase("text encoders load"):
-                enc = model_mod.load_text_encoders(self.model_dir, self.dtype, self.device)
-            t = time.perf_counter()
-            stats["text_encoded"] = self.cache.encode_text(
-                enc, {k: c for c, k in text_keys.items()}, self.device,
-                cfg.cache_batch_size or None, cfg.max_sequence_length, progress,
-                rank=self.dist.rank, world_size=self.dist.world_size)
-            self._synchronize()
-            self.clock.add("text cache", time.perf_counter() - t, stats["text_encoded"])
+        keyed_text = {k: c for c, k in text_keys.items()}
+        keyed_latents = {k: e for e, k in latent_keys.items()}
+        keyed_masks = {k: e for e, k in mask_keys.items()}
+        enc = None
+        for rank, world in self._cache_rounds():
+            todo = self.cache.missing_text(keyed_text, rank, world)
+            if todo:
+                self.emit("stage", message=f"encoding {len(todo)} of {len(text_keys)} caption(s)")
+                if enc is None:
+                    with self.clock.phase("text encoders load"):
+                        enc = model_mod.load_text_encoders(self.model_dir, self.dtype, self.device)
+                t = time.perf_counter()
+                done = self.cache.encode_text(enc, keyed_text, self.device, cfg.cache_batch_size or None,
+                                              cfg.max_sequence_length, progress, rank=rank, world_size=world)
+                self._synchronize()
+                self.clock.add("text cache", time.perf_counter() - t, done)
+                stats["text_encoded"] = stats.get("text_encoded", 0) + done
+        if enc is not None:
             model_mod.free(enc.text_encoder, enc.text_encoder_2)
             del enc
-        self.dist.barrier()  # every rank's share of the captions is written
         with self.clock.phase("vae load"):
             self.vae = model_mod.load_vae(self.model_dir, self.dtype, self.device)
         if cfg.vae_tiling:
             self.vae.enable_tiling()
-        missing_lat = self.cache.missing_latents({k: e for e, k in latent_keys.items()}, self.dist.rank,
-                                                 self.dist.world_size)
-        if missing_lat:
-            self.emit("stage", message=f"encoding {len(missing_lat)} of {len(latent_keys)} image(s) with the VAE")
-            t = time.perf_counter()
-            stats["latent_encoded"] = self.cache.encode_latents(
-                self.vae, {k: e for e, k in latent_keys.items()}, self.device,
-                cfg.cache_batch_size or None, load_image, progress,
-                rank=self.dist.rank, world_size=self.dist.world_size)
-            self._synchronize()
-            self.clock.add("latent cache", time.perf_counter() - t, stats["latent_encoded"])
-        if mask_keys:  # loss masks need no model: computed from their files on the CPU
-            stats["mask_encoded"] = self.cache.encode_masks({k: e for e, k in mask_keys.items()}, progress,
-                                                            rank=self.dist.rank, world_size=self.dist.world_size)
-        self.dist.barrier()  # every rank's share of the latents (and masks) is written
+        for rank, world in self._cache_rounds():
+            todo = self.cache.missing_latents(keyed_latents, rank, world)
+            if todo:
+                self.emit("stage", message=f"encoding {len(todo)} of {len(latent_keys)} image(s) with the VAE")
+                t = time.perf_counter()
+                done = self.cache.encode_latents(self.vae, keyed_latents, self.device, cfg.cache_batch_size or None,
+                                                 load_image, progress, rank=rank, world_size=world)
+                self._synchronize()
+                self.clock.add("latent cache", time.perf_counter() - t, done)
+                stats["latent_encoded"] = stats.get("latent_encoded", 0) + done
+            if mask_keys:  # loss masks need no model: computed from their files on the CPU
+                stats["mask_encoded"] = stats.get("mask_encoded", 0) + self.cache.encode_masks(
+                    keyed_masks, progress, rank=rank, world_size=world)
         self.vae.to("cpu")  # back on the device only for validation
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache_stats = stats
         self.emit("cache", **stats, cache_dir=str(self.cache.root))
+
+    def _cache_keys(self) -> tuple[dict, dict, dict]:
+        """The content keys (model fingerprints, file hashes, geometry) of every caption, image and loss mask the
+        run needs: training and eval samples, validation prompts, the blank caption of caption dropout."""
+        cfg = self.cfg
+        all_samples = self.samples + [s for s in self.val_samples if s.split == "eval"]
+        captions = sorted({c for s in all_samples for c in s.captions} | {BLANK_CAPTION}
+                          | {p.prompt for p in self.val_prompts})
+        text_fp = "".join(model_mod.fingerprint(self.model_dir, part)
+                          for part in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+        text_keys = {c: text_key(text_fp, c, cfg.max_sequence_length) for c in captions}
+        vae_fp = model_mod.fingerprint(self.model_dir, "vae")
+        dtype_name = str(self.dtype).replace("torch.", "")
+        entries = {e for s in all_samples for e in (s.target, *s.references)}
+        latent_keys = {e: latent_key(vae_fp, e, dtype_name) for e in entries}
+        mask_keys = {s.mask: mask_key(s.mask) for s in all_samples if s.mask is not None}
+        return text_keys, latent_keys, mask_keys
+
+    def _cache_rounds(self):
+        """(rank, world) of each caching round, a barrier after each: one process encodes everything; several
+        share the missing entries out by global rank, then, where the cache folder is not shared between machines
+        (what other machines wrote is not here), each machine's processes share out what it still lacks."""
+        yield self.dist.rank, self.dist.world_size
+        self.dist.barrier()  # every rank's share is written
+        if self.dist.world_size > self.dist.local_world_size:  # several machines
+            yield self.dist.local_rank, self.dist.local_world_size
+            self.dist.barrier()
 
     # ------------------------------------------------------------------------------------------- model
 
@@ -562,7 +588,7 @@ class KontextLoRARecipe:
         cfg = self.cfg
         tokens = max((memory.sample_tokens(s.target.size, [r.size for r in s.references]) for s in self.samples),
                      default=0)
-        return memory.StepShape(tokens, cfg.base_model_precision, cfg.train_batch_size,
+        return memory.StepShape(tokens, cfg.base_model_precision, self.device_batch,
                                wide_adapter=cfg.adapter == "lokr" or cfg.lora_targets != "attention",
                                scale=min(1.0, self._base_params / memory.FULL_TRANSFORMER_PARAMS),
                                fa4=attention.runs_fa4(cfg.attention_backend, self.device, tokens))
@@ -647,13 +673,29 @@ class KontextLoRARecipe:
         if self.writer:
             self.writer.flush()
             self.writer.close()
-        timings = self.clock.summary(self.device)
+        timings = self._timings()
         self.emit("timings", **timings)
         return TrainResult(lora_path=lora_path, config_path=self.output_dir / "config.resolved.json", losses=losses,
                            validation_dirs=validation_dirs, checkpoints=list_checkpoints(self.output_dir),
                            seconds_per_step=(time.perf_counter() - started) / max(1, self.step - first_step),
                            timings=timings, validation_losses=list(self.validation_losses),
                            ema_path=self.output_dir / EMA_WEIGHT_NAME if self.ema is not None else None)
+
+    def _timings(self) -> dict[str, Any]:
+        """The phase table with the samples a step trains and their rate; with several processes, each rank's
+        caching, waiting (idle: the slowest rank's lead at the all-reduce) and all-reduce seconds (a collective)."""
+        cfg = self.cfg
+        timings = self.clock.summary(self.device)
+        timings["samples_per_step"] = self.global_batch * cfg.gradient_accumulation_steps
+        if timings.get("steady_s_per_step"):
+            timings["samples_per_s"] = round(timings["samples_per_step"] / timings["steady_s_per_step"], 3)
+        if self.dist.enabled:
+            mine = {k: round(v, 3) for k, v in (self.comm_timing or {}).items()}
+            mine.update({k: round(self.clock.phases[k], 3) for k in ("text cache", "latent cache")
+                         if k in self.clock.phases})
+            timings["processes"] = self.dist.world_size
+            timings["per_rank"] = self.dist.gather(mine)
+        return timings
 
     def _optimizer_step(self, it) -> tuple[float, float]:
         """One optimizer step over gradient_accumulation_steps micro-batches drawn from `it`, gradients summed over
@@ -674,7 +716,7 @@ class KontextLoRARecipe:
         # every rank learns of a non-finite loss on any rank before the gradient all-reduce (no hang)
         if self.dist.sum_scalar(1.0 if failure else 0.0, self.device) > 0:
             raise self._diverged(failure or "a non-finite loss on another process")
-        self.dist.all_reduce_grads(self.params)
+        self.dist.all_reduce_grads(self.params, self.comm_timing)
         step_loss = self.dist.sum_scalar(step_loss, self.device)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
@@ -817,7 +859,7 @@ class KontextLoRARecipe:
             return load_batch(group, self.cache, self.keys, [s.captions[0] for s in group])
 
         # one process's share of a training micro-batch: the shapes (and memory) its training steps have
-        batch_size = -(-cfg.train_batch_size // self.dist.world_size)
+        batch_size = self.device_batch
         for key, samples in (("val_loss", self.val_samples), ("train_eval_loss", self.train_eval_samples)):
             report = evaluate_loss(self.transformer, samples, load, sigmas=cfg.validation_sigmas, seed=cfg.seed,
                                    batch_size=batch_size, device=self.device, dtype=self.dtype,
@@ -916,7 +958,7 @@ class KontextLoRARecipe:
             if self.ema is not None:
                 self.ema.save(self.transformer, self.params, tmp, self._training_metadata())
             torch.save({
-                "step": self.step, "epoch": self.epoch, "position": self.position,
+                "step": self.step, "epoch": self.epoch, "position": self.position, "global_batch": self.global_batch,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
             }, tmp / "training_state.pt")
@@ -966,6 +1008,12 @@ class KontextLoRARecipe:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step, self.epoch, self.position = int(state["step"]), int(state["epoch"]), int(state["position"])
+        saved_batch = state.get("global_batch", self.global_batch)  # checkpoints before per-device batches: same
+        if saved_batch != self.global_batch:
+            self.emit("warning", message=f"{ckpt.name} trained {saved_batch} samples per micro-step, this run "
+                                         f"{self.global_batch} (another number of processes with per-device "
+                                         "batches, or another train_batch_size): it goes on from the same step, but "
+                                         "the batches from here differ from those of an uninterrupted run")
         if self.ema is not None and state.get("ema") is not None:
             try:
                 self.ema.load_state_dict(state["ema"])

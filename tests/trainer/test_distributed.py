@@ -46,6 +46,7 @@ def manifest7(tmp_path_factory):
 
 
 def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
+    """batch_semantics global: N processes share one micro-batch out and follow the 1-process run exactly."""
     # the global batches of these steps include a batch of one sample: rank 1 then holds an empty shard
     samples = samples_from_records(read_manifest(manifest7).records())
     it = BucketBatchSampler(samples, BATCH, 42).iterate()
@@ -57,7 +58,7 @@ def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
            "--output-dir", str(out2), "--device", "cpu", "--precision", "fp32", "--max-train-steps", str(STEPS),
            "--train-batch-size", str(BATCH), "--lora-rank", "4", "--lr", "1e-3", "--seed", "42",
            "--checkpointing-steps", "2", "--set", "report_to=none", "--set", "skip_final_validation=true",
-           "--num-processes", "2", "--json", "--quiet"]
+           "--set", "batch_semantics=global", "--num-processes", "2", "--json", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -87,3 +88,83 @@ def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
     a = load_file(str(out2 / "pytorch_lora_weights.safetensors"))
     b = load_file(str(one.lora_path))
     assert a.keys() == b.keys()
+
+
+def test_batch_sizes_per_device_and_global():
+    from kontext_trainer.distributed import batch_sizes, describe_batch
+
+    assert batch_sizes(1, 2, "per_device") == (2, 1)  # SimpleTuner's reading: each GPU a batch of its own
+    assert batch_sizes(3, 4, "per_device") == (12, 3)
+    assert batch_sizes(3, 2, "global") == (3, 2) and batch_sizes(1, 2, "global") == (1, 1)
+    assert describe_batch(1, 2, "per_device", 1) == ("batch: 1 per process x 2 processes = 2 samples per "
+                                                     "micro-step (batch_semantics per_device)")
+    assert "1 of 2 processes idle" in describe_batch(1, 2, "global", 1)
+    assert "x 4 accumulated = 8 per optimizer step" in describe_batch(1, 2, "per_device", 4)
+
+
+def _train_cmd(manifest, model, out, *extra) -> list[str]:
+    return ["-m", "kontext_trainer", "train", str(manifest), "--model", str(model), "--output-dir", str(out),
+            "--device", "cpu", "--precision", "fp32", "--max-train-steps", str(STEPS), "--train-batch-size", "1",
+            "--lora-rank", "4", "--lr", "1e-3", "--seed", "42", "--set", "report_to=none", "--set",
+            "skip_final_validation=true", "--json", "--quiet", *extra]
+
+
+def _losses(out) -> list[float]:
+    return [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+@pytest.fixture(scope="module")
+def one_process_batch_two(tiny_model, manifest7, tmp_path_factory):
+    """The reference run: one process, a micro-batch of 2."""
+    return train(TrainConfig(manifest=str(manifest7), model=str(tiny_model),
+                             output_dir=str(tmp_path_factory.mktemp("one2")), device="cpu",
+                             base_model_precision="fp32", max_train_steps=STEPS, train_batch_size=2, lora_rank=4,
+                             learning_rate=1e-3, seed=42, report_to="none", skip_final_validation=True))
+
+
+def test_per_device_batches_train_n_times_the_samples(tiny_model, manifest7, tmp_path, one_process_batch_two):
+    """The default reading, as SimpleTuner's: 2 processes with train_batch_size 1 train 2 samples per micro-step,
+    say so at start-up, and follow the 1-process run with a batch of 2; each rank reports its all-reduce time."""
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *_train_cmd(manifest7, tiny_model, out, "--num-processes", "2")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert any(e["event"] == "stage" and e["message"] == "batch: 1 per process x 2 processes = 2 samples per "
+               "micro-step (batch_semantics per_device)" for e in events)
+    timings = next(e for e in events if e["event"] == "timings")
+    assert timings["samples_per_step"] == 2 and timings["processes"] == 2
+    assert len(timings["per_rank"]) == 2 and all(r["allreduce_s"] > 0 and r["idle_s"] >= 0
+                                                 for r in timings["per_rank"])
+    assert _losses(out) == pytest.approx([l for _, l in one_process_batch_two.losses], rel=1e-4)
+
+
+def test_two_nodes_through_a_rendezvous_with_caches_of_their_own(tiny_model, manifest7, tmp_path,
+                                                                  one_process_batch_two):
+    """Two "machines" (torchrun --nnodes 2, one process each, a c10d rendezvous on localhost), each with its own
+    cache and output folder as on machines without a shared disk: each machine's cache ends up complete (the
+    second caching round encodes what the other machine wrote elsewhere), rank 0 alone writes the adapter, and
+    the run follows the 1-process run with a batch of 2."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = []
+    for node in (0, 1):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "kontext-test"]
+        cmd = launcher + _train_cmd(manifest7, tiny_model, tmp_path / f"out{node}", "--cache-dir",
+                                    str(tmp_path / f"cache{node}"))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    for node in (0, 1):
+        assert len(list((tmp_path / f"cache{node}" / "latents").rglob("*.safetensors"))) == 14
+    written = [(tmp_path / f"out{node}" / "pytorch_lora_weights.safetensors").is_file() for node in (0, 1)]
+    assert written.count(True) == 1  # rank 0's machine; which one it is, the rendezvous decides
+    main = tmp_path / f"out{written.index(True)}"
+    assert _losses(main) == pytest.approx([l for _, l in one_process_batch_two.losses], rel=1e-4)

@@ -46,6 +46,18 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model, sample_manifest, tm
     assert [l for _, l in first.losses] == pytest.approx([l for _, l in full.losses[:3]], rel=1e-6)
 
 
+def test_resume_with_another_batch_says_the_batches_differ(tiny_model, sample_manifest, tmp_path):
+    """A checkpoint of a run with 2 samples per micro-step, resumed with 1 (as when the number of processes changes
+    under per-device batches): it goes on from its step, with a warning that the batches differ from here."""
+    train(_cfg(sample_manifest, tiny_model, tmp_path / "out", max_train_steps=2, checkpointing_steps=2))
+    events = []
+    rest = train(_cfg(sample_manifest, tiny_model, tmp_path / "out", max_train_steps=3, train_batch_size=1,
+                      resume_from_checkpoint="latest"), on_event=lambda kind, data: events.append((kind, data)))
+    assert [s for s, _ in rest.losses] == [3]
+    assert any(kind == "warning" and "trained 2 samples per micro-step, this run 1" in data["message"]
+               for kind, data in events)
+
+
 def test_checkpoints_keep_the_newest(tiny_model, sample_manifest, tmp_path):
     out = tmp_path / "out"
     result = train(_cfg(sample_manifest, tiny_model, out, max_train_steps=4, checkpointing_steps=1,
