@@ -146,25 +146,47 @@ def test_two_nodes_through_a_rendezvous_with_caches_of_their_own(tiny_model, man
     cache and output folder as on machines without a shared disk: each machine's cache ends up complete (the
     second caching round encodes what the other machine wrote elsewhere), rank 0 alone writes the adapter, and
     the run follows the 1-process run with a batch of 2."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    procs = []
-    for node in (0, 1):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "kontext-test"]
-        cmd = launcher + _train_cmd(manifest7, tiny_model, tmp_path / f"out{node}", "--cache-dir",
-                                    str(tmp_path / f"cache{node}"))
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    results = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
-        assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    results = _two_nodes(manifest7, tiny_model, tmp_path)
+    for code, stdout, stderr in results:
+        assert code == 0, stdout[-3000:] + stderr[-3000:]
     for node in (0, 1):
         assert len(list((tmp_path / f"cache{node}" / "latents").rglob("*.safetensors"))) == 14
     written = [(tmp_path / f"out{node}" / "pytorch_lora_weights.safetensors").is_file() for node in (0, 1)]
     assert written.count(True) == 1  # rank 0's machine; which one it is, the rendezvous decides
     main = tmp_path / f"out{written.index(True)}"
     assert _losses(main) == pytest.approx([l for _, l in one_process_batch_two.losses], rel=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(manifest, model, tmp_path, attempts: int = 2) -> list[tuple[int, str, str]]:
+    """Run the two "machines" and return (exit code, stdout, stderr) of each. Node 0 hosts the rendezvous store
+    (is_host) and is started first. A run that fails in the rendezvous itself (a port taken meanwhile on a busy
+    CI host) is tried once more on a new port; any other failure is returned as it is."""
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for attempt in range(attempts):
+        port = _free_port()
+        procs = []
+        for node in (0, 1):
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+                        f"kontext-test-{attempt}", "--rdzv-conf", f"is_host={int(node == 0)}"]
+            cmd = launcher + _train_cmd(manifest, model, tmp_path / f"out{node}", "--cache-dir",
+                                        str(tmp_path / f"cache{node}"))
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+            if node == 0:
+                time.sleep(1.0)  # the store is up before the other machine asks for it
+        results = [(p, *p.communicate(timeout=300)) for p in procs]
+        out = [(p.returncode, stdout, stderr) for p, stdout, stderr in results]
+        rendezvous_failed = any(code and "Rendezvous" in stderr for code, _, stderr in out)
+        if not rendezvous_failed or attempt == attempts - 1:
+            return out
+    return out
