@@ -335,7 +335,7 @@ def _read_block(transformer, keys: list[str], files: dict[str, Path], dtype, dev
 
 
 def load_transformer(model_dir: Path, dtype, device, *, read_device=None, prepare=None, on_block=None,
-                     host_blocks=()):
+                     host_blocks=(), skeleton=None):
     """The frozen FluxTransformer2DModel of `model_dir/transformer`, streamed: built on the meta device from
     config.json (no memory), then its weights read block by block (`block_names`: each double and single
     block, and each other top-level module) from the safetensors file or the shards of the index, tensor by tensor,
@@ -349,13 +349,14 @@ def load_transformer(model_dir: Path, dtype, device, *, read_device=None, prepar
     `device` and the next block is read. `on_block(name, done, total, transformer)` reports progress after each
     block. `host_blocks`: names of blocks that end in CPU memory instead (the blocks block offload will stream, so a
     card smaller than the whole base never holds it). ModelError (naming the file and the fix) when the checkpoint
-    and config.json disagree."""
+    and config.json disagree. `skeleton`: the meta-device model of `empty_transformer(model_dir, dtype)` when the
+    caller built it already (the memory plan reads its shapes), filled in place instead of built again."""
     import torch
 
     device = torch.device(device)
     read_device = device if read_device is None else torch.device(read_device)
     files = transformer_weight_files(model_dir)
-    transformer = empty_transformer(model_dir, dtype)
+    transformer = empty_transformer(model_dir, dtype) if skeleton is None else skeleton
     folder = Path(model_dir) / "transformer"
     expected = list(transformer.state_dict().keys())
     missing = [k for k in expected if k not in files]

@@ -203,7 +203,7 @@ def _quantize_block(transformer: torch.nn.Module, name: str, precision: str, exc
 
 
 def load_transformer(model_dir: Path | str, precision: str, device: torch.device | str, quantize_on: str = "gpu",
-                     on_block=None, host_blocks=()):
+                     on_block=None, host_blocks=(), skeleton=None):
     """The frozen base transformer at `precision` on `device`, streamed block by block (module docstring):
     bf16/fp32 as stored, or quantized block by block on the device (`quantize_on` "gpu") or in RAM ("cpu").
     `on_block(name, done, total, transformer)` is called after each block is in place (quantized, on `device`).
@@ -214,14 +214,15 @@ def load_transformer(model_dir: Path | str, precision: str, device: torch.device
 
     dtype = compute_dtype(precision)
     if not is_quantized(precision):  # bf16, fp32, fp8-matmul (converted after the adapter: see to_fp8_matmul)
-        return model_mod.load_transformer(model_dir, dtype, device, on_block=on_block, host_blocks=host_blocks), None
+        return model_mod.load_transformer(model_dir, dtype, device, on_block=on_block, host_blocks=host_blocks,
+                                          skeleton=skeleton), None
     if quantize_on not in ("gpu", "cpu"):
         raise ValueError(f"quantize_on {quantize_on!r} is not one of gpu, cpu")
     report = QuantizeReport(precision=precision)
     transformer = model_mod.load_transformer(
         model_dir, dtype, device, read_device=device if quantize_on == "gpu" else "cpu", on_block=on_block,
         prepare=lambda name, tr: _quantize_block(tr, name, precision, QUANTO_EXCLUDE, report),
-        host_blocks=host_blocks)
+        host_blocks=host_blocks, skeleton=skeleton)
     _list_linears(transformer, report)
     report.bytes_after = _param_bytes(transformer)
     return transformer, report

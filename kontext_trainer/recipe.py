@@ -457,8 +457,8 @@ class KontextLoRARecipe:
     def _build_model(self) -> None:
         """The transformer, loaded as the memory plan says, with its adapter, kernels and optimizer."""
         self._decide_compile()
-        plan, host_blocks = self._memory_plan()
-        self._load_transformer(host_blocks)
+        plan, host_blocks, skeleton = self._memory_plan()
+        self._load_transformer(host_blocks, skeleton)
         self._attach_adapter()
         self._prepare_blocks(plan)
         self._new_optimizer()
@@ -470,8 +470,9 @@ class KontextLoRARecipe:
                                        + f", float32 on {self.device} (ema_decay)")
         self._describe_adapter()
 
-    def _memory_plan(self) -> tuple["memory.MemoryPlan", list[str]]:
-        """The memory plan and the names of the blocks it offloads. It comes first, from the model's shapes alone:
+    def _memory_plan(self) -> tuple["memory.MemoryPlan", list[str], torch.nn.Module]:
+        """The memory plan, the names of the blocks it offloads and the meta-device model it read them from (the
+        loader fills that one). It comes first, from the model's shapes alone:
         blocks it offloads are loaded straight into CPU memory, so a card smaller than the whole base (int8 FLUX is
         11.1 GiB) never has to hold it."""
         cfg = self.cfg
@@ -482,14 +483,15 @@ class KontextLoRARecipe:
             plan = self._checkpoint_plan()
         plan = self._offload_plan(plan, memory.estimate_block_bytes(meta, cfg.base_model_precision))
         names = {id(m): n for n, m in meta.named_modules()}
-        return plan, [names[id(b)] for b in model_mod.transformer_blocks(meta)[:plan.offload_blocks]]
+        return plan, [names[id(b)] for b in model_mod.transformer_blocks(meta)[:plan.offload_blocks]], meta
 
-    def _load_transformer(self, host_blocks: list[str]) -> None:
+    def _load_transformer(self, host_blocks: list[str], skeleton: torch.nn.Module) -> None:
         """The frozen base, quantized (int8/fp8-quanto) as it loads, before the adapter is attached."""
         cfg = self.cfg
         with self.clock.phase("model load"):
             self.transformer, self.quantize_report = quantize_mod.load_transformer(
-                self.model_dir, cfg.base_model_precision, self.device, cfg.quantize_on, host_blocks=set(host_blocks))
+                self.model_dir, cfg.base_model_precision, self.device, cfg.quantize_on, host_blocks=set(host_blocks),
+                skeleton=skeleton)
         if self.quantize_report is not None:
             r = self.quantize_report
             self.emit("stage", message=f"{r.precision}: {len(r.quantized)} Linear modules quantized, "
