@@ -108,6 +108,18 @@ class Dist:
         dist.all_gather_object(devices, str(device))
         return f"{self.world_size} processes ({dist.get_backend()}) on {', '.join(devices)}"
 
+    def close(self) -> None:
+        """Leave the process group once every rank is done: its communication threads are joined here, not torn
+        down by the interpreter's exit (where gloo's can abort a finished process: "terminate called without an
+        active exception")."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (a picklable object), in rank order, on every rank (a collective)."""
         if not self.enabled:

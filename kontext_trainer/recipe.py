@@ -1041,4 +1041,6 @@ def train(config: TrainConfig, on_event: EventFn | None = None) -> TrainResult:
     """Library entry point: setup + train."""
     recipe = KontextLoRARecipe(config, on_event)
     recipe.setup()
-    return recipe.train()
+    result = recipe.train()
+    recipe.dist.close()  # the process group's threads end before the interpreter does
+    return result
