@@ -445,19 +445,21 @@ class DegradeWorker:
     def _write(self, out_path: Path, out_bytes: bytes | None, rec_path: Path, record: dict, txt_path: Path,
                caption: str | None, stale_caption: bool) -> None:
         """Write every file of one source atomically, their temp files in the sidecar's ``tmp`` folder (a killed
-        run leaves nothing half-written in REFDIR). Renamed in this order: the caption, the record, the output last:
-        an output file without a record is never ours, and a caption we wrote for an earlier caption list goes
-        before the record that no longer names it."""
+        run leaves nothing half-written in REFDIR). In this order: a caption we wrote for an earlier caption list
+        goes first (before the record that no longer names it), then the record, the caption, the output last. So
+        a caption or output file without a record is never ours, and a run killed between two renames leaves a
+        record whose files do not match it yet: the next run writes them again (never a caption it would refuse as
+        someone else's)."""
         tmp_dir = self.out / SIDECAR_DIR / _TMP
+        if caption is None and stale_caption:
+            txt_path.unlink(missing_ok=True)
         with contextlib.ExitStack() as renames:  # leaving it renames in reverse order of entering
             if out_bytes is not None:
                 renames.enter_context(atomic_path(out_path, tmp_dir=tmp_dir)).write_bytes(out_bytes)
-            rec_tmp = renames.enter_context(atomic_path(rec_path, tmp_dir=tmp_dir))
-            rec_tmp.write_bytes(json.dumps(record, sort_keys=True, indent=1).encode("utf-8"))
             if caption is not None:
                 renames.enter_context(atomic_path(txt_path, tmp_dir=tmp_dir)).write_bytes(caption.encode("utf-8"))
-            elif stale_caption:
-                txt_path.unlink(missing_ok=True)
+            rec_tmp = renames.enter_context(atomic_path(rec_path, tmp_dir=tmp_dir))
+            rec_tmp.write_bytes(json.dumps(record, sort_keys=True, indent=1).encode("utf-8"))
 
     def _outputs_intact(self, old: dict, out_path: Path, txt_path: Path, caption: str | None) -> bool:
         if caption is not None:
