@@ -50,6 +50,8 @@ from kontext_data.problems import ProblemsError
 T = TypeVar("T")
 R = TypeVar("R")
 
+WAIT_S = 0.1
+"""While waiting for results, how often the pool looks for a Ctrl-C (it is deferred while its own code runs)."""
 WINDOW_PER_WORKER = 4
 """Items in flight per worker process: enough to keep each busy while results travel back, few enough that memory
 does not grow with the input."""
@@ -192,6 +194,27 @@ def _start_worker(env: dict[str, str], payload: bytes) -> None:
 
 
 @contextmanager
+def _sigint_deferred() -> Iterator[Callable[[], bool]]:
+    """While the pool's own code runs, Ctrl-C only sets a flag (the block gets a function that reads it); leaving
+    the block raises KeyboardInterrupt if one came. concurrent.futures' `wait` and `submit` hold the futures' and
+    the pool's locks: an interrupt raised inside them can leave a lock held, and then the pool's thread, and with it
+    the interpreter's exit, waits forever. Outside the main thread (where Python runs no signal handler) a no-op."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if came:
+        raise KeyboardInterrupt
+
+
+@contextmanager
 def _sigint_blocked() -> Iterator[None]:
     """Block SIGINT in this thread: a process started inside inherits the block, so a Ctrl-C that arrives while it
     is still importing (before :func:`_start_worker` ignores SIGINT) waits instead of printing its traceback. This
@@ -312,13 +335,15 @@ class _PoolRun:
                 return
             self._submit(*nxt)
 
-    def _collect(self, block: bool) -> list[WorkResult]:
+    def _collect(self, block: bool, interrupted: Callable[[], bool] = lambda: False) -> list[WorkResult]:
         from concurrent.futures import FIRST_COMPLETED, wait
         from concurrent.futures.process import BrokenProcessPool
 
         if not self.pending:
             return []
-        done, _ = wait(self.pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        done, _ = wait(self.pending, timeout=0, return_when=FIRST_COMPLETED)
+        while block and not done and not interrupted():  # short waits: a Ctrl-C is seen within WAIT_S
+            done, _ = wait(self.pending, timeout=WAIT_S, return_when=FIRST_COMPLETED)
         out = []
         for future in sorted(done, key=lambda f: self.pending[f][0]):
             index, item = self.pending.pop(future)
@@ -341,7 +366,7 @@ class _PoolRun:
             yield self.ready.pop(self.next_out)
             self.next_out += 1
 
-    def _step(self) -> list[WorkResult] | None:
+    def _step(self, interrupted: Callable[[], bool]) -> list[WorkResult] | None:
         """Results finished now, plus one item the parent ran itself (``parent_works``); None at the end."""
         self._fill()
         finished = self._collect(block=False)
@@ -351,7 +376,7 @@ class _PoolRun:
                 return finished + [_result(nxt[0], nxt[1], _call(self.fn, nxt[1]))]
         if finished:
             return finished
-        return self._collect(block=True) if self.pending else None
+        return self._collect(True, interrupted) if self.pending else None
 
     def results(self) -> Iterator[WorkResult]:
         """Every item's result; the pool is shut down however the iteration ends."""
@@ -362,7 +387,11 @@ class _PoolRun:
             with settings:
                 if self.parent_works and self.initializer is not None:
                     self.initializer(*self.initargs)
-                while (finished := self._step()) is not None:
+                while True:
+                    with _sigint_deferred() as interrupted:  # raises KeyboardInterrupt on leaving, if one came
+                        finished = self._step(interrupted)
+                    if finished is None:
+                        break
                     for result in finished:
                         yield from self._emit(result)
             clean = True
