@@ -72,6 +72,18 @@ def run_logged(cmd: list[str], env: dict, log) -> tuple[int, float, str, dict]:
     return proc.returncode, time.perf_counter() - t, "".join(lines), {"maxrss_gib": usage.ru_maxrss / 2**20}
 
 
+def json_events(stdout: str) -> list[dict]:
+    """The `--json` event lines of a `kontext-train` run's output (other lines, and cut ones, skipped)."""
+    events = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return events
+
+
 def prepare(args, env, log) -> tuple[Path, Path, dict]:
     """The model folder, the manifest and how long each took to make (0 when reused)."""
     made: dict[str, float] = {}
@@ -121,13 +133,7 @@ def train_once(args, card: str, model: Path, manifest: Path, env: dict, log) -> 
     cmd += args.extra
     log.write(f"\n=== {name}: {' '.join(cmd)}\n")
     code, wall, stdout, usage = run_logged(cmd, env, log)
-    events = []
-    for line in stdout.splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    events = json_events(stdout)
     done = next((e for e in events if e["event"] == "done"), {})
     steps = [e for e in events if e["event"] == "step"]
     return {

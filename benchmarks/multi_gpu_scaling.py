@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from full_run import cli, prepare, run_logged, tool_env  # noqa: E402
+from full_run import cli, json_events, prepare, run_logged, tool_env  # noqa: E402
 from machine import machine_info, package_version  # noqa: E402
 
 GOALS = {2: 1.9, 4: 3.7}
@@ -53,13 +53,7 @@ def run_n(args, n: int, model: Path, manifest: Path, env: dict, log) -> dict:
     cmd += args.extra
     log.write(f"\n=== {n} process(es): {' '.join(cmd)}\n")
     code, wall, stdout, _ = run_logged(cmd, env, log)
-    events = []
-    for line in stdout.splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    events = json_events(stdout)
     t = next((e for e in events if e["event"] == "timings"), {})
     steps = [e for e in events if e["event"] == "step"]
     return {"processes": n, "exit_code": code, "wall_s": round(wall, 1),

@@ -515,12 +515,6 @@ def parse_set_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
     return out, problems
 
 
-def field_docs() -> list[tuple[str, str, str, Any]]:
-    """(name, type, help, default) per field, for docs and --help."""
-    return [(f.name, str(FIELD_TYPES[f.name]).replace("typing.", ""), f.metadata.get("help", ""), f.default)
-            for f in fields(TrainConfig)]
-
-
 def cli_fields() -> list[tuple[dataclasses.Field, Any]]:
     """(field, type) of every TrainConfig field that `kontext-train train` has an option for, in field order.
 

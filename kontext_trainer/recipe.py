@@ -860,11 +860,10 @@ class KontextLoRARecipe:
         def load(group: list[Sample]):
             return load_batch(group, self.cache, self.keys, [s.captions[0] for s in group])
 
-        # one process's share of a training micro-batch: the shapes (and memory) its training steps have
-        batch_size = self.device_batch
         for key, samples in (("val_loss", self.val_samples), ("train_eval_loss", self.train_eval_samples)):
             report = evaluate_loss(self.transformer, samples, load, sigmas=cfg.validation_sigmas, seed=cfg.seed,
-                                   batch_size=batch_size, device=self.device, dtype=self.dtype,
+                                   # one process's share of a training micro-batch: its steps' shapes and memory
+                                   batch_size=self.device_batch, device=self.device, dtype=self.dtype,
                                    guidance=cfg.train_guidance, attention_backend=cfg.attention_backend,
                                    mask_loss_weight=cfg.mask_loss_weight)  # the training loss's own weighting
             if report is not None:
