@@ -94,6 +94,9 @@ def baseline_step(model, batch, gen) -> torch.Tensor:
 
 
 GROUPS_ALL = ("baseline", "bf16", "compile", "fp8", "int8", "lokr")
+# "default": only the step kontext-train runs on a big card (fused q/k/v, compiled at budget 1, its attention), the
+# row benchmarks/full_run.py's steady state is compared with in the same call; not part of a full run of this script
+GROUPS = (*GROUPS_ALL, "default")
 BASELINE_TARGETS = "to_q,to_k,to_v,to_out.0"
 
 
@@ -297,9 +300,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds; later rows are skipped, not started")
-    ap.add_argument("--groups", nargs="+", choices=GROUPS_ALL, default=list(GROUPS_ALL),
+    ap.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS_ALL),
                     help="which rows: baseline, bf16 (backends, checkpointing), compile (regional torch.compile), "
-                         "fp8 (fp8-matmul base), int8 (int8-quanto base), lokr (LoKr adapters, bf16 and int8)")
+                         "fp8 (fp8-matmul base), int8 (int8-quanto base), lokr (LoKr adapters, bf16 and int8); "
+                         "default alone: the one step kontext-train runs on a big card (not in the default list)")
     ap.add_argument("--no-compile", action="store_true", help="skip every compiled row (fp8's too)")
     ap.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode of the compiled rows (default: torch's default)")
@@ -313,7 +317,7 @@ def main() -> int:
                          "else cuDNN); the eager bf16 rows compare flash and cudnn")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    groups = [g for g in GROUPS_ALL if g in args.groups and not (g == "int8" and args.no_int8)
+    groups = [g for g in GROUPS if g in args.groups and not (g == "int8" and args.no_int8)
               and not (g == "compile" and args.no_compile)]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -368,6 +372,15 @@ def main() -> int:
     params = bench.use_adapter("attention")
     for res in args.resolutions:
         bench.count_flops(res, batches[res])
+    if "default" in groups:  # kontext-train's step on a big card, nothing else
+        fuse_qkv(bench.model)
+        memory.set_activation_checkpointing(bench.model, 0.0)
+        torch._dynamo.reset()
+        compile_blocks(bench.model, memory_budget=1.0, **compile_kwargs)
+        for res in args.resolutions:
+            bench.run(f"kontext-train default (fused, {kt}, compiled, budget 1)", res, ours(res, kt), params,
+                      need(res) + 120)
+        torch._dynamo.reset()
     # 2. ours, bf16: attention backends and checkpointed fractions
     if "bf16" in groups:
         if full and device.type == "cuda":

@@ -10,10 +10,17 @@ same model whose repeated blocks are compiled:
   so the attention outputs are the first thing it keeps; without it every budget below ~0.5 re-ran all 57 attention
   forwards in backward. H100, 1024 px, bf16, budget 0.2: 1.023 -> 0.939 s/step (27.75 -> 29.66 GiB), against 1.14 s
   at 26.6 GiB with every block checkpointed.
+- `steady_block_inputs(model)`: every block of a type sees inputs alike (requires_grad, strides), so dynamo keeps
+  one graph per block type instead of two (the first step of a full-size bf16 run compiled four graphs in 111 s on
+  an H100).
+- `eager()`: a context where the compiled blocks run eagerly (validation: no-grad, eval-mode graphs would be compiles
+  of their own, for a few dozen forwards).
 - `can_compile_cuda()`: whether torch.compile can generate CUDA kernels here.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -65,6 +72,67 @@ def keep_attention_outputs() -> bool:
     return True
 
 
+def _inputs_require_grad(module, args, output):
+    """A frozen embedder's output, made to require grad while autograd records: the first block then sees what every
+    later block sees (an input that requires grad). Without it the first double block compiles a graph of its own;
+    the price is the input gradient of that one block, ~0.4% of a step."""
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        return output.detach().requires_grad_()
+    return None
+
+
+def _standard_strides(t: torch.Tensor) -> torch.Tensor:
+    """`t` with the strides of a new tensor of its shape: a copy where it is not contiguous; for a batch of one a
+    view (a size-1 dimension's stride is never used, but torch keeps it, and dynamo guards on it)."""
+    t = t.contiguous()
+    return t[0].unsqueeze(0) if t.dim() > 1 and t.shape[0] == 1 else t
+
+
+@torch.compiler.disable  # a view (a copy for larger batches) between two compiled blocks: nothing to compile
+def _contiguous_outputs(module, args, output):
+    """A single block returns views into one buffer (text tokens, then image tokens): their batch stride is that of
+    the whole buffer, while the first single block gets the double blocks' own tensors. Outputs with standard
+    strides give every single block the same inputs, so one graph serves them all (a batch of one stays views; a
+    larger batch is copied, ~40 us a block on an H100 at 1024 px)."""
+    if isinstance(output, tuple):
+        return tuple(_standard_strides(o) if isinstance(o, torch.Tensor) else o for o in output)
+    return None
+
+
+# The model's entry points whose outputs start the block stack (FluxTransformer2DModel's attribute names)
+_EMBEDDERS = ("x_embedder", "context_embedder")
+_SINGLE_BLOCKS = "single_transformer_blocks"
+
+
+def steady_block_inputs(model) -> int:
+    """Hooks (once per model) so that every block of a type sees inputs alike: the embedders' outputs require grad
+    while training (the later blocks' inputs do, through the adapter), and the single blocks return contiguous
+    tensors. Same numbers (tests/trainer/test_compile.py); returns how many hooks it added (0 on a second call or a
+    model without these modules)."""
+    if getattr(model, "_kontext_steady_inputs", False):
+        return 0
+    added = 0
+    for name in _EMBEDDERS:
+        embedder = getattr(model, name, None)
+        if isinstance(embedder, torch.nn.Module):
+            embedder.register_forward_hook(_inputs_require_grad)
+            added += 1
+    for block in getattr(model, _SINGLE_BLOCKS, None) or []:
+        block.register_forward_hook(_contiguous_outputs)
+        added += 1
+    model._kontext_steady_inputs = True
+    return added
+
+
+@contextlib.contextmanager
+def eager():
+    """The compiled blocks run eagerly inside (torch.compiler's force_eager stance): validation's no-grad, eval-mode
+    forwards would otherwise compile graphs of their own (one more per block type and mode), which costs more than
+    the few dozen forwards of a validation gain from them."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
 RECOMPILE_LIMIT = 64  # graphs per compiled block: a safety margin above the few that dynamic shapes need
 
 
@@ -76,7 +144,8 @@ def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = Tru
     With static shapes (dynamic=False) every bucket shape compiled its own graph, so a dataset of many aspect
     ratios paid for each compile in its first steps (benchmarks/full_run.py times them); dynamic shapes
     keep that to one graph per block type and grad mode (training, validation), whatever the number of buckets
-    (counted in tests/trainer/test_compile.py). Sizes of 0 or 1 (a batch of one) stay specialized, as dynamo does.
+    (counted in tests/trainer/test_compile.py), and steady_block_inputs makes that one graph per block type in
+    training. Sizes of 0 or 1 (a batch of one) stay specialized, as dynamo does.
     The recompile limit is still raised to RECOMPILE_LIMIT (never lowered): a shape dynamo must specialize (say, an
     image sequence as long as the text) costs one more graph instead of dynamo's silent eager fallback.
 
@@ -93,4 +162,16 @@ def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = Tru
     if keep_attention:
         keep_attention_outputs()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # dynamic=True also makes float attributes (the norms' eps) symbolic; a later pass then gives up on them and
+    # dynamo traces and partitions every block type a second time. They never change: constants from the start.
+    torch._dynamo.config.specialize_float = True
+    # duck shaping gives equal sizes one symbol; a text as long as an image sequence (512 tokens: a 512x256 bucket)
+    # then specialized both to constants, one more graph for that bucket and another for the next
+    try:
+        import torch.fx.experimental._config as fx_config
+    except ImportError:  # pragma: no cover - a torch without it keeps duck shaping
+        fx_config = None
+    if hasattr(fx_config, "use_duck_shape"):
+        fx_config.use_duck_shape = False
+    steady_block_inputs(model)
     model.compile_repeated_blocks(dynamic=dynamic, **kwargs)

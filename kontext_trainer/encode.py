@@ -71,16 +71,17 @@ CHECK_CAPTIONS = (
 )
 
 
-def check_t5_bias_patch(t5, tokenizer, device, captions: Sequence[str] = CHECK_CAPTIONS,
-                        max_sequence_length: int = 512, force_math: bool = False) -> float:
-    """Max |difference| between the T5 encoder's output (`last_hidden_state`, as FluxKontextPipeline calls it:
-    padded to `max_sequence_length`, no attention mask) without and with `patch_t5_position_bias`, for `captions` as
-    one batch on `device`. The model is left patched or unpatched as it was found.
+def compare_t5_bias_patch(t5, tokenizer, device, captions: Sequence[str] = CHECK_CAPTIONS,
+                          max_sequence_length: int = 512, force_math: bool = False) -> dict[str, float]:
+    """The T5 encoder's output (`last_hidden_state`, as FluxKontextPipeline calls it: padded to
+    `max_sequence_length`, no attention mask) without and with `patch_t5_position_bias`, for `captions` as one batch
+    on `device`: `max_abs` (the largest |difference|), `max_value` (the largest |output|), `max_rel` (the first over
+    the second) and `cosine` (of the flattened outputs). The model is left patched or unpatched as it was found.
 
-    0.0 wherever both runs use the same SDPA kernel: on the CPU, and with `force_math=True` (PyTorch's math kernel
-    for both) anywhere. On CUDA without `force_math`, the unpatched model runs the math kernel (transformers <= 5.17
-    passes the permuted bias as is) and the patched one a fused kernel: expect a difference of the order of the
-    dtype's rounding of the outputs (a few bf16 ulps of the largest values), not more."""
+    Identical (max_abs 0.0) wherever both runs use the same SDPA kernel: on the CPU, and with `force_math=True`
+    (PyTorch's math kernel for both) anywhere. On CUDA without `force_math`, the unpatched model runs the math kernel
+    (transformers <= 5.17 passes the permuted bias as is) and the patched one a fused kernel: expect a difference of
+    the order of the dtype's rounding of the outputs (a few bf16 ulps of the largest values), not more."""
     ids = tokenizer(list(captions), padding="max_length", max_length=max_sequence_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     was_patched = unpatch_t5_position_bias(t5) > 0
@@ -91,14 +92,23 @@ def check_t5_bias_patch(t5, tokenizer, device, captions: Sequence[str] = CHECK_C
         kernel = sdpa_kernel(SDPBackend.MATH)
     try:
         with torch.no_grad(), kernel:
-            plain = t5(ids, output_hidden_states=False)[0]
+            plain = t5(ids, output_hidden_states=False)[0].float()
             patch_t5_position_bias(t5)
-            patched = t5(ids, output_hidden_states=False)[0]
+            patched = t5(ids, output_hidden_states=False)[0].float()
     finally:
         unpatch_t5_position_bias(t5)
         if was_patched:
             patch_t5_position_bias(t5)
-    return float((plain.float() - patched.float()).abs().max())
+    max_abs = float((plain - patched).abs().max())
+    max_value = float(plain.abs().max())
+    cosine = float(torch.nn.functional.cosine_similarity(plain.flatten(), patched.flatten(), dim=0))
+    return {"max_abs": max_abs, "max_value": max_value, "max_rel": max_abs / max(max_value, 1e-30), "cosine": cosine}
+
+
+def check_t5_bias_patch(t5, tokenizer, device, captions: Sequence[str] = CHECK_CAPTIONS,
+                        max_sequence_length: int = 512, force_math: bool = False) -> float:
+    """Max |difference| of `compare_t5_bias_patch` (see there)."""
+    return compare_t5_bias_patch(t5, tokenizer, device, captions, max_sequence_length, force_math)["max_abs"]
 
 
 # ------------------------------------------------------------------------------------------- host copies

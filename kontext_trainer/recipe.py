@@ -14,6 +14,7 @@ The library never prints: everything a user should see goes through `on_event(ki
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +41,7 @@ from kontext_trainer.distributed import Dist, batch_sizes, describe_batch, init_
 from kontext_trainer.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
 from kontext_trainer.attention import attention_context
-from kontext_trainer.compile import can_compile_cuda, compile_blocks
+from kontext_trainer.compile import can_compile_cuda, compile_blocks, eager, eager
 from kontext_trainer.flow import kontext_step, sample_sigmas
 from kontext_trainer.phases import PhaseClock
 from kontext_data.fileio import atomic_dir, write_text_atomic
@@ -804,18 +805,21 @@ class KontextLoRARecipe:
         if not self.dist.is_main:  # rank 0 validates; the others wait
             self.dist.barrier()
             return out_dir
+        # compiled blocks run eagerly here: validation's no-grad, eval-mode forwards would compile graphs of their
+        # own (one per block type and mode) for a few dozen forwards
         try:
-            if self._loss_on():
-                with self.clock.phase("validation loss"):
-                    self._validation_loss()
-            if not images:
-                return out_dir
-            with self.clock.phase("validation"):
-                out_dir = self._validate()
-                if self.ema is not None and self.cfg.ema_validate:
-                    with self.ema.applied(self.params):
-                        self._validate(ema=True)
-                return out_dir
+            with eager() if self.compile else contextlib.nullcontext():
+                if self._loss_on():
+                    with self.clock.phase("validation loss"):
+                        self._validation_loss()
+                if not images:
+                    return out_dir
+                with self.clock.phase("validation"):
+                    out_dir = self._validate()
+                    if self.ema is not None and self.cfg.ema_validate:
+                        with self.ema.applied(self.params):
+                            self._validate(ema=True)
+                    return out_dir
         finally:
             self.dist.barrier()
 

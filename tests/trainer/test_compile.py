@@ -128,3 +128,68 @@ def test_compiles_do_not_grow_with_the_number_of_buckets(tiny_model):
         torch._dynamo.reset()
     assert graphs[2] <= 2 * 2  # two block types (double, single); at most one specialization each
     assert graphs[-1] == graphs[2]  # 9 more buckets, no more compiles
+
+
+def test_one_graph_per_block_type_with_many_blocks_and_no_compile_for_validation():
+    """A transformer of several blocks of each type (as the real one: 19 double, 38 single): the first double block
+    gets frozen embedders' outputs and the later single blocks get views, yet training compiles one graph per block
+    type for every bucket, with eager's loss and gradients; validation under `eager()` (no grad, eval mode) compiles
+    nothing and gives eager's loss."""
+    from diffusers import FluxTransformer2DModel
+    from torch._dynamo.utils import counters
+
+    from kontext_trainer import adapters, builder
+    from kontext_trainer.compile import eager
+    from kontext_trainer.flow import kontext_forward
+
+    def batch(g, h, w):  # 7 text tokens: no image sequence as long as the text (dynamo would specialize that)
+        return KontextBatch(target=torch.randn(1, 4, h, w, generator=g), references=[torch.randn(1, 4, h, w, generator=g)],
+                            prompt_embeds=torch.randn(1, 7, 32, generator=g), pooled=torch.randn(1, 32, generator=g))
+
+    shapes = [(4, 6), (4, 8), (8, 8), (6, 10)]
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**dict(builder.TINY["transformer"], num_layers=3, num_single_layers=4))
+    adapters.attach_lora(model, rank=4, alpha=None, dropout=0.0, targets="attention")
+    params = adapters.trainable_parameters(model)
+
+    def run_all():
+        out = []
+        for i, (h, w) in enumerate(shapes):
+            loss = kontext_step(model, batch(torch.Generator().manual_seed(i), h, w), torch.Generator().manual_seed(i))
+            out.append((loss, [p.grad.clone() for p in params]))
+            model.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            b = batch(torch.Generator().manual_seed(9), 6, 8)
+            noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(3))
+            val = float(kontext_forward(model, b, torch.tensor([0.5]), noise, 1.0).loss)
+        model.train()
+        return out, val
+
+    expected, expected_val = run_all()
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    try:
+        compile_blocks(model, backend="aot_eager")
+        got = []
+        for i, (h, w) in enumerate(shapes):
+            loss = kontext_step(model, batch(torch.Generator().manual_seed(i), h, w), torch.Generator().manual_seed(i))
+            got.append((loss, [p.grad.clone() for p in params]))
+            model.zero_grad(set_to_none=True)
+        training_graphs = counters["stats"]["unique_graphs"] - before
+        with eager():
+            model.eval()
+            with torch.no_grad():
+                b = batch(torch.Generator().manual_seed(9), 6, 8)
+                noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(3))
+                val = float(kontext_forward(model, b, torch.tensor([0.5]), noise, 1.0).loss)
+            model.train()
+        all_graphs = counters["stats"]["unique_graphs"] - before
+    finally:
+        torch._dynamo.reset()
+    assert training_graphs == 2  # one double-block graph, one single-block graph, for all 4 shapes and 7 blocks
+    assert all_graphs == training_graphs
+    for (loss, grads), (e_loss, e_grads) in zip(got, expected):
+        assert abs(loss - e_loss) < 1e-5
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, e_grads))
+    assert abs(val - expected_val) < 1e-6

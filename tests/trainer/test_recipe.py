@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 import pytest
 
 from kontext_data.manifest import read_manifest
@@ -93,15 +94,28 @@ def test_validation_strips_from_the_eval_split(tiny_model, tmp_path):
 
 
 def test_compiled_blocks_train_the_same_losses_as_eager(sample_manifest, tiny_model, tmp_path):
-    """compile_blocks (the default on CUDA) through the whole recipe: the same seeded run, step for step."""
-    losses, events = {}, []
+    """compile_blocks (the default on CUDA) through the whole recipe: the same seeded run, step for step, and the
+    same validation losses; validation (loss and images) runs the blocks eagerly, so the whole compiled run
+    compiles only the training graphs (one per block type)."""
+    from torch._dynamo.utils import counters
+
+    losses, val, graphs, events = {}, {}, {}, []
     for compiled in (False, True):
         cfg = _cfg(sample_manifest, tiny_model, tmp_path / f"c{compiled}", max_train_steps=6, compile_blocks=compiled,
-                   skip_final_validation=True)
+                   skip_final_validation=False, validation_samples=2, train_batch_size=1)  # a batch of 2 and one
+        torch._dynamo.reset()  # of 1 (a bucket's last) would be two graphs: dynamo keeps a size of 1 specialized
+        before = counters["stats"]["unique_graphs"]
         recipe = KontextLoRARecipe(cfg, on_event=lambda k, d: events.append((k, d)))
         recipe.setup()
-        losses[compiled] = [l for _, l in recipe.train().losses]
+        result = recipe.train()
+        graphs[compiled] = counters["stats"]["unique_graphs"] - before
+        losses[compiled] = [l for _, l in result.losses]
+        val[compiled] = [r["val_loss"] for r in recipe.validation_losses]
+    torch._dynamo.reset()
     assert np.allclose(losses[True], losses[False], rtol=1e-4), losses
+    assert len(val[True]) == 2 and np.allclose(val[True], val[False], rtol=1e-4), val  # before step 1 and at the end
+    assert graphs == {False: 0, True: 2}
+    assert sum(k == "validation" for k, _ in events) == 2  # the image strips ran in both runs
     assert any("torch.compile of the transformer blocks (compile_blocks)" in d.get("message", "")
                for k, d in events if k == "stage")
 
