@@ -5,7 +5,10 @@ safe and worth it on this GPU? The T5 encoder of a model folder, without and wit
 - the same SDPA kernel forced for both (PyTorch's math kernel): the outputs must be identical, to the last bit;
 - each as it runs by default (unpatched: the math kernel, since transformers hands SDPA a bias it refuses for the
   fused kernels; patched: a fused kernel): the largest |difference|, relative to the largest output, and the cosine;
-- captions/s of each at the cache's batch size (512 tokens per caption, as the cache encodes them).
+- captions/s of each at the cache's batch size (512 tokens per caption, as the cache encodes them);
+- with --fp32-reference: both against the same encoder in float32 (math kernel, no TF32): which of the two bf16
+  runs is closer to exact (RMS and largest error, cosine). The two bf16 runs differ by bf16 rounding through 24
+  layers; this says whether the patched one is any less accurate than stock.
 
 Results (with the machine) are printed and written as JSON to benchmarks/results/t5_bias_check-<gpu>-<date>.json.
 
@@ -64,12 +67,42 @@ def captions_per_s(t5, ids: torch.Tensor, device: torch.device, batches: int) ->
     return ids.shape[0] / statistics.median(times[1:])
 
 
+def against_fp32(model: Path, ids: torch.Tensor, device: torch.device) -> dict:
+    """The encoder's output in bf16 without and with the patch (default kernels), each against the same encoder
+    in float32 with PyTorch's math attention and without TF32 matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kontext_trainer.encode import patch_t5_position_bias, unpatch_t5_position_bias
+    from kontext_trainer.model import load_text_encoders
+
+    t5 = load_text_encoders(model, torch.float32, device).text_encoder_2
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            ref = t5(ids, output_hidden_states=False)[0].float()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    t5.to(torch.bfloat16)
+    out = {}
+    with torch.no_grad():
+        for name, patch in (("stock_bf16", False), ("patched_bf16", True)):
+            (patch_t5_position_bias if patch else unpatch_t5_position_bias)(t5)
+            x = t5(ids, output_hidden_states=False)[0].float()
+            d = x - ref
+            out[name] = {"max_abs_err": float(d.abs().max()), "rms_err": float(d.pow(2).mean().sqrt()),
+                         "rms_ref": float(ref.pow(2).mean().sqrt()),
+                         "cosine": float(torch.nn.functional.cosine_similarity(x.flatten(), ref.flatten(), dim=0))}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="a model folder (text_encoder_2/, tokenizer_2/)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=None, help="captions per call (default: the text cache's)")
     ap.add_argument("--batches", type=int, default=5, help="timed calls per variant")
+    ap.add_argument("--fp32-reference", action="store_true", help="also compare both with a float32 run")
     ap.add_argument("--out", type=Path, default=None, help="JSON report (default benchmarks/results/...)")
     args = ap.parse_args()
 
@@ -97,6 +130,9 @@ def main() -> int:
     result["captions_per_s_patched"] = round(captions_per_s(t5, ids, device, args.batches), 2)
     result["speedup"] = round(result["captions_per_s_patched"] / result["captions_per_s_stock"], 3)
     result["identical_with_the_same_kernel"] = result["same_kernel"]["max_abs"] == 0.0
+    if args.fp32_reference:
+        del enc, t5
+        result["against_fp32"] = against_fp32(args.model, ids, device)
 
     same, default = result["same_kernel"], result["default_kernels"]
     print(f"{info.get('gpu', 'cpu')}, T5 encoder of {args.model}, {result['dtype']}, batch {batch} x 512 tokens")
@@ -106,6 +142,9 @@ def main() -> int:
           f"(relative {default['max_rel']:.2e}), cosine {default['cosine']:.7f}")
     print(f"  captions/s: stock {result['captions_per_s_stock']}, contiguous bias {result['captions_per_s_patched']} "
           f"({result['speedup']}x)")
+    for name, err in result.get("against_fp32", {}).items():
+        print(f"  {name} against float32: RMS error {err['rms_err']:.6f}, largest {err['max_abs_err']:.3g}, "
+              f"cosine {err['cosine']:.7f}")
     gpu = info.get("gpu", "cpu").replace(" ", "_")
     out = args.out or ROOT / "benchmarks" / "results" / f"t5_bias_check-{gpu}-{date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
