@@ -7,7 +7,9 @@ the cache pads them) and smooth random JPEGs at --size:
 - text: T5 alone (its forward at the cache's batch size, contiguous position bias, median of timed calls), then
   `FeatureCache.encode_text` over --captions captions twice, each into an empty cache (the first pays the first
   CUDA calls; the second shows the steady rate), with the seconds to the first file written;
-- latents: the VAE alone (`cache.encode_images` on a batch already decoded), then `FeatureCache.encode_latents`
+- latents: the VAE alone (its encode of a batch already on the device), the same with a sequential loop's CPU share
+  (`cache.encode_images`: PIL -> tensor, copies, latents back; the GPU run of 2026-12-05 recorded only this one,
+  as `vae_alone_per_s`), then `FeatureCache.encode_latents`
   over --images images into an empty cache, once per --vae-speedups set (`encode.vae_speedups`: off by default in
   the trainer because they change the latents in the last bits).
 Prints the rates with the machine and writes JSON to benchmarks/results/bench_cache-<gpu>-<date>.json.
@@ -122,20 +124,30 @@ def text_part(args, enc, device, work: Path) -> dict:
 
 
 def latent_part(args, vae, device, work: Path) -> dict:
-    from kontext_trainer.cache import FeatureCache, auto_cache_batch_size, encode_images, load_entry_image
+    from kontext_trainer.cache import (FeatureCache, auto_cache_batch_size, encode_images, images_to_tensor,
+                                       load_entry_image)
     from kontext_trainer.encode import vae_speedups
 
     entries = write_images(work / "images", args.images, args.size)
     batch = args.batch_vae or auto_cache_batch_size(device, "vae", pixels=args.size * args.size, dtype=vae.dtype)
     images = [load_entry_image(e) for e in entries[:batch]]
-    times = []
-    for _ in range(4):
-        sync(device)
-        t = time.perf_counter()
-        encode_images(vae, images, device)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    out = {"batch": batch, "vae_alone_per_s": round(batch / statistics.median(times[1:]), 2), "cache": {}}
+    x = images_to_tensor(images).to(device=device, dtype=vae.dtype)
+
+    def rate(fn) -> float:
+        times = []
+        for _ in range(4):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t)
+        return round(batch / statistics.median(times[1:]), 2)
+
+    with torch.no_grad():
+        vae_alone = rate(lambda: vae.encode(x).latent_dist.mode())
+    # the same with the CPU's share of a sequential loop: PIL -> tensor, the copies, the latents back on the CPU
+    out = {"batch": batch, "vae_alone_per_s": vae_alone,
+           "vae_with_preprocessing_per_s": rate(lambda: encode_images(vae, images, device)), "cache": {}}
     keyed = {f"k{i:06d}": e for i, e in enumerate(entries)}
     for spec in args.vae_speedups:
         names = () if spec == "none" else tuple(spec.split(","))
@@ -183,7 +195,8 @@ def main() -> int:
                   flush=True)
         if "latents" in args.parts:
             result["latents"] = r = latent_part(args, vae, device, work)
-            print(f"latents at {args.size} px (batch {r['batch']}): VAE alone {r['vae_alone_per_s']} images/s; cache "
+            print(f"latents at {args.size} px (batch {r['batch']}): VAE alone {r['vae_alone_per_s']} images/s "
+                  f"({r['vae_with_preprocessing_per_s']} with a sequential loop's CPU work); cache "
                   + "; ".join(f"{k}: {v['per_s']}/s (then {v.get('after_first_batch_per_s')}/s)"
                               for k, v in r["cache"].items()), flush=True)
     gpu = info.get("gpu", "cpu").replace(" ", "_")

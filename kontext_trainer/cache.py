@@ -109,8 +109,9 @@ class ImageEntry:
         return g["bucket_width"], g["bucket_height"]
 
 
-def latent_key(vae_fingerprint: str, entry: ImageEntry, dtype: str) -> str:
-    """The cache key of an image entry's latent (see the module docstring for what it covers)."""
+def latent_key(vae_fingerprint: str, entry: ImageEntry, dtype: str, speedups: Iterable[str] = ()) -> str:
+    """The cache key of an image entry's latent (see the module docstring for what it covers). `speedups`: the
+    `encode.vae_speedups` the latent is encoded with (they change its last bits); none keeps the key it always had."""
     try:
         st = os.stat(entry.path)
         stamp = (st.st_size, st.st_mtime_ns)
@@ -121,6 +122,8 @@ def latent_key(vae_fingerprint: str, entry: ImageEntry, dtype: str) -> str:
     if entry.synth:
         rec = entry.synth_record
         key["synth"] = {"params_hash": rec.get("params_hash"), "seed": rec.get("seed")}
+    if speedups:
+        key["speedups"] = sorted(set(speedups))
     return _hash(key)
 
 

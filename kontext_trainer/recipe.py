@@ -413,7 +413,8 @@ class KontextLoRARecipe:
                 self.emit("stage", message=f"encoding {len(todo)} of {len(latent_keys)} image(s) with the VAE")
                 t = time.perf_counter()
                 done = self.cache.encode_latents(self.vae, keyed_latents, self.device, cfg.cache_batch_size or None,
-                                                 load_image, progress, rank=rank, world_size=world)
+                                                 load_image, progress, rank=rank, world_size=world,
+                                                 speedups=self._vae_speedups())
                 self._synchronize()
                 self.clock.add("latent cache", time.perf_counter() - t, done)
                 stats["latent_encoded"] = stats.get("latent_encoded", 0) + done
@@ -425,6 +426,9 @@ class KontextLoRARecipe:
             torch.cuda.empty_cache()
         self.cache_stats = stats
         self.emit("cache", **stats, cache_dir=str(self.cache.root))
+
+    def _vae_speedups(self) -> tuple[str, ...]:
+        return ("compile",) if self.cfg.cache_compile_vae else ()
 
     def _cache_keys(self) -> tuple[dict, dict, dict]:
         """The content keys (model fingerprints, file hashes, geometry) of every caption, image and loss mask the
@@ -439,7 +443,7 @@ class KontextLoRARecipe:
         vae_fp = model_mod.fingerprint(self.model_dir, "vae")
         dtype_name = str(self.dtype).replace("torch.", "")
         entries = {e for s in all_samples for e in (s.target, *s.references)}
-        latent_keys = {e: latent_key(vae_fp, e, dtype_name) for e in entries}
+        latent_keys = {e: latent_key(vae_fp, e, dtype_name, self._vae_speedups()) for e in entries}
         mask_keys = {s.mask: mask_key(s.mask) for s in all_samples if s.mask is not None}
         return text_keys, latent_keys, mask_keys
 

@@ -414,3 +414,25 @@ def test_vae_speedups_are_opt_in_and_undone(tiny_pipeline, sample_manifest, tmp_
     with pytest.raises(ValueError):
         with vae_speedups(vae, ["fp8"]):
             pass
+
+
+def test_compiled_vae_latents_are_cached_under_keys_of_their_own(sample_manifest, tiny_model, tmp_path, monkeypatch):
+    """cache_compile_vae: the latent cache is encoded through a compiled VAE encoder, under keys that differ from
+    the default path's (its latents differ in the last bits), while the default keys stay what they were."""
+    from conftest import tiny_cpu_config
+    from kontext_trainer.cache import latent_key
+    from kontext_trainer.recipe import KontextLoRARecipe
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)  # the wiring, not inductor
+    keys = {}
+    for on in (False, True):
+        cfg = tiny_cpu_config(sample_manifest, tiny_model, tmp_path / f"run-{on}", cache_compile_vae=on,
+                              cache_dir=str(tmp_path / "cache"))
+        recipe = KontextLoRARecipe(cfg)
+        recipe.setup()
+        keys[on] = recipe.keys.latent
+        assert len(compiled) == (1 if on else 0)  # the second run encoded everything again, compiled
+    assert set(keys[False]) == set(keys[True]) and all(keys[False][e] != keys[True][e] for e in keys[False])
+    entry = next(iter(keys[False]))
+    assert latent_key("fp", entry, "float32") == latent_key("fp", entry, "float32", ())
