@@ -106,8 +106,8 @@ _SINGLE_BLOCKS = "single_transformer_blocks"
 
 def steady_block_inputs(model) -> int:
     """Hooks (once per model) so that every block of a type sees inputs alike: the embedders' outputs require grad
-    while training (the later blocks' inputs do, through the adapter), and the single blocks return contiguous
-    tensors. Same numbers (tests/trainer/test_compile.py); returns how many hooks it added (0 on a second call or a
+    while training (the later blocks' inputs do, through the adapter), and the single blocks return tensors with
+    standard strides. Same numbers (tests/trainer/test_compile.py); returns how many hooks it added (0 on a second call or a
     model without these modules)."""
     if getattr(model, "_kontext_steady_inputs", False):
         return 0

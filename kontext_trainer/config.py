@@ -85,8 +85,9 @@ class TrainConfig:
         min=0.0, max=1.0)
     compile_blocks: bool | None = _f(
         None, "Regional torch.compile of the repeated transformer blocks (one compile per block type for every bucket: "
-              "dynamic sequence lengths; paid in the first step; validation runs them eagerly). Default (none): on when training on CUDA (H100, "
-              "1024 px: 1.01 -> 0.81 s/step, same loss), for every base precision, off elsewhere; true/false force it.")
+              "dynamic sequence lengths; paid in the first step; validation runs them eagerly). Default (none): on "
+              "when training on CUDA (H100, 1024 px: 1.01 -> 0.81 s/step, same loss), for every base precision, off "
+              "elsewhere; true/false force it.")
     fuse_qkv_projections: bool = _f(
         True, "Compute each attention's q/k/v projections (base and LoRA) in one matmul: same adapter, same saved "
               "file, ~2% faster steps on an H100. Needs no flash-attn here (the guide's warning is SimpleTuner's). "

@@ -41,7 +41,7 @@ from kontext_trainer.distributed import Dist, batch_sizes, describe_batch, init_
 from kontext_trainer.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
 from kontext_trainer.attention import attention_context
-from kontext_trainer.compile import can_compile_cuda, compile_blocks, eager, eager
+from kontext_trainer.compile import can_compile_cuda, compile_blocks, eager
 from kontext_trainer.flow import kontext_step, sample_sigmas
 from kontext_trainer.phases import PhaseClock
 from kontext_data.fileio import atomic_dir, write_text_atomic
