@@ -187,7 +187,7 @@ class TrainConfig:
     vae_tiling: bool = _f(False, "Encode with VAE tiling (diffusers tiles only above 1024 px).", cli=())
     cache_compile_vae: bool = _f(
         False, "torch.compile the VAE encoder while caching latents: H100, 1024 px, 48 instead of 24 images/s after "
-               "~25 s of compiling, measured at one image size (a second size compiles once more); worth it from "
+               "~18-25 s of compiling, measured at one image size (a second size compiles once more); worth it from "
                "~1,500 images to encode. Its latents differ from the default path's in the last bits, so they are "
                "cached under keys of their own (switching re-encodes).", cli=())
     max_sequence_length: int = _f(512, "T5 tokens (512 for Kontext dev).", min=1, max=512)

@@ -124,7 +124,7 @@ def test_train_help_lists_every_config_option_with_its_help():
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     fields = cli_fields()
-    assert len(fields) == 28 and {f.name for f, _ in fields} <= set(TrainConfig.__dataclass_fields__)
+    assert len(fields) == 29 and {f.name for f, _ in fields} <= set(TrainConfig.__dataclass_fields__)
     for field, _ in fields:
         flag = (field.metadata["cli"] or ("--" + field.name.replace("_", "-"),))[0]
         (line,) = [line for line in lines if line.strip("│ ").startswith((f"{flag} ", f"{flag},"))]
