@@ -146,8 +146,8 @@ def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = Tru
     keep that to one graph per block type and grad mode (training, validation), whatever the number of buckets
     (counted in tests/trainer/test_compile.py), and steady_block_inputs makes that one graph per block type in
     training. Sizes of 0 or 1 (a batch of one) stay specialized, as dynamo does.
-    The recompile limit is still raised to RECOMPILE_LIMIT (never lowered): a shape dynamo must specialize (say, an
-    image sequence as long as the text) costs one more graph instead of dynamo's silent eager fallback.
+    The recompile limit is still raised to RECOMPILE_LIMIT (never lowered): a shape dynamo must specialize (say, a
+    bucket's last batch of one after batches of two) costs one more graph instead of dynamo's silent eager fallback.
 
     `memory_budget` (0..1] is torch's `activation_memory_budget` for the blocks' backward graphs: 1.0 keeps what the
     default partitioner keeps; lower values recompute more (cheapest per byte first). It is a process-wide setting
@@ -165,8 +165,9 @@ def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = Tru
     # dynamic=True also makes float attributes (the norms' eps) symbolic; a later pass then gives up on them and
     # dynamo traces and partitions every block type a second time. They never change: constants from the start.
     torch._dynamo.config.specialize_float = True
-    # duck shaping gives equal sizes one symbol; a text as long as an image sequence (512 tokens: a 512x256 bucket)
-    # then specialized both to constants, one more graph for that bucket and another for the next
+    # duck shaping gives equal sizes one symbol; a text as long as the image sequence (512 T5 tokens beside a
+    # 256 x 256 px target and reference: 512 image tokens) then specialized both to constants, one more graph for
+    # that bucket and another for the next
     try:
         import torch.fx.experimental._config as fx_config
     except ImportError:  # pragma: no cover - a torch without it keeps duck shaping
