@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import machine_info  # noqa: E402
-from t5_bias_check import CAPTIONS, captions_per_s, sync  # noqa: E402
+from t5_bias_check import CAPTIONS, captions_per_s, items_per_s, sync  # noqa: E402
 
 
 def build_encoders(variant: str, device: torch.device, dtype: torch.dtype):
@@ -134,14 +133,7 @@ def latent_part(args, vae, device, work: Path) -> dict:
     x = images_to_tensor(images).to(device=device, dtype=vae.dtype)
 
     def rate(fn) -> float:
-        times = []
-        for _ in range(4):
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t)
-        return round(batch / statistics.median(times[1:]), 2)
+        return round(items_per_s(fn, batch, device, 3), 2)
 
     with torch.no_grad():
         vae_alone = rate(lambda: vae.encode(x).latent_dist.mode())

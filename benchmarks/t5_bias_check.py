@@ -54,17 +54,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def captions_per_s(t5, ids: torch.Tensor, device: torch.device, batches: int) -> float:
-    """Median rate over `batches` timed calls of the encoder on `ids`, after one warm-up call."""
+def items_per_s(fn, items: int, device: torch.device, calls: int) -> float:
+    """`items` per second of fn(): the median over `calls` timed calls, after one warm-up call."""
     times = []
+    for _ in range(calls + 1):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return items / statistics.median(times[1:])
+
+
+def captions_per_s(t5, ids: torch.Tensor, device: torch.device, batches: int) -> float:
+    """The encoder's rate on `ids` (median over `batches` timed calls, after one warm-up call)."""
     with torch.no_grad():
-        for i in range(batches + 1):
-            sync(device)
-            t = time.perf_counter()
-            t5(ids, output_hidden_states=False)
-            sync(device)
-            times.append(time.perf_counter() - t)
-    return ids.shape[0] / statistics.median(times[1:])
+        return items_per_s(lambda: t5(ids, output_hidden_states=False), ids.shape[0], device, batches)
 
 
 def against_fp32(model: Path, ids: torch.Tensor, device: torch.device) -> dict:

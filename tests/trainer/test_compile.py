@@ -152,38 +152,32 @@ def test_one_graph_per_block_type_with_many_blocks_and_no_compile_for_validation
     adapters.attach_lora(model, rank=4, alpha=None, dropout=0.0, targets="attention")
     params = adapters.trainable_parameters(model)
 
-    def run_all():
+    def train_all():
         out = []
         for i, (h, w) in enumerate(shapes):
             loss = kontext_step(model, batch(torch.Generator().manual_seed(i), h, w), torch.Generator().manual_seed(i))
             out.append((loss, [p.grad.clone() for p in params]))
             model.zero_grad(set_to_none=True)
+        return out
+
+    def validate():
         model.eval()
         with torch.no_grad():
             b = batch(torch.Generator().manual_seed(9), 6, 8)
             noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(3))
             val = float(kontext_forward(model, b, torch.tensor([0.5]), noise, 1.0).loss)
         model.train()
-        return out, val
+        return val
 
-    expected, expected_val = run_all()
+    expected, expected_val = train_all(), validate()
     torch._dynamo.reset()
     before = counters["stats"]["unique_graphs"]
     try:
         compile_blocks(model, backend="aot_eager")
-        got = []
-        for i, (h, w) in enumerate(shapes):
-            loss = kontext_step(model, batch(torch.Generator().manual_seed(i), h, w), torch.Generator().manual_seed(i))
-            got.append((loss, [p.grad.clone() for p in params]))
-            model.zero_grad(set_to_none=True)
+        got = train_all()
         training_graphs = counters["stats"]["unique_graphs"] - before
         with eager():
-            model.eval()
-            with torch.no_grad():
-                b = batch(torch.Generator().manual_seed(9), 6, 8)
-                noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(3))
-                val = float(kontext_forward(model, b, torch.tensor([0.5]), noise, 1.0).loss)
-            model.train()
+            val = validate()
         all_graphs = counters["stats"]["unique_graphs"] - before
     finally:
         torch._dynamo.reset()
