@@ -176,6 +176,10 @@ def table(results: dict) -> str:
         if all(v is None for v in row):
             continue
         lines.append(f"{label:26s}" + "".join(f"{'-' if v is None else f'{v:.3g}':>18s}" for v in row))
+    phases = sorted({k for n in names for k in results[n]["timings"].get("peak_gpu_gib_by_phase", {})})
+    for phase in phases:  # where each run's memory peaked (the memory plan predicts the training steps')
+        row = [results[n]["timings"].get("peak_gpu_gib_by_phase", {}).get(phase) for n in names]
+        lines.append(f"{'peak GiB ' + phase:26s}" + "".join(f"{'-' if v is None else f'{v:.3g}':>18s}" for v in row))
     lines.append(f"{'host peak RSS GiB':26s}" + "".join(f"{results[n]['host_peak_rss_gib']:>18.3g}" for n in names))
     lines.append(f"{'exit code':26s}" + "".join(f"{results[n]['exit_code']:>18d}" for n in names))
     return "\n".join(lines)

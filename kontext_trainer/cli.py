@@ -25,6 +25,7 @@ import typer
 
 from kontext_data.clikit import (EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, OptionSpec, ProgressView, err, fail, fail_with,
                                  generated_options, interrupted, json_option, out, print_json, quiet_libraries)
+from kontext_trainer.phases import OUTSIDE_PHASES
 
 app = typer.Typer(
     name="kontext-train",
@@ -141,6 +142,12 @@ def _timings_line(t: dict) -> str:
     head = f"time: {t.get('total_s', 0.0):.1f}s in all"
     if steady:
         head += f", steady {steady:.3f} s/step"
+    by_phase = t.get("peak_gpu_gib_by_phase")
+    if by_phase:  # where the card came closest to full: the phase to look at when memory is short
+        top = max(by_phase, key=by_phase.get)
+        parts.append(f"peak GPU memory {by_phase[top]:.1f} GiB in {top}"
+                     + (f" ({OUTSIDE_PHASES} {by_phase[OUTSIDE_PHASES]:.1f})"
+                        if top != OUTSIDE_PHASES and OUTSIDE_PHASES in by_phase else ""))
     return head + ("; " + ", ".join(parts) if parts else "")
 
 

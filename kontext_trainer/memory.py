@@ -75,34 +75,40 @@ FULL_TRANSFORMER_PARAMS = 11.9e9  # FLUX.1 Kontext's transformer; smaller models
 FRACTIONS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.85, 0.9, 1.0)
 # Compiled blocks, no block checkpointing, the partitioner's activation memory budget b: the activations kept are a
 # share of the uncheckpointed step's (the checkpointed + rest terms above, with the wide-adapter factors). Measured on
-# H100s at 1024 px with keep_attention_outputs (benchmarks/results/probe_levers-NVIDIA_H100_80GB_HBM3-2026-11-26e-*
-# .json), fused q/k/v:
-#   bf16 LoRA     59.5 / 38.15 / 30.5 / 29.66 / 26.8 GiB at b = 1 / 0.5 / 0.3 / 0.2 / 0.05 (0.15: 29.5, 0.1: 26.9)
-#   fp8-matmul    48.4 / 27.8 / 19.4 / 15.8 at 1 / 0.5 / 0.2 / 0.05
-#   int8-quanto   64.2 / 33.5 / 21.3 / 19.6 / 15.9 at 1 / 0.5 / 0.3 / 0.2 / 0.05 (at 1 the compiler keeps dequantized
-#                 weights too)
-#   LoKr bf16     59.4 / 40.0 / 31.3 at 0.5 / 0.2 / 0.05; LoKr int8 32.0 at 0.2, 20.6 at 0.05 (this one measured
-#                 before keep_attention_outputs; LoKr bf16 took the same memory at 0.05 before and after it)
+# an H100 at 1024 px with the blocks compiled as kontext-train compiles them now (keep_attention_outputs,
+# steady_block_inputs, dynamic shapes; benchmarks/results/probe_levers-NVIDIA_H100_80GB_HBM3-2026-12-05{a,b}-*.json),
+# fused q/k/v, peak allocated GiB:
+#   bf16 LoRA     59.4 / 40.6 / 36.05 / 30.55 / 29.6 at b = 1 / 0.5 / 0.3 / 0.2 / 0.05 (1: the whole run,
+#                 full_run-...-2026-12-05-e.json)
+#   fp8-matmul    27.7 / 19.45 / 18.56 at 0.5 / 0.2 / 0.05
+#   int8-quanto   33.4 / 27.7 / 21.05 / 18.65 at 0.5 / 0.3 / 0.2 / 0.05 (0.2: 21.1 in the whole run on a 24 GB
+#                 card, full_run-...-2026-12-05-i.json)
+#   LoKr bf16     62.2 / 42.9 / 34.1 at 0.5 / 0.2 / 0.05; LoKr int8 34.8 / 23.4 at 0.2 / 0.05
+# Most are 1 to 6 GiB above what the blocks took on 2026-11-26 (probe_levers-...-2026-11-26e-*.json, an earlier
+# compile set-up: bf16 38.15 / 30.5 / 29.66 / 26.8 at 0.5 / 0.3 / 0.2 / 0.05, int8 21.3 / 19.6 / 15.9 at 0.3 / 0.2 /
+# 0.05, LoKr bf16 59.4 at 0.5; fp8-matmul at 0.5 and int8 at 0.5 took the same); the two budgets not measured again
+# keep the older share: fp8-matmul 48.4 at 1, int8 64.2 at 1 (the compiler keeps dequantized weights too).
 #   LoRA r16 on attention+ffs, bf16 (before keep_attention_outputs): 74.2 / 47.9 / 34.7 / 28.1 at 1 / 0.5 / 0.2 /
 #   0.05 (probe_levers-...-26c-...json): well below LoKr's, whose shares (used for every wide adapter) over-predict it
-# The share is not linear in b (the partitioner saves whole kinds of tensors, in every block at once: bf16 took 29.5
-# to 29.7 GiB at every budget from 0.15 to 0.2, 26.8 at 0.05 and 0.1) and differs by base, so each measured
-# (precision, wide adapter) pair has its own shares; anything unmeasured takes the largest share measured at that
-# budget or any lower one.
+# The share is not linear in b (the partitioner saves whole kinds of tensors, in every block at once) and differs by
+# base, so each measured (precision, wide adapter) pair has its own shares; anything unmeasured takes the largest
+# share measured at that budget, capped by what the same pair keeps at a higher budget.
 BUDGETS = (1.0, 0.5, 0.3, 0.2, 0.05)
-_BUDGET_KEEP_MAX = {1.0: 1.47, 0.5: 0.61, 0.3: 0.31, 0.2: 0.281, 0.05: 0.124}
+_BUDGET_KEEP_MAX = {1.0: 1.47, 0.5: 0.61, 0.3: 0.45, 0.2: 0.32, 0.05: 0.20}
 _BUDGET_KEEP = {
-    ("bf16", False): {1.0: 1.03, 0.5: 0.437, 0.3: 0.224, 0.2: 0.2, 0.05: 0.12},
-    ("fp8-matmul", False): {1.0: 1.0, 0.5: 0.428, 0.2: 0.195, 0.05: 0.094},
-    ("int8-quanto", False): {1.0: 1.466, 0.5: 0.61, 0.3: 0.271, 0.2: 0.227, 0.05: 0.12},
-    ("bf16", True): {0.5: 0.508, 0.2: 0.241, 0.05: 0.122},
-    ("int8-quanto", True): {0.2: 0.281, 0.05: 0.124},
+    ("bf16", False): {1.0: 1.03, 0.5: 0.505, 0.3: 0.378, 0.2: 0.225, 0.05: 0.198},
+    ("fp8-matmul", False): {1.0: 1.0, 0.5: 0.428, 0.2: 0.197, 0.05: 0.172},
+    ("int8-quanto", False): {1.0: 1.466, 0.5: 0.607, 0.3: 0.449, 0.2: 0.264, 0.05: 0.197},
+    ("bf16", True): {0.5: 0.547, 0.2: 0.281, 0.05: 0.16},
+    ("int8-quanto", True): {0.2: 0.32, 0.05: 0.163},
 }
 _SAME_MODULES = {"fp8-quanto": "int8-quanto", "fp32": "bf16"}  # DequantLinear either way; fp32: CPU tests
-# With FlashAttention 4 (kontext_trainer.attention) the partitioner keeps more at budgets 0.5 and 0.3: bf16 on an
-# H100 took 42.37 / 34.54 GiB there against cuDNN's 38.15 / 30.5, and the same at 1, 0.2 and 0.05 (59.33 / 29.58 /
-# 26.82; benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26f-*.json). The extra share, measured
-# with bf16, is added for every base (unmeasured with the others).
+# With FlashAttention 4 (kontext_trainer.attention) the partitioner kept more at budgets 0.5 and 0.3: bf16 on an
+# H100 took 42.37 / 34.54 GiB there against cuDNN's 38.15 / 30.5 at the time, and the same at 1, 0.2 and 0.05
+# (59.33 / 29.58 / 26.82; benchmarks/results/bench_train_step-NVIDIA_H100_80GB_HBM3-2026-11-26f-*.json). The extra
+# share, measured with bf16, is added for every base (unmeasured with the others). FA4 was not measured with the
+# current compile set-up (flash-attn-4 was not installed on the H100 of 2026-12-05): cuDNN's new shares plus the
+# extra predict more than FA4 took then, never less.
 _FA4_EXTRA_KEEP = {0.5: 0.12, 0.3: 0.115}
 
 
@@ -130,11 +136,14 @@ class StepShape:
 def _budget_keep(budget: float, precision: str, wide_adapter: bool, fa4: bool = False) -> float:
     """The kept share for a budget: that of the next listed budget at or above it (no interpolation: the
     partitioner's choices come in steps), measured for this base and adapter width where there is a measurement;
-    with FlashAttention 4, plus its extra share."""
+    else the largest share measured at that budget, but never more than this base keeps at a higher budget
+    (a lower budget never keeps more); with FlashAttention 4, plus its extra share."""
     measured = _BUDGET_KEEP.get((_SAME_MODULES.get(precision, precision), wide_adapter), {})
     for b in sorted(_BUDGET_KEEP_MAX):
         if budget <= b + 1e-9:
-            return measured.get(b, _BUDGET_KEEP_MAX[b]) + (_FA4_EXTRA_KEEP.get(b, 0.0) if fa4 else 0.0)
+            above = [share for at, share in measured.items() if at > b]
+            share = measured.get(b, min([_BUDGET_KEEP_MAX[b], *above]))
+            return share + (_FA4_EXTRA_KEEP.get(b, 0.0) if fa4 else 0.0)
     return _BUDGET_KEEP_MAX[1.0]
 
 

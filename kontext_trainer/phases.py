@@ -3,7 +3,9 @@
 In: the recipe's phases as they happen (`with clock.phase("model load"):`), every optimizer step's wall time with
 the shapes it ran, and the device. Out: `summary()`, a JSON-ready dict: seconds per phase (text and latent caching
 with their rates), the first step of each new step shape (where torch.compile compiles, if it does), the median
-of the other steps (the steady state), validation / checkpoint / save totals, peak GPU memory, the whole run.
+of the other steps (the steady state), validation / checkpoint / save totals, peak GPU memory (the run's, and each
+phase's: `peak_gpu_gib_by_phase`, with the training steps and whatever runs outside a named phase under
+"training"), the whole run.
 
 A step shape is what the compiled blocks see: the bucket (target and reference sizes) and the micro-batch size.
 The steady state leaves out those first steps, so compile time shows up in its own line instead of inflating it.
@@ -15,7 +17,9 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
+
+OUTSIDE_PHASES = "training"  # the peak-memory entry of everything outside a named phase: the steps, mostly
 
 
 @dataclass
@@ -29,15 +33,55 @@ class PhaseClock:
     step_times: list[float] = field(default_factory=list)
     first_of_shape: list[float] = field(default_factory=list)
     _seen: set = field(default_factory=set)
+    device: Any = None
+    """The CUDA device whose peak memory each phase records (None or a CPU device: no memory figures)."""
+    memory: "Callable[[], tuple[int, int]] | None" = None
+    """Reads and restarts the device's peak (allocated, reserved) bytes; CUDA's allocator statistics unless set."""
+    peaks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Peak (allocated, reserved) bytes per phase, OUTSIDE_PHASES for the rest (a nested phase counts in its
+    outer one too)."""
+    _open: list[str] = field(default_factory=list)
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Time a block of work and add it to `name` (phases that repeat, e.g. validation, accumulate)."""
+        """Time a block of work and add it to `name` (phases that repeat, e.g. validation, accumulate); yields a
+        dict whose "items" (set it inside) gives the phase a rate. On a CUDA device the phase's peak memory is
+        recorded apart from the rest of the run."""
         t = time.perf_counter()
+        self._fold()
+        self._open.append(name)
+        done = {"items": 0}
         try:
-            yield
+            yield done
         finally:
-            self.add(name, time.perf_counter() - t)
+            inner = self._fold()
+            self._open.pop()
+            if self._open and inner is not None:  # the outer phase held this memory too
+                self._record(self._open[-1], inner)
+            self.add(name, time.perf_counter() - t, done["items"])
+
+    def _read_peak(self) -> tuple[int, int] | None:
+        """The peak (allocated, reserved) bytes since the last read, restarting the count; None off CUDA."""
+        if self.memory is not None:
+            return self.memory()
+        if self.device is None or getattr(self.device, "type", "") != "cuda":
+            return None
+        import torch
+
+        peak = torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+    def _record(self, name: str, peak: tuple[int, int]) -> None:
+        old = self.peaks.get(name, (0, 0))
+        self.peaks[name] = (max(old[0], peak[0]), max(old[1], peak[1]))
+
+    def _fold(self) -> tuple[int, int] | None:
+        """Give the peak since the last fold to the phase open now (OUTSIDE_PHASES when none is)."""
+        peak = self._read_peak()
+        if peak is not None:
+            self._record(self._open[-1] if self._open else OUTSIDE_PHASES, peak)
+        return peak
 
     def add(self, name: str, seconds: float, items: int = 0) -> None:
         """Add `seconds` to phase `name`; `items` done in them give the phase a rate (items/s)."""
@@ -65,11 +109,16 @@ class PhaseClock:
         out["steady_s_per_step"] = round(statistics.median(self.step_times), 4) if self.step_times else None
         out["steps_s"] = round(sum(self.step_times) + sum(self.first_of_shape), 3)
         out["total_s"] = round(time.perf_counter() - self.started, 3)
+        if device is not None and self.device is None:
+            self.device = device
+        self._fold()
+        if self.peaks:
+            out["peak_gpu_allocated_gib"] = round(max(a for a, _ in self.peaks.values()) / 2**30, 2)
+            out["peak_gpu_reserved_gib"] = round(max(r for _, r in self.peaks.values()) / 2**30, 2)
+            out["peak_gpu_gib_by_phase"] = {k: round(a / 2**30, 2) for k, (a, _) in self.peaks.items()}
         if device is not None and getattr(device, "type", "") == "cuda":
             import torch
 
-            out["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            out["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
             free, total = torch.cuda.mem_get_info(device)
             # the CUDA context and the libraries' own workspaces: on the card, but not in PyTorch's allocator
             out["outside_allocator_gib"] = round((total - free - torch.cuda.memory_reserved(device)) / 2**30, 2)

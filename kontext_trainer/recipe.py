@@ -263,6 +263,7 @@ class KontextLoRARecipe:
             # an indexed device: torch.cuda's memory-fraction calls refuse a bare "cuda"
             index = self.dist.local_rank if self.dist.enabled else torch.cuda.current_device()
             self.device = torch.device("cuda", index)
+        self.clock.device = self.device  # each phase's peak GPU memory
         self.dtype = quantize_mod.compute_dtype(cfg.base_model_precision)  # bf16 for quantized bases
         # the sampler draws global micro-batches; each process trains its share (at most device_batch samples)
         self.global_batch, self.device_batch = batch_sizes(cfg.train_batch_size, self.dist.world_size,
@@ -394,11 +395,11 @@ class KontextLoRARecipe:
                 if enc is None:
                     with self.clock.phase("text encoders load"):
                         enc = model_mod.load_text_encoders(self.model_dir, self.dtype, self.device)
-                t = time.perf_counter()
-                done = self.cache.encode_text(enc, keyed_text, self.device, cfg.cache_batch_size or None,
-                                              cfg.max_sequence_length, progress, rank=rank, world_size=world)
-                self._synchronize()
-                self.clock.add("text cache", time.perf_counter() - t, done)
+                with self.clock.phase("text cache") as phase:
+                    done = self.cache.encode_text(enc, keyed_text, self.device, cfg.cache_batch_size or None,
+                                                  cfg.max_sequence_length, progress, rank=rank, world_size=world)
+                    self._synchronize()
+                    phase["items"] = done
                 stats["text_encoded"] = stats.get("text_encoded", 0) + done
         if enc is not None:
             model_mod.free(enc.text_encoder, enc.text_encoder_2)
@@ -411,12 +412,12 @@ class KontextLoRARecipe:
             todo = self.cache.missing_latents(keyed_latents, rank, world)
             if todo:
                 self.emit("stage", message=f"encoding {len(todo)} of {len(latent_keys)} image(s) with the VAE")
-                t = time.perf_counter()
-                done = self.cache.encode_latents(self.vae, keyed_latents, self.device, cfg.cache_batch_size or None,
-                                                 load_image, progress, rank=rank, world_size=world,
-                                                 speedups=self._vae_speedups())
-                self._synchronize()
-                self.clock.add("latent cache", time.perf_counter() - t, done)
+                with self.clock.phase("latent cache") as phase:
+                    done = self.cache.encode_latents(self.vae, keyed_latents, self.device,
+                                                     cfg.cache_batch_size or None, load_image, progress, rank=rank,
+                                                     world_size=world, speedups=self._vae_speedups())
+                    self._synchronize()
+                    phase["items"] = done
                 stats["latent_encoded"] = stats.get("latent_encoded", 0) + done
             if mask_keys:  # loss masks need no model: computed from their files on the CPU
                 stats["mask_encoded"] = stats.get("mask_encoded", 0) + self.cache.encode_masks(

@@ -59,17 +59,18 @@ def test_memory_plan_matches_the_h100_measurements_and_fits_smaller_cards():
 
 def test_memory_plan_for_compiled_blocks_picks_the_largest_activation_budget_that_fits():
     shape = memory.StepShape(memory.sample_tokens((1024, 1024), [(1024, 1024)]))
-    # measured on H100s with compiled blocks (fused q/k/v for LoRA) and keep_attention_outputs, no block
-    # checkpointing, 1024 px (benchmarks/results/probe_levers-NVIDIA_H100_80GB_HBM3-2026-11-26e-*.json):
-    # (budget, precision, wide) -> GiB
-    measured = {(1.0, "bf16", False): 59.5, (0.5, "bf16", False): 38.15, (0.3, "bf16", False): 30.53,
-                (0.2, "bf16", False): 29.66, (0.05, "bf16", False): 26.79, (1.0, "fp8-matmul", False): 48.37,
-                (0.5, "fp8-matmul", False): 27.76, (0.2, "fp8-matmul", False): 19.39,
-                (0.05, "fp8-matmul", False): 15.77, (1.0, "int8-quanto", False): 64.21,
-                (0.5, "int8-quanto", False): 33.49, (0.3, "int8-quanto", False): 21.32,
-                (0.2, "int8-quanto", False): 19.63, (0.05, "int8-quanto", False): 15.9, (0.5, "bf16", True): 59.38,
-                (0.2, "bf16", True): 40.02, (0.05, "bf16", True): 31.34, (0.2, "int8-quanto", True): 32.03,
-                (0.05, "int8-quanto", True): 20.57}
+    # measured on an H100 with the blocks compiled as kontext-train compiles them (fused q/k/v for LoRA,
+    # keep_attention_outputs, steady_block_inputs), no block checkpointing, 1024 px
+    # (benchmarks/results/probe_levers-NVIDIA_H100_80GB_HBM3-2026-12-05{a,b,c}-*.json; bf16 at 1: the whole run,
+    # full_run-...-2026-12-05-e.json; fp8-matmul and int8 at 1: -2026-11-26e-*.json): (budget, precision, wide) -> GiB
+    measured = {(1.0, "bf16", False): 59.38, (0.5, "bf16", False): 40.6, (0.3, "bf16", False): 36.05,
+                (0.2, "bf16", False): 30.55, (0.05, "bf16", False): 29.61, (1.0, "fp8-matmul", False): 48.37,
+                (0.5, "fp8-matmul", False): 27.71, (0.2, "fp8-matmul", False): 19.45,
+                (0.05, "fp8-matmul", False): 18.56, (1.0, "int8-quanto", False): 64.21,
+                (0.5, "int8-quanto", False): 33.38, (0.3, "int8-quanto", False): 27.69,
+                (0.2, "int8-quanto", False): 21.05, (0.05, "int8-quanto", False): 18.65, (0.5, "bf16", True): 62.21,
+                (0.2, "bf16", True): 42.86, (0.05, "bf16", True): 34.1, (0.2, "int8-quanto", True): 34.8,
+                (0.05, "int8-quanto", True): 23.38}
     for (budget, precision, wide), gib in measured.items():
         predicted = memory.predict_peak_gib(0.0, shape.tokens, precision, wide_adapter=wide, budget=budget,
                                            compiled=True)
@@ -94,35 +95,42 @@ def test_memory_plan_for_compiled_blocks_picks_the_largest_activation_budget_tha
 
     assert plan(79.2, shape).budget == 1.0  # an 80 GB card keeps everything: 0.81 s/step
     on_48 = plan(48.0, shape)
-    assert on_48.budget == 0.5  # 0.886 s at 38.2 GiB
-    on_32 = plan(32.0, shape)  # 0.93-0.95 s/step; ran with PyTorch held to 31.3 GiB
-    assert on_32.fraction == 0.0 and on_32.budget == 0.2 and on_32.peak_gib <= 30.0 and "budget 0.2" in on_32.reason
-    # a 5090's 31.8 GiB still takes budget 0.2; fixed allocator segments (3 GiB of headroom) do not
-    assert plan(31.8, shape).budget == 0.2
-    assert memory.plan_memory(31.8, shape, headroom_gib=3.0, compiled=True).budget == 0.05
+    assert on_48.budget == 0.5  # 0.881 s at 40.6 GiB
+    # a 32 GB card (a 5090's 31.8 GiB too): budget 0.2 took 30.55 GiB, over 32 less 2 GiB of headroom; 0.05 took
+    # 29.6 GiB at the same 0.933 s/step
+    for card in (32.0, 31.8):
+        on_32 = plan(card, shape)
+        assert on_32.fraction == 0.0 and on_32.budget == 0.05 and on_32.peak_gib <= 30.0
+        assert "budget 0.05" in on_32.reason
+    # with fixed allocator segments (3 GiB of headroom) nothing compiled fits 32 GB: every block checkpointed
+    assert memory.plan_memory(31.8, shape, headroom_gib=3.0, compiled=True).fraction == 1.0
     fp8_32 = plan(32.0, dataclasses.replace(shape, precision="fp8-matmul"))
-    assert fp8_32.budget == 0.5 and fp8_32.peak_gib <= 30.0  # 0.78 s/step at 27.8 GiB measured
+    assert fp8_32.budget == 0.5 and fp8_32.peak_gib <= 30.0  # 0.749 s/step at 27.7 GiB measured
     int8 = dataclasses.replace(shape, precision="int8-quanto")
-    assert plan(24.0, int8).budget == 0.3  # 0.93 s at 21.2 GiB, run with PyTorch held to 23.0 GiB
-    assert plan(19.0, int8).budget == 0.05  # 1.06 s at 15.9 GiB
+    on_24 = plan(24.0, int8)  # the whole run with PyTorch held to 23.2 GiB: 0.935 s/step, 21.1 GiB (22.7 reserved)
+    assert on_24.budget == 0.2 and on_24.peak_gib >= 21.05
+    assert plan(21.0, int8).budget == 0.05  # 0.955 s at 18.65 GiB
+    assert plan(19.0, int8).fraction == 1.0  # below that, every block checkpointed (15.6 GiB)
     # int8 without recomputation took 64 GiB (the compiler kept dequantized weights): not planned for a 48 GB card
     assert plan(48.0, int8).budget < 1.0
     lokr = dataclasses.replace(shape, wide_adapter=True)
-    assert plan(79.2, lokr).budget == 0.5  # 1.13 s at 59.4 GiB; budget 1: out of memory
-    assert plan(24.0, dataclasses.replace(int8, wide_adapter=True)).budget == 0.05
+    assert plan(79.2, lokr).budget == 0.5  # 1.08 s at 62.2 GiB; budget 1: out of memory
+    assert plan(26.0, dataclasses.replace(int8, wide_adapter=True)).budget == 0.05  # 1.24 s at 23.4 GiB
+    assert plan(24.0, dataclasses.replace(int8, wide_adapter=True)).fraction == 1.0
     # nothing fits: every block checkpointed, and the message says what to change
     tiny_card = plan(16.0, shape)
     assert tiny_card.fraction == 1.0 and tiny_card.budget == 1.0 and "fp8-matmul" in tiny_card.reason
 
 
 def test_memory_plan_counts_fa4s_extra_activations():
-    """Measured on an H100 (bf16, 8,704 tokens): 42.37 / 34.54 GiB at budgets 0.5 / 0.3 with FA4, 38.15 / 30.5
-    with cuDNN, the same elsewhere."""
+    """Measured on an H100 with the compile set-up of 2026-11-26 (bf16, 8,704 tokens): 42.37 / 34.54 GiB at budgets
+    0.5 / 0.3 with FA4, 38.15 / 30.5 with cuDNN then, the same elsewhere. cuDNN's blocks take more now; the FA4
+    prediction (cuDNN's share now plus FA4's extra) stays above what FA4 took, by at most 17%."""
     tokens = memory.sample_tokens((1024, 1024), [(1024, 1024)])
     cudnn, flash4 = memory.StepShape(tokens), memory.StepShape(tokens, fa4=True)
     for budget, measured in ((0.5, 42.37), (0.3, 34.54), (0.2, 29.58), (0.05, 26.82), (1.0, 59.33)):
         p = flash4.peak_gib(0.0, budget, compiled=True)
-        assert measured * 0.98 <= p <= measured * 1.05, (budget, p)
+        assert measured * 0.98 <= p <= measured * 1.17, (budget, p)
     assert flash4.peak_gib(0.0, 0.5, True) > cudnn.peak_gib(0.0, 0.5, True) + 4
     assert flash4.peak_gib(0.0, 0.2, True) == cudnn.peak_gib(0.0, 0.2, True)
     peaks = [flash4.peak_gib(0.0, b, True) for b in sorted(memory.BUDGETS)]
