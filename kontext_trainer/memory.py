@@ -11,7 +11,8 @@ budget, the blocks to offload, the predicted peak and the reason, said at start-
 - `set_activation_checkpointing(model, fraction)`: checkpoint only the first `fraction` of the 57 blocks (1.0 = all,
   0 = none): memory scales with the blocks kept, speed with the blocks recomputed;
 - `use_expandable_segments()` / `allocator_headroom_gib()`: the CUDA allocator's setting and the headroom the plan
-  leaves beside its prediction.
+  leaves beside its prediction; `others_on_card_gib(...)`: what other processes hold of the card, which the plan
+  leaves to them.
 """
 
 from __future__ import annotations
@@ -187,6 +188,17 @@ def allocator_headroom_gib() -> float:
 
     conf = ",".join(os.environ.get(v, "") for v in _ALLOC_VARS).lower()
     return 2.0 if "expandable_segments:true" in conf.replace(" ", "") else 3.0
+
+
+OWN_CONTEXT_GIB = 0.85  # this process's CUDA context and library workspaces: 0.75-0.84 GiB on an H100 (full_run)
+
+
+def others_on_card_gib(total_bytes: int, free_bytes: int, reserved_bytes: int) -> float:
+    """GiB of the card that other processes hold (a desktop's display, another job), from what the driver reports
+    (`torch.cuda.mem_get_info`: free and total) and what this process's allocator holds (`memory_reserved`): the
+    used memory beyond both and this process's own context (OWN_CONTEXT_GIB, an estimate; never below 0)."""
+    used = (total_bytes - free_bytes - reserved_bytes) / 2**30
+    return max(0.0, used - OWN_CONTEXT_GIB)
 
 
 def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0, compiled: bool = False) -> MemoryPlan:

@@ -164,6 +164,7 @@ class KontextLoRARecipe:
         self.dist = Dist()
         self.clock = PhaseClock()
         self.offload_report = None
+        self._said_others = False  # the start-up line on memory other processes hold of the card, once
         self.ema: AdapterEMA | None = None
         self.train_eval_samples: list[Sample] = []
         self.validation_losses: list[dict[str, Any]] = []
@@ -319,9 +320,18 @@ class KontextLoRARecipe:
         self.emit("stage", message=f"memory limit: {limit:g} of the card's {total:.1f} GiB (memory_limit_gib)")
 
     def _card_gib(self) -> float:
-        """GiB the run may use on its CUDA device: the card, or memory_limit_gib below it."""
+        """GiB the run may use on its CUDA device: the card less what is held outside this process's allocator and
+        context now (a display, another job, NCCL's buffers: said once at start-up), or memory_limit_gib below that."""
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        return min(total, self.cfg.memory_limit_gib or total)
+        free, total_bytes = torch.cuda.mem_get_info(self.device)
+        others = memory.others_on_card_gib(total_bytes, free, torch.cuda.memory_reserved(self.device))
+        usable = total - others
+        if others >= 0.5 and not self._said_others:
+            self._said_others = True
+            self.emit("stage", message=f"{others:.1f} GiB of {self.device} are held outside this run's allocator (a "
+                                       f"display, another job, communication buffers): the memory plan counts "
+                                       f"{usable:.1f} of its {total:.1f} GiB")
+        return min(usable, self.cfg.memory_limit_gib or usable)
 
     def _synchronize(self) -> None:
         """Wait for the device, so a phase's wall time includes its queued work."""

@@ -186,3 +186,21 @@ def test_offload_plan_takes_the_fewest_blocks_that_fit_and_counts_the_resident_o
     assert plan.offload_blocks and plan.fraction == 1.0 and plan.peak_gib <= 10.0
     assert f"offloading the first {plan.offload_blocks} of 57 blocks" in plan.reason
     assert memory.plan_with_offload(small, 1.0, sizes, shape, compiled=True) is small  # even all is not enough
+
+
+def test_the_plan_leaves_other_processes_their_share_of_the_card():
+    """A 24 GB card whose desktop holds 1.5 GiB: the plan counts the rest, and the int8 step then takes a lower
+    activation budget than on an idle card; this process's own allocator and context are not counted as others."""
+    gib = 2**30
+    total = int(23.99 * gib)
+    idle = memory.others_on_card_gib(total, total - int(0.6 * gib), 0)  # only this process's context
+    assert idle == 0.0
+    ours = memory.others_on_card_gib(total, total - int(0.8 * gib) - 5 * gib, 5 * gib)  # 5 GiB in our allocator
+    assert ours == 0.0
+    desktop = memory.others_on_card_gib(total, total - int((0.85 + 1.5) * gib), 0)
+    assert abs(desktop - 1.5) < 1e-6
+    shape = memory.StepShape(memory.sample_tokens((1024, 1024), [(1024, 1024)]), precision="int8-quanto")
+    alone = memory.plan_memory(23.99, shape, headroom_gib=2.0, compiled=True)
+    shared = memory.plan_memory(23.99 - desktop, shape, headroom_gib=2.0, compiled=True)
+    assert alone.budget == 0.2 and shared.budget == 0.05
+    assert shared.peak_gib <= 23.99 - desktop - 2.0
