@@ -59,8 +59,12 @@ def _lora_model_and_eager_step(tiny_model):
 def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model):
     from kontext_trainer import adapters
 
+    import torch._inductor.config as inductor_config
+
     model, batch, eager, expected = _lora_model_and_eager_step(tiny_model)
     compile_blocks(model)
+    # off: inductor's coalesce tiling analysis asserts on some dynamic shapes (a GPU run of the tiny model failed)
+    assert inductor_config.triton.coalesce_tiling_analysis is False
     compiled = kontext_step(model, batch, torch.Generator().manual_seed(1))
     got = [p.grad for p in adapters.trainable_parameters(model)]
     assert abs(compiled - eager) < 1e-5
