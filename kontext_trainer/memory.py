@@ -233,6 +233,39 @@ def plan_memory(total_gib: float, shape: StepShape, headroom_gib: float = 3.0, c
                               f"{total_gib:.0f} GiB: lower the resolution or use fp8-matmul / int8-quanto")
 
 
+def out_of_memory_advice(phase: str, plan: MemoryPlan | None, precision: str, n_blocks: int) -> list[str]:
+    """What to change after running out of GPU memory in `phase` (a phase of kontext_trainer.phases: "training"
+    for the steps), given the run's memory plan (None before it was made) and base precision: the settings that
+    lower that phase's memory, most effective first, each as the option to pass."""
+    if phase in ("text cache", "text encoders load"):
+        return ["--set cache_batch_size=1 (fewer captions per text-encoder call)",
+                "free the card of other processes: T5-XXL alone takes ~9 GiB in bf16"]
+    if phase in ("latent cache", "vae load"):
+        return ["--set cache_batch_size=1 (one image per VAE call)",
+                "--set vae_tiling=true (tiles images above 1024 px)",
+                "a lower training resolution (kontext-data pair --resolution 768, then a new manifest)"]
+    if phase in ("validation", "validation loss"):
+        return ["--set vae_tiling=true (the VAE decodes validation images in tiles)",
+                "fewer validation samples (--set validation_samples=N, or a smaller eval split)",
+                "--set validation_steps=0 (validate only at the end) or --set skip_final_validation=true"]
+    out = []
+    offloaded = plan.offload_blocks if plan else 0
+    if plan is not None and plan.fraction == 0.0 and plan.budget > min(BUDGETS):
+        lower = max(b for b in BUDGETS if b < plan.budget)
+        out.append(f"--set activation_memory_budget={lower:g} (this run kept {plan.budget:g} of the activations)")
+    if offloaded < n_blocks:
+        more = min(n_blocks, offloaded + max(4, n_blocks // 8))
+        out.append(f"--set offload_blocks={more} (this run offloaded {offloaded}; each block offloaded frees its "
+                   f"weights from the card)")
+    if precision in ("bf16", "fp32"):
+        out.append("--base-precision int8-quanto (halves the base's 22.5 GiB)")
+    out.append("a lower training resolution (kontext-data pair --resolution 768) or fewer references: the step's "
+               "memory grows with its tokens; --set train_batch_size=1")
+    if phase == "model load" and precision.endswith("-quanto"):
+        out.insert(0, "--quantize-on cpu (quantize the base in CPU memory, block by block)")
+    return out
+
+
 OFFLOAD_SLOTS = 2  # offloaded blocks on the device at once: the one running and the next one being copied
 
 

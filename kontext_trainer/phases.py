@@ -41,6 +41,7 @@ class PhaseClock:
     """Peak (allocated, reserved) bytes per phase, OUTSIDE_PHASES for the rest (a nested phase counts in its
     outer one too)."""
     _open: list[str] = field(default_factory=list)
+    _raised_in: dict = field(default_factory=dict)  # exception -> the innermost phase it left (phase_of)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -53,12 +54,25 @@ class PhaseClock:
         done = {"items": 0}
         try:
             yield done
+        except BaseException as exc:
+            if exc not in self._raised_in:  # the innermost phase it left
+                self._raised_in[exc] = name
+            raise
         finally:
             inner = self._fold()
             self._open.pop()
             if self._open and inner is not None:  # the outer phase held this memory too
                 self._record(self._open[-1], inner)
             self.add(name, time.perf_counter() - t, done["items"])
+
+    @property
+    def current(self) -> str:
+        """The innermost phase open now (OUTSIDE_PHASES between phases: the steps, mostly)."""
+        return self._open[-1] if self._open else OUTSIDE_PHASES
+
+    def phase_of(self, exc: BaseException) -> str:
+        """The innermost phase `exc` was raised in (OUTSIDE_PHASES where it came from no phase)."""
+        return self._raised_in.get(exc, self.current)
 
     def _read_peak(self) -> tuple[int, int] | None:
         """The peak (allocated, reserved) bytes since the last read, restarting the count; None off CUDA."""
@@ -80,7 +94,7 @@ class PhaseClock:
         """Give the peak since the last fold to the phase open now (OUTSIDE_PHASES when none is)."""
         peak = self._read_peak()
         if peak is not None:
-            self._record(self._open[-1] if self._open else OUTSIDE_PHASES, peak)
+            self._record(self.current, peak)
         return peak
 
     def add(self, name: str, seconds: float, items: int = 0) -> None:

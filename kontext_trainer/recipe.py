@@ -43,7 +43,7 @@ from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
 from kontext_trainer.attention import attention_context
 from kontext_trainer.compile import can_compile_cuda, compile_blocks, eager
 from kontext_trainer.flow import kontext_step, sample_sigmas
-from kontext_trainer.phases import PhaseClock
+from kontext_trainer.phases import OUTSIDE_PHASES, PhaseClock
 from kontext_data.fileio import atomic_dir, write_text_atomic
 from kontext_data.problems import ProblemsError
 
@@ -165,6 +165,7 @@ class KontextLoRARecipe:
         self.clock = PhaseClock()
         self.offload_report = None
         self._said_others = False  # the start-up line on memory other processes hold of the card, once
+        self.memory_plan: memory.MemoryPlan | None = None
         self.ema: AdapterEMA | None = None
         self.train_eval_samples: list[Sample] = []
         self.validation_losses: list[dict[str, Any]] = []
@@ -474,6 +475,7 @@ class KontextLoRARecipe:
         """The transformer, loaded as the memory plan says, with its adapter, kernels and optimizer."""
         self._decide_compile()
         plan, host_blocks, skeleton = self._memory_plan()
+        self.memory_plan = plan
         self._load_transformer(host_blocks, skeleton)
         self._attach_adapter()
         self._prepare_blocks(plan)
@@ -988,6 +990,29 @@ class KontextLoRARecipe:
         self.emit("checkpoint", path=str(final), step=self.step)
         return final
 
+    def out_of_memory(self, exc: BaseException) -> TrainError:
+        """The TrainError for running out of GPU memory: where (the phase, the step), how much PyTorch held of
+        the card, what the memory plan predicted, and what to change (memory.out_of_memory_advice)."""
+        phase = self.clock.phase_of(exc)
+        where = f"in {phase}" + (f" at step {self.step + 1}" if phase == OUTSIDE_PHASES else "")
+        held = ""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            held = (f": PyTorch held {torch.cuda.max_memory_reserved(self.device) / 2**30:.1f} GiB of the card's "
+                    f"{total:.1f} GiB")
+        problems = [f"out of GPU memory {where} on {self.device}{held}"]
+        plan = self.memory_plan
+        if plan is not None:
+            problems.append(f"the memory plan: {plan.reason}")
+        n_blocks = len(model_mod.transformer_blocks(self.transformer)) if self.transformer is not None else 57
+        problems += [f"try {tip}" for tip in memory.out_of_memory_advice(phase, plan, self.cfg.base_model_precision,
+                                                                        n_blocks)]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        problems.append(f"PyTorch said: {first[:300]}")
+        if list_checkpoints(self.output_dir):
+            problems.append("checkpoints already written are intact: resume with --resume latest")
+        return TrainError(problems, title="out of GPU memory")
+
     def _diverged(self, detail: str) -> TrainError:
         """The error that stops a run whose loss or gradients became NaN/Inf: nothing of this step is saved (no
         optimizer step, no checkpoint, no final adapter); it names the step and the checkpoint to resume from."""
@@ -1058,7 +1083,10 @@ build_optimizer = optim_mod.build_optimizer  # re-export: it lives in kontext_tr
 def train(config: TrainConfig, on_event: EventFn | None = None) -> TrainResult:
     """Library entry point: setup + train."""
     recipe = KontextLoRARecipe(config, on_event)
-    recipe.setup()
-    result = recipe.train()
+    try:
+        recipe.setup()
+        result = recipe.train()
+    except torch.OutOfMemoryError as exc:
+        raise recipe.out_of_memory(exc) from None
     recipe.dist.close()  # the process group's threads end before the interpreter does
     return result

@@ -204,3 +204,20 @@ def test_the_plan_leaves_other_processes_their_share_of_the_card():
     shared = memory.plan_memory(23.99 - desktop, shape, headroom_gib=2.0, compiled=True)
     assert alone.budget == 0.2 and shared.budget == 0.05
     assert shared.peak_gib <= 23.99 - desktop - 2.0
+
+
+def test_out_of_memory_advice_fits_the_phase_and_the_plan():
+    budget = memory.MemoryPlan(0.0, 21.1, "compiled blocks with activation memory budget 0.2", 0.2)
+    tips = memory.out_of_memory_advice("training", budget, "int8-quanto", 57)
+    assert tips[0].startswith("--set activation_memory_budget=0.05")
+    assert any(t.startswith("--set offload_blocks=7 ") for t in tips)  # none offloaded: a first few
+    assert not any("int8-quanto" in t for t in tips)  # already quantized
+    offloaded = memory.MemoryPlan(1.0, 13.2, "checkpointing every block and offloading 10", 1.0, 10)
+    tips = memory.out_of_memory_advice("training", offloaded, "bf16", 57)
+    assert "activation_memory_budget" not in " ".join(tips)  # nothing compiled keeps activations here
+    assert any(t.startswith("--set offload_blocks=17 ") for t in tips) and any("int8-quanto" in t for t in tips)
+    everything = memory.MemoryPlan(1.0, 9.0, "offloading all", 1.0, 57)
+    assert "offload_blocks" not in " ".join(memory.out_of_memory_advice("training", everything, "int8-quanto", 57))
+    assert "vae_tiling=true" in " ".join(memory.out_of_memory_advice("validation", budget, "bf16", 57))
+    assert "cache_batch_size=1" in " ".join(memory.out_of_memory_advice("text cache", None, "bf16", 57))
+    assert memory.out_of_memory_advice("model load", None, "int8-quanto", 57)[0].startswith("--quantize-on cpu")

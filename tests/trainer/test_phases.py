@@ -61,3 +61,17 @@ def test_no_memory_figures_off_the_gpu():
     out = clock.summary()
     assert "peak_gpu_gib_by_phase" not in out and "peak_gpu_allocated_gib" not in out
     assert out["manifest_s"] >= 0
+
+
+def test_an_error_is_placed_in_the_innermost_phase_it_left():
+    clock = PhaseClock()
+    err = RuntimeError("out of memory")
+    try:
+        with clock.phase("validation"):
+            with clock.phase("validation loss"):
+                raise err
+    except RuntimeError:
+        pass
+    assert clock.phase_of(err) == "validation loss"
+    assert clock.phase_of(RuntimeError("elsewhere")) == OUTSIDE_PHASES  # raised between phases: the steps
+    assert clock.summary()["validation_count"] == 1  # the phases that failed still count their time

@@ -161,3 +161,33 @@ def test_offloaded_blocks_train_the_same_losses_and_the_run_reports_its_phases(s
         assert t[key] >= 0, key
     assert t["validation_count"] == 2 and t["checkpoint_count"] == 2  # step 2, the end (and step 4's final save)
     assert [e for k, e in runs[0][1] if k == "timings"] == [t]
+
+
+@pytest.mark.parametrize("when", ["latent cache", "training"])
+def test_out_of_memory_names_the_phase_the_plan_and_what_to_change(tiny_model, sample_manifest, tmp_path, when):
+    """Running out of GPU memory (raised here from the event callback, as PyTorch raises it mid-phase): one
+    TrainError that says in which phase, what the memory plan was, what to change for that phase, and that the
+    checkpoints written so far are intact."""
+
+    def on_event(kind, data):
+        if when == "latent cache" and kind == "progress" and data["stage"] == "latents":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if when == "training" and kind == "step" and data["step"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cfg = _cfg(sample_manifest, tiny_model, tmp_path / "out", max_train_steps=3, checkpointing_steps=1)
+    with pytest.raises(TrainError) as exc:
+        train(cfg, on_event=on_event)
+    text = str(exc.value)
+    assert exc.value.title == "out of GPU memory"
+    assert "Tried to allocate 2.00 GiB" in text
+    if when == "latent cache":
+        assert "out of GPU memory in latent cache on cpu" in text
+        assert "vae_tiling=true" in text and "cache_batch_size=1" in text
+        assert "memory plan" not in text and "resume" not in text  # no plan, no checkpoint yet
+    else:
+        assert "out of GPU memory in training at step 3" in text
+        assert "the memory plan: checkpointing every block" in text
+        assert "offload_blocks=" in text and "--base-precision int8-quanto" in text
+        assert "resume with --resume latest" in text
+        assert [c.name for c in list_checkpoints(tmp_path / "out")] == ["checkpoint-000001"]
