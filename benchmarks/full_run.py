@@ -161,6 +161,28 @@ def projection(t: dict, steps: int = 1000, validations: int = 4, checkpoints: in
             "assumes": f"{validations} validations and {checkpoints} checkpoints, compiles as in this run"}
 
 
+PLAN_BELOW_TOLERANCE = 0.02  # the memory plan may predict at most this share below a step's measured peak
+
+
+def plan_vs_peak(run: dict) -> dict | None:
+    """The memory plan's predicted peak (its start-up line) against the training steps' measured peak allocated
+    memory (the phase table's `training` entry): the check that the plan still matches the code, which moves when
+    the compiled graphs keep other activations. None without both figures (a CPU run)."""
+    import re
+
+    predicted = None
+    for stage in run.get("stages", []):
+        m = re.search(r"predicted peak ([0-9.]+) GiB", stage)
+        if stage.startswith("memory:") and m:
+            predicted = float(m.group(1))
+    measured = run.get("timings", {}).get("peak_gpu_gib_by_phase", {}).get("training")
+    if predicted is None or not measured:
+        return None
+    under = (measured - predicted) / measured
+    return {"predicted_gib": predicted, "measured_gib": measured, "plan_below_by": round(under, 4),
+            "ok": under <= PLAN_BELOW_TOLERANCE}
+
+
 def table(results: dict) -> str:
     keys = [("text encoders load_s", "text enc load"), ("text cache_s", "text cache"), ("text cache_per_s", "captions/s"),
             ("vae load_s", "vae load"), ("latent cache_s", "latent cache"), ("latent cache_per_s", "latents/s"),
@@ -209,6 +231,11 @@ def goals(results: dict, bench_s: float | None) -> list[str]:
             if key in t:
                 out.append(f"{name}: {t[key]:.1f} {what} (goal >= {goal_rate}: "
                            f"{'met' if t[key] >= goal_rate else 'NOT met'})")
+        check = plan_vs_peak(r)
+        if check:
+            out.append(f"{name}: memory plan {check['predicted_gib']:.1f} GiB, training steps took "
+                       f"{check['measured_gib']:.2f} GiB (the plan at most {PLAN_BELOW_TOLERANCE:.0%} below: "
+                       f"{'met' if check['ok'] else 'NOT met: refit memory._BUDGET_KEEP'})")
         if "int8" in r["precision"]:
             rss = r["host_peak_rss_gib"]
             out.append(f"{name}: host peak RSS {rss:.1f} GiB (goal <= 20: {'met' if rss <= 20 else 'NOT met'})")
@@ -266,6 +293,7 @@ def main() -> int:
         for card in args.cards:
             r = train_once(args, card, model, manifest, env, log)
             r["projection"] = projection(r["timings"]) if r["timings"] else {}
+            r["plan_vs_peak"] = plan_vs_peak(r)
             name = f"{card.split(':')[0]}GB-{card.split(':')[1]}"
             report["runs"][name] = r
             print(f"{name}: exit {r['exit_code']}, {r['timings'].get('steady_s_per_step')} s/step, "
