@@ -41,7 +41,9 @@ class PhaseClock:
     """Peak (allocated, reserved) bytes per phase, OUTSIDE_PHASES for the rest (a nested phase counts in its
     outer one too)."""
     _open: list[str] = field(default_factory=list)
-    _raised_in: dict = field(default_factory=dict)  # exception -> the innermost phase it left (phase_of)
+    # (id of the last exception that left a phase, the innermost phase it left): phase_of. An id, not the exception,
+    # so a handled exception's traceback (and the tensors of its frames) is not kept alive by the clock
+    _raised: tuple[int, str] = (0, "")
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -55,8 +57,8 @@ class PhaseClock:
         try:
             yield done
         except BaseException as exc:
-            if exc not in self._raised_in:  # the innermost phase it left
-                self._raised_in[exc] = name
+            if self._raised[0] != id(exc):  # the innermost phase sets it first; the outer ones keep it
+                self._raised = (id(exc), name)
             raise
         finally:
             inner = self._fold()
@@ -72,7 +74,7 @@ class PhaseClock:
 
     def phase_of(self, exc: BaseException) -> str:
         """The innermost phase `exc` was raised in (OUTSIDE_PHASES where it came from no phase)."""
-        return self._raised_in.get(exc, self.current)
+        return self._raised[1] if self._raised[0] == id(exc) else self.current
 
     def _read_peak(self) -> tuple[int, int] | None:
         """The peak (allocated, reserved) bytes since the last read, restarting the count; None off CUDA."""

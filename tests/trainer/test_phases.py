@@ -75,3 +75,21 @@ def test_an_error_is_placed_in_the_innermost_phase_it_left():
     assert clock.phase_of(err) == "validation loss"
     assert clock.phase_of(RuntimeError("elsewhere")) == OUTSIDE_PHASES  # raised between phases: the steps
     assert clock.summary()["validation_count"] == 1  # the phases that failed still count their time
+
+
+def test_the_clock_does_not_keep_a_handled_error_alive():
+    import gc
+    import weakref
+
+    class DiskFull(OSError):  # a subclass: built-in exception objects take no weak references
+        pass
+
+    clock = PhaseClock()
+    try:
+        with clock.phase("checkpoint"):
+            raise DiskFull("disk full")
+    except OSError as exc:
+        ref = weakref.ref(exc)
+        assert clock.phase_of(exc) == "checkpoint"
+    gc.collect()
+    assert ref() is None  # its traceback (and whatever its frames held) is gone
