@@ -995,12 +995,13 @@ class KontextLoRARecipe:
         the card, what the memory plan predicted, and what to change (memory.out_of_memory_advice)."""
         phase = self.clock.phase_of(exc)
         where = f"in {phase}" + (f" at step {self.step + 1}" if phase == OUTSIDE_PHASES else "")
+        device = getattr(self, "device", None)  # set once the run has placed itself
         held = ""
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-            held = (f": PyTorch held {torch.cuda.max_memory_reserved(self.device) / 2**30:.1f} GiB of the card's "
+        if device is not None and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            held = (f": PyTorch held {torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB of the card's "
                     f"{total:.1f} GiB")
-        problems = [f"out of GPU memory {where} on {self.device}{held}"]
+        problems = [f"out of GPU memory {where}" + (f" on {device}{held}" if device is not None else "")]
         plan = self.memory_plan
         if plan is not None:
             problems.append(f"the memory plan: {plan.reason}")
