@@ -129,7 +129,7 @@ def validation_loss_line(d: dict) -> str:
     return line + (f"; EMA {pair('ema_')}" if "ema_val_loss" in d else "")
 
 
-def _timings_line(t: dict) -> str:
+def timings_line(t: dict) -> str:
     """One line of where the run's time went (the --json summary has the whole table)."""
     parts = [f"{name} {t[key]:.1f}s" for name, key in (
         ("model load", "model load_s"), ("first steps of new shapes", "first_steps_of_shapes_s"),
@@ -326,7 +326,7 @@ def _print_train_summary(result: Any, json_out: bool) -> None:
     out.print(f"Resolved config: {result.config_path}")
     out.print(f"{len(result.losses)} steps, {result.seconds_per_step:.2f} s/step; loss {first:.4f} -> "
               f"{summary['final_loss_mean_last_10pct']:.4f} (mean of the last 10%)")
-    out.print(_timings_line(result.timings), highlight=False)
+    out.print(timings_line(result.timings), highlight=False)
 
 
 @app.command("make-tiny-model", epilog="Example:\n\n  kontext-train make-tiny-model ./tiny-kontext")

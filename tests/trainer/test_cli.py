@@ -199,3 +199,18 @@ def test_weight_suffix_and_colon_paths_through_the_command(tmp_path, sample_mani
     bad = CliRunner().invoke(app, ["train", f"{sample_manifest}:zero", "--set", "dataset_repeats=edited=-2"])
     assert bad.exit_code == 2
     assert f"{sample_manifest}:zero" in bad.output and "dataset_repeats" in bad.output
+
+
+def test_the_end_line_names_where_time_and_memory_went():
+    from kontext_trainer.cli import timings_line
+
+    t = {"total_s": 141.2, "steady_s_per_step": 0.935, "text cache_s": 7.4, "latent cache_s": 25.1,
+         "model load_s": 3.7, "validation_s": 28.1,
+         "peak_gpu_gib_by_phase": {"training": 21.05, "validation": 14.1, "latent cache": 12.2}}
+    line = timings_line(t)
+    assert line.startswith("time: 141.2s in all, steady 0.935 s/step; caching 32.5s")
+    assert line.endswith("peak GPU memory 21.1 GiB in training")
+    t["peak_gpu_gib_by_phase"]["validation"] = 23.0  # a validation that needs more than the steps: said with both
+    assert timings_line(t).endswith("peak GPU memory 23.0 GiB in validation (training 21.1)")
+    del t["peak_gpu_gib_by_phase"]  # the CPU: no memory figures
+    assert "GPU" not in timings_line(t)
