@@ -94,8 +94,9 @@ def timed(name, model, batch, backend, steps=8, warmup=2, **extra):
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2), "losses": [round(v, 5) for v in losses],
            "at_s": round(time.perf_counter() - T0), **extra}
-    print(f"{name:<50} {s:.4f} s/step  peak {row['peak_gib']} GiB (reserved {row['reserved_gib']})  first {row['first_s']} s  "
-          f"[t={row['at_s']}s]", flush=True)
+    plan = f"  plan {extra['plan_gib']} GiB" if extra.get("plan_gib") is not None else ""
+    print(f"{name:<50} {s:.4f} s/step  peak {row['peak_gib']} GiB (reserved {row['reserved_gib']}){plan}  first "
+          f"{row['first_s']} s  [t={row['at_s']}s]", flush=True)
     RESULT["rows"].append(row)
     opt.zero_grad(set_to_none=True)
     save()
@@ -236,6 +237,24 @@ def fresh(arch, device, precision="bf16", targets="attention"):
     return model
 
 
+_PLAN_PRECISION = {"bf16": "bf16", "int8": "int8-quanto", "fp8": "fp8-matmul"}
+
+
+def plan_gib(item_precision: str, what: str, res: int, targets: str, fa4: bool) -> float | None:
+    """The memory plan's prediction for a row (full-size model, batch 1, one reference of the target's size), to
+    print beside the measured peak: where they part, memory._BUDGET_KEEP needs refitting. None for rows the plan
+    does not model (gaps, vs)."""
+    precision, _, adapter = item_precision.partition("-")
+    wide = adapter == "lokr" or targets != "attention"
+    shape = memory.StepShape(memory.sample_tokens((res, res), [(res, res)]), _PLAN_PRECISION[precision],
+                             wide_adapter=wide, fa4=fa4)
+    if what.startswith("ckpt"):
+        return round(shape.peak_gib(float(what[4:]), 1.0, compiled=True), 2)
+    if what.startswith("b"):
+        return round(shape.peak_gib(0.0, float(what[1:]), compiled=True), 2)
+    return None
+
+
 def set_budget(b):
     import torch._functorch.config as fconf
 
@@ -320,7 +339,9 @@ def main():
             set_budget(float(what[1:]))
             memory.set_activation_checkpointing(model, 0.0)
         first_row = not any(r["name"].startswith(f"{precision} {fused} ") for r in RESULT["rows"])
-        timed(f"{precision} {fused} compiled {what}{tag}", model, batch, be, steps=args.steps, warmup=1)
+        plan = None if args.tiny else plan_gib(precision, what, args.res, args.targets, be == "fa4")
+        timed(f"{precision} {fused} compiled {what}{tag}", model, batch, be, steps=args.steps, warmup=1,
+              plan_gib=plan)
         if (args.profile and first_row) or args.profile_every:
             profile(model, batch, be, f"{precision} {fused} compiled {what}{tag}")
     print(f"done in {time.perf_counter() - T0:.0f} s")
