@@ -84,6 +84,19 @@ def json_events(stdout: str) -> list[dict]:
     return events
 
 
+def add_prepare_arguments(ap: argparse.ArgumentParser, work: str, pairs: int, aspects: int, eval_samples: int,
+                          aspects_help: str | None = None) -> None:
+    """The options `prepare` reads (the model and dataset to build or reuse), with a benchmark's own defaults."""
+    ap.add_argument("--work", type=Path, default=Path(work))
+    ap.add_argument("--model", type=Path, default=None, help="an existing model folder (default: built in --work)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny random model (CPU dry run)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--pairs", type=int, default=pairs)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--aspects", type=int, default=aspects, help=aspects_help)
+    ap.add_argument("--eval", type=int, default=eval_samples, help="validation samples (an eval split of this size)")
+
+
 def prepare(args, env, log) -> tuple[Path, Path, dict]:
     """The model folder, the manifest and how long each took to make (0 when reused)."""
     made: dict[str, float] = {}
@@ -244,14 +257,7 @@ def goals(results: dict, bench_s: float | None) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/kontext-full-run"))
-    ap.add_argument("--model", type=Path, default=None, help="an existing model folder (default: built in --work)")
-    ap.add_argument("--tiny", action="store_true", help="the tiny random model (CPU dry run)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--pairs", type=int, default=300)
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--aspects", type=int, default=6)
-    ap.add_argument("--eval", type=int, default=2, help="validation samples (an eval split of this size)")
+    add_prepare_arguments(ap, "/tmp/kontext-full-run", pairs=300, aspects=6, eval_samples=2)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--validation-steps", type=int, default=30)
     ap.add_argument("--checkpointing-steps", type=int, default=30)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from full_run import cli, json_events, prepare, run_logged, tool_env  # noqa: E402
+from full_run import add_prepare_arguments, cli, json_events, prepare, run_logged, tool_env  # noqa: E402
 from machine import machine_info, package_version  # noqa: E402
 
 GOALS = {2: 1.9, 4: 3.7}
@@ -87,15 +87,9 @@ def summarize(runs: dict[int, dict]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/kontext-scaling"))
-    ap.add_argument("--model", type=Path, default=None, help="an existing model folder (default: built in --work)")
-    ap.add_argument("--tiny", action="store_true", help="the tiny random model (CPU dry run)")
-    ap.add_argument("--device", default="cuda")
+    add_prepare_arguments(ap, "/tmp/kontext-scaling", pairs=64, aspects=1, eval_samples=1,
+                          aspects_help="aspect ratios (buckets); 1: every step the same shape")
     ap.add_argument("--precision", default="bf16")
-    ap.add_argument("--pairs", type=int, default=64)
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--aspects", type=int, default=1, help="aspect ratios (buckets); 1: every step the same shape")
-    ap.add_argument("--eval", type=int, default=1)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--shared-cache", action="store_true", help="one cache for all runs (only the first caches)")
