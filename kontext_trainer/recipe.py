@@ -164,7 +164,6 @@ class KontextLoRARecipe:
         self.dist = Dist()
         self.clock = PhaseClock()
         self.offload_report = None
-        self._said_others = False  # the start-up line on memory other processes hold of the card, once
         self.memory_plan: memory.MemoryPlan | None = None
         self.ema: AdapterEMA | None = None
         self.train_eval_samples: list[Sample] = []
@@ -322,13 +321,12 @@ class KontextLoRARecipe:
 
     def _card_gib(self) -> float:
         """GiB the run may use on its CUDA device: the card less what is held outside this process's allocator and
-        context now (a display, another job, NCCL's buffers: said once at start-up), or memory_limit_gib below that."""
+        context now (a display, another job, NCCL's buffers: said at start-up), or memory_limit_gib below that."""
         total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
         free, total_bytes = torch.cuda.mem_get_info(self.device)
         others = memory.others_on_card_gib(total_bytes, free, torch.cuda.memory_reserved(self.device))
         usable = total - others
-        if others >= 0.5 and not self._said_others:
-            self._said_others = True
+        if others >= 0.5:
             self.emit("stage", message=f"{others:.1f} GiB of {self.device} are held outside this run's allocator (a "
                                        f"display, another job, communication buffers): the memory plan counts "
                                        f"{usable:.1f} of its {total:.1f} GiB")
@@ -497,9 +495,10 @@ class KontextLoRARecipe:
         meta = model_mod.empty_transformer(self.model_dir, self.dtype)
         self._base_params = sum(p.numel() for p in meta.parameters())
         plan = memory.MemoryPlan(0.0, 0.0, "no checkpointing (gradient_checkpointing false)")
+        card = self._card_gib() if self.device.type == "cuda" else 0.0  # read once: both plans use it
         if cfg.gradient_checkpointing or cfg.activation_memory_budget is not None:  # an explicit budget wins
-            plan = self._checkpoint_plan()
-        plan = self._offload_plan(plan, memory.estimate_block_bytes(meta, cfg.base_model_precision))
+            plan = self._checkpoint_plan(card)
+        plan = self._offload_plan(plan, memory.estimate_block_bytes(meta, cfg.base_model_precision), card)
         names = {id(m): n for n, m in meta.named_modules()}
         return plan, [names[id(b)] for b in model_mod.transformer_blocks(meta)[:plan.offload_blocks]], meta
 
@@ -613,7 +612,7 @@ class KontextLoRARecipe:
                                scale=min(1.0, self._base_params / memory.FULL_TRANSFORMER_PARAMS),
                                fa4=attention.runs_fa4(cfg.attention_backend, self.device, tokens))
 
-    def _offload_plan(self, plan: "memory.MemoryPlan", sizes: list[int]) -> "memory.MemoryPlan":
+    def _offload_plan(self, plan: "memory.MemoryPlan", sizes: list[int], card_gib: float) -> "memory.MemoryPlan":
         """offload_blocks N: the first N blocks offloaded (and checkpointed); default on CUDA: as few as make the
         step fit the card when the plan alone does not. `sizes`: the frozen bytes of each block once loaded."""
         cfg = self.cfg
@@ -629,10 +628,10 @@ class KontextLoRARecipe:
                                                     f"(offload_blocks; they are checkpointed)", plan.budget, n)
         if cfg.offload_blocks == 0 or self.device.type != "cuda" or not plan.peak_gib:
             return plan
-        limit = self._card_gib() - memory.allocator_headroom_gib()
+        limit = card_gib - memory.allocator_headroom_gib()
         return memory.plan_with_offload(plan, limit, sizes, self._step_shape(), self.compile)
 
-    def _checkpoint_plan(self) -> "memory.MemoryPlan":
+    def _checkpoint_plan(self, card_gib: float) -> "memory.MemoryPlan":
         """The checkpointed fraction: the config's, else on CUDA the fastest that fits the card, else all."""
         cfg = self.cfg
         shape = self._step_shape()
@@ -653,7 +652,7 @@ class KontextLoRARecipe:
             return memory.MemoryPlan(1.0, peak(1.0), "checkpointing every block (blocks not compiled)")
         if self.device.type != "cuda":
             return memory.MemoryPlan(1.0, 0.0, "checkpointing every block (not on CUDA)")
-        return memory.plan_memory(self._card_gib(), shape, headroom_gib=memory.allocator_headroom_gib(),
+        return memory.plan_memory(card_gib, shape, headroom_gib=memory.allocator_headroom_gib(),
                                  compiled=self.compile)
 
     # ------------------------------------------------------------------------------------------- train
