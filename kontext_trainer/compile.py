@@ -21,6 +21,7 @@ same model whose repeated blocks are compiled:
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -133,6 +134,8 @@ def eager():
         yield
 
 
+# torch's own variable for inductor's coalesce tiling analysis: where the user set it, compile_blocks leaves it be
+COALESCE_TILING_ENV = "TORCHINDUCTOR_COALESCE_TILING_ANALYSIS"
 RECOMPILE_LIMIT = 64  # graphs per compiled block: a safety margin above the few that dynamic shapes need
 
 
@@ -175,10 +178,11 @@ def compile_blocks(model, memory_budget: float = 1.0, keep_attention: bool = Tru
     if hasattr(fx_config, "use_duck_shape"):
         fx_config.use_duck_shape = False
     # inductor's coalesce tiling analysis does not handle dynamic shapes (its own config says so) and asserts in
-    # get_pw_red_splits on some of them: the tiny model's second bucket on an H100 (torch 2.11) failed its run there
+    # get_pw_red_splits on some of them: the tiny model's second bucket on an H100 (torch 2.11) failed its run there.
+    # Off, unless the user set torch's own variable for it (a newer torch that fixed it, or a benchmark of both)
     import torch._inductor.config as inductor_config
 
-    if hasattr(inductor_config.triton, "coalesce_tiling_analysis"):
+    if hasattr(inductor_config.triton, "coalesce_tiling_analysis") and COALESCE_TILING_ENV not in os.environ:
         inductor_config.triton.coalesce_tiling_analysis = False
     steady_block_inputs(model)
     model.compile_repeated_blocks(dynamic=dynamic, **kwargs)

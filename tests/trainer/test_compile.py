@@ -3,11 +3,13 @@ compile once per block type whatever the buckets, and keep the attention outputs
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from conftest import tiny_batch
-from kontext_trainer.compile import compile_blocks, keep_attention_outputs
+from kontext_trainer.compile import COALESCE_TILING_ENV, compile_blocks, keep_attention_outputs
 from kontext_trainer.flow import KontextBatch, kontext_step
 
 
@@ -64,7 +66,8 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_model):
     model, batch, eager, expected = _lora_model_and_eager_step(tiny_model)
     compile_blocks(model)
     # off: inductor's coalesce tiling analysis asserts on some dynamic shapes (a GPU run of the tiny model failed)
-    assert inductor_config.triton.coalesce_tiling_analysis is False
+    if COALESCE_TILING_ENV not in os.environ:
+        assert inductor_config.triton.coalesce_tiling_analysis is False
     compiled = kontext_step(model, batch, torch.Generator().manual_seed(1))
     got = [p.grad for p in adapters.trainable_parameters(model)]
     assert abs(compiled - eager) < 1e-5
@@ -191,3 +194,18 @@ def test_one_graph_per_block_type_with_many_blocks_and_no_compile_for_validation
         assert abs(loss - e_loss) < 1e-5
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, e_grads))
     assert abs(val - expected_val) < 1e-6
+
+
+def test_a_user_setting_of_the_coalesce_tiling_analysis_is_left_as_set(tiny_model, monkeypatch):
+    """torch's own TORCHINDUCTOR_COALESCE_TILING_ANALYSIS wins over the trainer's default (off): a torch that fixed
+    the analysis, or a benchmark timing both, can turn it back on."""
+    import torch._inductor.config as inductor_config
+    from diffusers import FluxTransformer2DModel
+
+    monkeypatch.setattr(inductor_config.triton, "coalesce_tiling_analysis", True)
+    monkeypatch.setenv(COALESCE_TILING_ENV, "1")
+    compile_blocks(FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer"))
+    assert inductor_config.triton.coalesce_tiling_analysis is True
+    monkeypatch.delenv(COALESCE_TILING_ENV)
+    compile_blocks(FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer"))
+    assert inductor_config.triton.coalesce_tiling_analysis is False
