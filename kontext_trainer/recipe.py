@@ -165,6 +165,7 @@ class KontextLoRARecipe:
         self.clock = PhaseClock()
         self.offload_report = None
         self.memory_plan: memory.MemoryPlan | None = None
+        self.memory_hint: str | None = None  # a faster base for this card, said beside the memory plan
         self.ema: AdapterEMA | None = None
         self.train_eval_samples: list[Sample] = []
         self.validation_losses: list[dict[str, Any]] = []
@@ -499,6 +500,10 @@ class KontextLoRARecipe:
         if cfg.gradient_checkpointing or cfg.activation_memory_budget is not None:  # an explicit budget wins
             plan = self._checkpoint_plan(card)
         plan = self._offload_plan(plan, memory.estimate_block_bytes(meta, cfg.base_model_precision), card)
+        if cfg.offload_blocks is None and plan.offload_blocks:  # the plan's own offload, not the user's
+            self.memory_hint = memory.quantized_instead(
+                plan, cfg.base_model_precision, card, memory.allocator_headroom_gib(), self._step_shape(),
+                memory.estimate_block_bytes(meta, "int8-quanto"), self.compile)
         names = {id(m): n for n, m in meta.named_modules()}
         return plan, [names[id(b)] for b in model_mod.transformer_blocks(meta)[:plan.offload_blocks]], meta
 
@@ -550,6 +555,8 @@ class KontextLoRARecipe:
         self.transformer.train()
         memory.set_activation_checkpointing(self.transformer, plan.fraction)
         self.emit("stage", message=f"memory: {plan.reason}")
+        if self.memory_hint:
+            self.emit("stage", message=f"memory: {self.memory_hint}")
         if plan.offload_blocks:
             from kontext_trainer import offload
 

@@ -221,3 +221,25 @@ def test_out_of_memory_advice_fits_the_phase_and_the_plan():
     assert "vae_tiling=true" in " ".join(memory.out_of_memory_advice("validation", budget, "bf16", 57))
     assert "cache_batch_size=1" in " ".join(memory.out_of_memory_advice("text cache", None, "bf16", 57))
     assert memory.out_of_memory_advice("model load", None, "int8-quanto", 57)[0].startswith("--quantize-on cpu")
+
+
+def test_a_bf16_base_that_must_offload_is_told_what_int8_would_run_instead():
+    """bf16 at 1024 px on a 24 GB card offloads blocks; int8-quanto fits there with compiled blocks alone, and the
+    start-up hint says so. Nothing to say when bf16 fits or when the base is already int8."""
+    gib = 2**30
+    bf16 = [int(0.68 * gib)] * 19 + [int(0.28 * gib)] * 38  # FLUX's double blocks, then its single blocks
+    int8 = [n // 2 for n in bf16]
+    shape = memory.StepShape(8704, "bf16")
+    card, headroom = 23.2, 2.0
+    plan = memory.plan_with_offload(memory.plan_memory(card, shape, headroom_gib=headroom, compiled=True),
+                                    card - headroom, bf16, shape, compiled=True)
+    assert plan.offload_blocks > 0
+    hint = memory.quantized_instead(plan, "bf16", card, headroom, shape, int8, compiled=True)
+    assert hint.startswith(f"a bf16 base fits this card only with {plan.offload_blocks} blocks offloaded")
+    assert "--base-precision int8-quanto" in hint and "activation memory budget" in hint and "offloading" not in hint
+    big = memory.plan_memory(80.0, shape, headroom_gib=headroom, compiled=True)
+    assert memory.quantized_instead(big, "bf16", 80.0, headroom, shape, int8, compiled=True) is None
+    int8_shape = memory.StepShape(8704, "int8-quanto")
+    small = memory.plan_with_offload(memory.plan_memory(12.0, int8_shape, headroom_gib=headroom, compiled=True),
+                                     10.0, int8, int8_shape, compiled=True)
+    assert memory.quantized_instead(small, "int8-quanto", 12.0, headroom, int8_shape, int8, compiled=True) is None
