@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_smoke import machine_info  # noqa: E402
+from gpu_smoke import machine_info, no_cuda  # noqa: E402
 from t5_bias_check import CAPTIONS, captions_per_s, items_per_s, sync  # noqa: E402
 
 
@@ -166,8 +166,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: use --tiny --device cpu", file=sys.stderr)
+    if no_cuda(device, "use --tiny --device cpu"):
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     info = machine_info(device)

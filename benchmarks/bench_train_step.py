@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, sync  # noqa: E402
+from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, no_cuda, sync  # noqa: E402
 from kontext_trainer import adapters, fp8, memory, quantize  # noqa: E402
 from kontext_trainer.compile import compile_blocks  # noqa: E402
 from kontext_trainer.config import TrainConfig  # noqa: E402
@@ -320,8 +320,7 @@ def main() -> int:
     groups = [g for g in GROUPS if g in args.groups and not (g == "int8" and args.no_int8)
               and not (g == "compile" and args.no_compile)]
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: use --tiny --device cpu", file=sys.stderr)
+    if no_cuda(device, "use --tiny --device cpu"):
         return 2
     arch = TINY if args.tiny else FULL
     compile_kwargs = {"mode": args.compile_mode} if args.compile_mode else {}

@@ -42,6 +42,15 @@ TINY = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_s
             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
 
+def no_cuda(device: torch.device, hint: str) -> bool:
+    """True, said on stderr with the script's `hint` for a CPU run, when `device` is CUDA and this machine has none
+    (the caller then exits with 2)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"no CUDA device: {hint}", file=sys.stderr)
+        return True
+    return False
+
+
 def machine_info(device: torch.device) -> dict:
     import diffusers
     import peft
@@ -145,8 +154,7 @@ def main() -> int:
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: use --tiny --device cpu for a dry run", file=sys.stderr)
+    if no_cuda(device, "use --tiny --device cpu for a dry run"):
         return 2
     dtype = torch.bfloat16
     arch = TINY if args.tiny else FULL

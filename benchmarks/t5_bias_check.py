@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_smoke import machine_info  # noqa: E402
+from gpu_smoke import machine_info, no_cuda  # noqa: E402
 
 # Captions of the lengths edit datasets have (a word to two sentences); the cache pads each to 512 tokens.
 CAPTIONS = [
@@ -116,8 +116,7 @@ def main() -> int:
     from kontext_trainer.model import load_text_encoders
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: use --device cpu", file=sys.stderr)
+    if no_cuda(device, "use --device cpu"):
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     info = machine_info(device)
