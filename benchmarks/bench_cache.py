@@ -25,7 +25,6 @@ import json
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import machine_info, no_cuda  # noqa: E402
+from machine import results_file  # noqa: E402
 from t5_bias_check import CAPTIONS, captions_per_s, items_per_s, sync  # noqa: E402
 
 
@@ -190,8 +190,7 @@ def main() -> int:
                   f"({r['vae_with_preprocessing_per_s']} with a sequential loop's CPU work); cache "
                   + "; ".join(f"{k}: {v['per_s']}/s (then {v.get('after_first_batch_per_s')}/s)"
                               for k, v in r["cache"].items()), flush=True)
-    gpu = info.get("gpu", "cpu").replace(" ", "_")
-    out = args.out or ROOT / "benchmarks" / "results" / f"bench_cache-{gpu}-{date.today()}.json"
+    out = args.out or results_file("bench_cache", info)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import FULL, TINY, build_transformer, machine_info, make_batch, no_cuda, sync  # noqa: E402
+from machine import results_file  # noqa: E402
 from kontext_trainer import adapters, fp8, memory, quantize  # noqa: E402
 from kontext_trainer.compile import compile_blocks  # noqa: E402
 from kontext_trainer.config import TrainConfig  # noqa: E402
@@ -284,9 +285,8 @@ class Bench:
             path.write_text(json.dumps(result, indent=2) + "\n")
 
     def outputs(self) -> list[Path]:
-        gpu = self.info.get("gpu", "cpu").replace(" ", "_")
         part = "" if set(self.groups) >= set(GROUPS_ALL) else "-" + "+".join(self.groups)
-        out = [ROOT / "benchmarks" / "results" / f"bench_train_step-{gpu}-{datetime.date.today()}{part}.json"]
+        out = [results_file("bench_train_step", self.info, part)]
         if self.args.out:
             out.append(self.args.out)
         return out if not self.args.tiny else out[1:]

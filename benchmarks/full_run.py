@@ -32,14 +32,13 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import machine_info, package_version  # noqa: E402
+from machine import machine_info, package_version, results_file  # noqa: E402
 
 # What the CUDA context and the libraries' workspaces take outside PyTorch's allocator on an H100 (measured by this
 # script as `outside_allocator_gib`); a card of N GB gives PyTorch about N - this.
@@ -283,9 +282,7 @@ def main() -> int:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     print(json.dumps(info), flush=True)
-    gpu = info.get("gpu", "cpu").replace(" ", "_")
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        f"full_run-{gpu}-{date.today().isoformat()}" + (f"-{args.tag}" if args.tag else "") + ".json")
+    out = args.out or results_file("full_run", info, f"-{args.tag}" if args.tag else "")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     with open(out.with_suffix(".log"), "w", encoding="utf-8") as log:

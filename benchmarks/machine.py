@@ -48,3 +48,18 @@ def machine_info() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
     }
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_file(benchmark: str, info: dict, suffix: str = "") -> Path:
+    """Where a GPU benchmark writes its report unless --out says otherwise (the folder is made):
+    benchmarks/results/<benchmark>-<GPU name, or cpu>-<today>[<suffix>].json, e.g.
+    full_run-NVIDIA_H200-2026-12-05-k.json. The card is in the name so that figures from different cards are never
+    read as one series."""
+    from datetime import date
+
+    label = str(info.get("gpu", "cpu")).replace(" ", "_")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    return RESULTS_DIR / f"{benchmark}-{label}-{date.today().isoformat()}{suffix}.json"

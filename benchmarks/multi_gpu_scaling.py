@@ -24,7 +24,6 @@ import argparse
 import json
 import shutil
 import sys
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from full_run import add_prepare_arguments, cli, json_events, prepare, run_logged, tool_env  # noqa: E402
-from machine import machine_info, package_version  # noqa: E402
+from machine import machine_info, package_version, results_file  # noqa: E402
 
 GOALS = {2: 1.9, 4: 3.7}
 """Speed-up in samples/s over one GPU that N GPUs should reach (per-device batch 1, 1024 px)."""
@@ -110,9 +109,7 @@ def main() -> int:
         info.update(gpu=torch.cuda.get_device_properties(0).name, gpus=torch.cuda.device_count(),
                     cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())))
     print(json.dumps(info), flush=True)
-    gpu = info.get("gpu", "cpu").replace(" ", "_")
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        f"multi_gpu_scaling-{gpu}-{date.today().isoformat()}" + (f"-{args.tag}" if args.tag else "") + ".json")
+    out = args.out or results_file("multi_gpu_scaling", info, f"-{args.tag}" if args.tag else "")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     with open(out.with_suffix(".log"), "w", encoding="utf-8") as log:

@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_smoke import machine_info, no_cuda  # noqa: E402
+from machine import results_file  # noqa: E402
 
 # Captions of the lengths edit datasets have (a word to two sentences); the cache pads each to 512 tokens.
 CAPTIONS = [
@@ -149,8 +149,7 @@ def main() -> int:
     for name, err in result.get("against_fp32", {}).items():
         print(f"  {name} against float32: RMS error {err['rms_err']:.6f}, largest {err['max_abs_err']:.3g}, "
               f"cosine {err['cosine']:.7f}")
-    gpu = info.get("gpu", "cpu").replace(" ", "_")
-    out = args.out or ROOT / "benchmarks" / "results" / f"t5_bias_check-{gpu}-{date.today()}.json"
+    out = args.out or results_file("t5_bias_check", info)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

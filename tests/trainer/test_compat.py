@@ -53,6 +53,7 @@ def test_guide_config_is_accepted(tmp_path):
     assert (c.optimizer, c.learning_rate, c.lora_rank, c.max_train_steps) == ("lion", 1e-5, 16, 10000)
     assert (c.validation_guidance, c.validation_resolution, c.output_dir) == (2.5, "1024x1024", "out/kontext")
     assert (c.train_batch_size, c.gradient_accumulation_steps, c.seed) == (2, 4, 7)
+    assert c.batch_semantics == "per_device"  # SimpleTuner's reading: 2 samples per GPU per micro-step
     assert (c.lr_scheduler, c.lr_warmup_steps, c.validation_steps, c.checkpointing_steps) == ("constant", 100, 250, 500)
     assert (c.resolution, c.resolution_type, c.base_model_precision) == (1024, "pixel_area", "bf16")
     assert len(r.warnings) == 1  # the unused keys, listed together
