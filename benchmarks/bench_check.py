@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine_info as base_machine_info, package_version
+from machine import RESULTS_DIR, machine_info as base_machine_info, package_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                   "flag_counts": resn.counts(), "deterministic_across_processes": same}
         if not args.no_save:
             suffix = "" if (args.n, args.size) == (400, 1024) else f"-n{args.n}-s{args.size}"
-            out = ROOT / "benchmarks" / "results" / f"bench_check-{socket.gethostname()}-{result['date']}{suffix}.json"
+            out = RESULTS_DIR / f"bench_check-{socket.gethostname()}-{result['date']}{suffix}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(f"results: {out}")

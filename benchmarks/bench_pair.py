@@ -47,7 +47,7 @@ import xxhash
 from PIL import Image
 from rich.console import Console
 
-from machine import machine_info as base_machine_info, package_version
+from machine import RESULTS_DIR, machine_info as base_machine_info, package_version
 from kontext_data.fileio import write_json_atomic
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -71,7 +71,6 @@ CAPTIONS = (
     "move the lamp to the right",
     "change the season to autumn",
 )
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 console = Console()
 
