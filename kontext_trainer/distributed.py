@@ -38,6 +38,17 @@ from typing import Any
 import torch
 
 
+class CollectiveTimeout(RuntimeError):
+    """This process waited for the others longer than the process group's timeout (distributed_timeout_minutes).
+    Raised where the backend reports it to Python (gloo); NCCL's watchdog ends the process itself, with torch's
+    "Watchdog caught collective operation timeout" message."""
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
 @dataclass
 class Dist:
     """This process's rank in the data-parallel group (rank 0 of 1 when not launched distributed)."""
@@ -58,12 +69,19 @@ class Dist:
         """Whether this is rank 0, the process that writes files and reports."""
         return self.rank == 0
 
-    def barrier(self) -> None:
-        """Wait for every rank (nothing when not distributed)."""
+    def barrier(self, waiting_for: str = "the other processes") -> None:
+        """Wait for every rank (nothing when not distributed). Past the process group's timeout, raises
+        CollectiveTimeout naming `waiting_for` (what the others were doing, e.g. "rank 0's validation")."""
         if self.enabled:
             import torch.distributed as dist
 
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as exc:  # gloo's "Timed out waiting ... for recv", DistBackendError included
+                if _is_timeout(exc):
+                    raise CollectiveTimeout(f"process {self.rank} of {self.world_size} waited past the timeout for "
+                                            f"{waiting_for}") from exc
+                raise
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter], timing: dict[str, float] | None = None) -> None:
         """Sum the gradients of `params` over the ranks, in one flat buffer (missing gradients count as 0).
@@ -176,14 +194,17 @@ def world_size_from_env() -> int:
         return 1
 
 
-def init_distributed(device: str) -> tuple[Dist, torch.device | None]:
+def init_distributed(device: str, timeout_minutes: float) -> tuple[Dist, torch.device | None]:
     """Join the process group when a launcher started several processes; else a single-process Dist.
-    Returns the device accelerate assigns to this rank (None when not distributed)."""
+    Returns the device accelerate assigns to this rank (None when not distributed). `timeout_minutes`: how long
+    a collective (a barrier, the gradient all-reduce) waits for the slowest process before it fails."""
     if world_size_from_env() <= 1:
         return Dist(), None
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    state = PartialState(cpu=(device == "cpu"))
+    state = PartialState(cpu=(device == "cpu"), timeout=timedelta(minutes=timeout_minutes))
     # torchrun (and accelerate launch, which runs it) sets LOCAL_WORLD_SIZE; without it, one machine is assumed
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or state.num_processes)
     return Dist(rank=state.process_index, world_size=state.num_processes, local_rank=state.local_process_index,

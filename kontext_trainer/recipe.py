@@ -37,7 +37,8 @@ from kontext_trainer.data import choose_references, materialize_on_demand, read_
 from kontext_trainer.data import draw_epoch
 from kontext_trainer.prompts import read_validation_prompts
 from kontext_trainer.weighting import dataset_weighting
-from kontext_trainer.distributed import Dist, batch_sizes, describe_batch, init_distributed, shard_indices
+from kontext_trainer.distributed import CollectiveTimeout, Dist, batch_sizes, describe_batch, init_distributed, \
+    shard_indices
 from kontext_trainer.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
 from kontext_trainer.attention import attention_context
@@ -166,6 +167,8 @@ class KontextLoRARecipe:
         self.offload_report = None
         self.memory_plan: memory.MemoryPlan | None = None
         self.memory_hint: str | None = None  # a faster base for this card, said beside the memory plan
+        self.final_lora: Path | None = None  # the final adapter, once written (before the final images)
+        self.final_phase = False  # past the last step's barrier: rank 0 has written or is writing the adapter
         self.ema: AdapterEMA | None = None
         self.train_eval_samples: list[Sample] = []
         self.validation_losses: list[dict[str, Any]] = []
@@ -259,7 +262,7 @@ class KontextLoRARecipe:
     def _place(self) -> None:
         """The device (this process's GPU under data parallelism), the compute dtype and the memory limit."""
         cfg = self.cfg
-        self.dist, dist_device = init_distributed(cfg.device)
+        self.dist, dist_device = init_distributed(cfg.device, cfg.distributed_timeout_minutes)
         self.device = dist_device if dist_device is not None and cfg.device == "auto" else _resolve_device(cfg.device)
         if self.device.type == "cuda" and self.device.index is None:
             # an indexed device: torch.cuda's memory-fraction calls refuse a bare "cuda"
@@ -272,7 +275,9 @@ class KontextLoRARecipe:
                                                            cfg.batch_semantics)
         self.comm_timing: dict[str, float] | None = {} if self.dist.enabled else None
         if self.dist.enabled:
-            self.emit("stage", message=f"data parallel: {self.dist.describe(self.device)}")
+            self.emit("stage", message=f"data parallel: {self.dist.describe(self.device)}; a process waits at most "
+                                       f"{cfg.distributed_timeout_minutes:g} min for the others "
+                                       f"(distributed_timeout_minutes)")
             self.emit("stage", message=describe_batch(cfg.train_batch_size, self.dist.world_size,
                                                       cfg.batch_semantics, cfg.gradient_accumulation_steps))
         self._limit_memory()
@@ -463,10 +468,10 @@ class KontextLoRARecipe:
         share the missing entries out by global rank, then, where the cache folder is not shared between machines
         (what other machines wrote is not here), each machine's processes share out what it still lacks."""
         yield self.dist.rank, self.dist.world_size
-        self.dist.barrier()  # every rank's share is written
+        self.dist.barrier("the other processes' shares of the cache")  # every rank's share is written
         if self.dist.world_size > self.dist.local_world_size:  # several machines
             yield self.dist.local_rank, self.dist.local_world_size
-            self.dist.barrier()
+            self.dist.barrier("the processes of a machine whose own cache lacked entries")
 
     # ------------------------------------------------------------------------------------------- model
 
@@ -669,7 +674,10 @@ class KontextLoRARecipe:
 
     def train(self) -> TrainResult:
         """Optimizer steps up to max_train_steps (from a resumed step on), with checkpoints and validations on
-        schedule, then the final validation, the adapter (and its EMA) saved, and the run's result."""
+        schedule; then the final validation loss, the adapter (and its EMA) and the last checkpoint saved, the final
+        validation images, and the run's result. The adapter is written before the images are rendered: a
+        rendering that fails (out of memory at a larger validation size, an interrupt) costs the images, never the
+        trained adapter."""
         cfg = self.cfg
         losses: list[tuple[int, float]] = []
         validation_dirs: list[Path] = []
@@ -687,15 +695,16 @@ class KontextLoRARecipe:
                 losses.append((self.step, step_loss))
                 self._log_step(metrics, step_loss, dt)
                 validation_dirs += self._on_schedule()
-        if not cfg.skip_final_validation:
-            validation_dirs.append(self.validate())
-        elif self._loss_on():
-            self.validate(images=False)  # skip_final_validation skips the images, not the cheap loss
-        self.dist.barrier()
+        if self._loss_on():  # skip_final_validation skips the images, not the cheap loss
+            self.validate(images=False)
+        self.dist.barrier("the other processes' last step")
+        self.final_phase = True  # rank 0 writes the adapter now, before the final images
         with self.clock.phase("save"):
             lora_path = self.save_final()
         if cfg.checkpointing_steps:
             self.save_checkpoint()
+        if not cfg.skip_final_validation:
+            validation_dirs.append(self.validate(loss=False))
         if self.writer:
             self.writer.flush()
             self.writer.close()
@@ -821,18 +830,18 @@ class KontextLoRARecipe:
             noise.append(torch.randn(tuple(z.shape), generator=gen, dtype=torch.float32))
         return torch.cat(sigmas), torch.stack(noise)
 
-    def validate(self, images: bool = True) -> Path:
-        """The validation loss (validation_loss), then the image strips (`images`); with ema_validate both again
-        with the EMA weights."""
+    def validate(self, images: bool = True, loss: bool = True) -> Path:
+        """The validation loss (`loss`, when validation_loss is on), then the image strips (`images`); with
+        ema_validate both again with the EMA weights."""
         out_dir = self.output_dir / "validation" / f"step_{self.step:06d}"
         if not self.dist.is_main:  # rank 0 validates; the others wait
-            self.dist.barrier()
+            self.dist.barrier("rank 0's validation" + (" images" if images and not loss else ""))
             return out_dir
         # compiled blocks run eagerly here: validation's no-grad, eval-mode forwards would compile graphs of their
         # own (one per block type and mode) for a few dozen forwards
         try:
             with eager() if self.compile else contextlib.nullcontext():
-                if self._loss_on():
+                if loss and self._loss_on():
                     with self.clock.phase("validation loss"):
                         self._validation_loss()
                 if not images:
@@ -844,7 +853,7 @@ class KontextLoRARecipe:
                             self._validate(ema=True)
                     return out_dir
         finally:
-            self.dist.barrier()
+            self.dist.barrier("rank 0's validation")
 
     def _loss_on(self) -> bool:
         return self.cfg.validation_loss and bool(self.val_samples)
@@ -955,6 +964,7 @@ class KontextLoRARecipe:
         if not self.dist.is_main:
             return self.output_dir / adapters.LORA_WEIGHT_NAME
         path = adapters.save_lora(self.transformer, self.output_dir, training_config=self._training_metadata())
+        self.final_lora = path
         self.emit("saved", path=str(path))
         if self.ema is not None:
             ema_path = self.ema.save(self.transformer, self.params, self.output_dir, self._training_metadata())
@@ -971,13 +981,13 @@ class KontextLoRARecipe:
         """Write checkpoints/checkpoint-NNNNNN atomically (temp folder renamed) and keep the newest K. Rank 0
         writes; every rank waits until it is complete."""
         if not self.dist.is_main:
-            self.dist.barrier()
+            self.dist.barrier("rank 0's checkpoint")
             return self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         try:
             with self.clock.phase("checkpoint"):
                 return self._save_checkpoint()
         finally:
-            self.dist.barrier()
+            self.dist.barrier("rank 0's checkpoint")
 
     def _save_checkpoint(self) -> Path:
         final = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
@@ -1016,9 +1026,26 @@ class KontextLoRARecipe:
                                                                         n_blocks)]
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         problems.append(f"PyTorch said: {first[:300]}")
-        if list_checkpoints(self.output_dir):
+        if self.final_lora is not None:
+            problems.append(f"the trained adapter was saved before the final validation images: {self.final_lora} "
+                            f"(skip_final_validation true, or a smaller validation_resolution, leaves them out)")
+        elif list_checkpoints(self.output_dir):
             problems.append("checkpoints already written are intact: resume with --resume latest")
         return TrainError(problems, title="out of GPU memory")
+
+    def timed_out(self, exc: CollectiveTimeout) -> TrainError:
+        """The TrainError for a process that waited for the others past distributed_timeout_minutes."""
+        minutes = self.cfg.distributed_timeout_minutes
+        problems = [f"{exc} ({minutes:g} min, distributed_timeout_minutes)",
+                    f"if that work is just slow, give it more time: --set distributed_timeout_minutes="
+                    f"{max(120, 4 * minutes):g}; validation images take rank 0 validation_samples x "
+                    f"validation_num_inference_steps denoising steps while the others wait"]
+        if self.final_phase:
+            problems.append(f"the trained adapter was written by rank 0 before the final validation images: "
+                            f"{self.output_dir / adapters.LORA_WEIGHT_NAME}")
+        elif list_checkpoints(self.output_dir):
+            problems.append("checkpoints already written are intact: resume with --resume latest")
+        return TrainError(problems, title="timeout between processes")
 
     def _diverged(self, detail: str) -> TrainError:
         """The error that stops a run whose loss or gradients became NaN/Inf: nothing of this step is saved (no
@@ -1095,5 +1122,7 @@ def train(config: TrainConfig, on_event: EventFn | None = None) -> TrainResult:
         result = recipe.train()
     except torch.OutOfMemoryError as exc:
         raise recipe.out_of_memory(exc) from None
+    except CollectiveTimeout as exc:
+        raise recipe.timed_out(exc) from None
     recipe.dist.close()  # the process group's threads end before the interpreter does
     return result

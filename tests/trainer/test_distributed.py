@@ -67,8 +67,8 @@ def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
     cache = [e for e in events if e["event"] == "cache"]
     assert len(cache) == 1 and 0 < cache[0]["latent_encoded"] < cache[0]["latent_total"] == 14
     assert len([e for e in events if e["event"] == "done"]) == 1
-    assert any(e["event"] == "stage" and e["message"] == "data parallel: 2 processes (gloo) on cpu, cpu"
-               for e in events)
+    assert any(e["event"] == "stage" and e["message"] == "data parallel: 2 processes (gloo) on cpu, cpu; a process "
+               "waits at most 120 min for the others (distributed_timeout_minutes)" for e in events)
     latents = list((out2 / "cache" / "latents").rglob("*.safetensors"))
     assert len(latents) == 14  # every entry encoded, once
     assert (out2 / "pytorch_lora_weights.safetensors").is_file()
@@ -155,6 +155,28 @@ def test_two_nodes_through_a_rendezvous_with_caches_of_their_own(tiny_model, man
     assert written.count(True) == 1  # rank 0's machine; which one it is, the rendezvous decides
     main = tmp_path / f"out{written.index(True)}"
     assert _losses(main) == pytest.approx([l for _, l in one_process_batch_two.losses], rel=1e-4)
+
+
+def test_a_wait_past_the_timeout_stops_the_run_with_what_to_change_and_the_adapter_kept(tiny_model, manifest7,
+                                                                                       tmp_path):
+    """distributed_timeout_minutes reaches the process group: while rank 0 renders the final validation images
+    (4000 denoising steps, ~20 s here) the other process waits at most 9 s, then the run stops with one message
+    that names the setting and what rank 0 was doing; the adapter, written before the images, is whole."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    cmd = _train_cmd(manifest7, tiny_model, out, "--num-processes", "2", "--set", "validation_loss=false", "--set",
+                     "skip_final_validation=false", "--set", "validation_samples=1", "--set",
+                     "validation_num_inference_steps=4000", "--set", "distributed_timeout_minutes=0.15")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert ("process 1 of 2 waited past the timeout for rank 0's validation images (0.15 min, "
+            "distributed_timeout_minutes)") in proc.stderr, proc.stderr[-3000:]
+    assert "--set distributed_timeout_minutes=120" in proc.stderr
+    lora = out / "pytorch_lora_weights.safetensors"
+    assert f"the trained adapter was written by rank 0 before the final validation images: {lora}" in proc.stderr
+    assert load_file(lora)
 
 
 def _free_port() -> int:

@@ -163,19 +163,22 @@ def test_offloaded_blocks_train_the_same_losses_and_the_run_reports_its_phases(s
     assert [e for k, e in runs[0][1] if k == "timings"] == [t]
 
 
-@pytest.mark.parametrize("when", ["latent cache", "training"])
+@pytest.mark.parametrize("when", ["latent cache", "training", "final validation"])
 def test_out_of_memory_names_the_phase_the_plan_and_what_to_change(tiny_model, sample_manifest, tmp_path, when):
     """Running out of GPU memory (raised here from the event callback, as PyTorch raises it mid-phase): one
     TrainError that says in which phase, what the memory plan was, what to change for that phase, and that the
-    checkpoints written so far are intact."""
+    checkpoints written so far are intact. In the final validation images, the trained adapter is already saved."""
 
     def on_event(kind, data):
         if when == "latent cache" and kind == "progress" and data["stage"] == "latents":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if when == "training" and kind == "step" and data["step"] == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if when == "final validation" and kind == "validation":  # its strips are written, then this
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    cfg = _cfg(sample_manifest, tiny_model, tmp_path / "out", max_train_steps=3, checkpointing_steps=1)
+    cfg = _cfg(sample_manifest, tiny_model, tmp_path / "out", max_train_steps=3, checkpointing_steps=1,
+               skip_final_validation=when != "final validation", validation_samples=1)
     with pytest.raises(TrainError) as exc:
         train(cfg, on_event=on_event)
     text = str(exc.value)
@@ -185,6 +188,14 @@ def test_out_of_memory_names_the_phase_the_plan_and_what_to_change(tiny_model, s
         assert "out of GPU memory in latent cache on cpu" in text
         assert "vae_tiling=true" in text and "cache_batch_size=1" in text
         assert "memory plan" not in text and "resume" not in text  # no plan, no checkpoint yet
+    elif when == "final validation":
+        assert "out of GPU memory in validation on cpu" in text and "skip_final_validation" in text
+        lora = tmp_path / "out" / "pytorch_lora_weights.safetensors"
+        assert f"the trained adapter was saved before the final validation images: {lora}" in text
+        from safetensors.torch import load_file
+
+        assert load_file(lora)  # whole, and the last checkpoint too
+        assert [c.name for c in list_checkpoints(tmp_path / "out")][-1] == "checkpoint-000003"
     else:
         assert "out of GPU memory in training at step 3" in text
         assert "the memory plan: checkpointing every block" in text
