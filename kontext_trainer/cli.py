@@ -80,6 +80,8 @@ class Reporter:
     def __init__(self, quiet: bool, json_lines: bool):
         self.json_lines = json_lines
         self.view = ProgressView(quiet=quiet)
+        self.saved: str | None = None
+        """The final adapter's path once the run has written it (before the final validation images)."""
 
     def __enter__(self) -> "Reporter":
         return self
@@ -91,9 +93,17 @@ class Reporter:
         """Stop the bars (the last state of each task stays on screen, or in the log)."""
         self.view.close()
 
+    def kept(self) -> str:
+        """What an interrupted run kept: the final adapter once written, else the checkpoints."""
+        if self.saved:
+            return f"the trained adapter is saved ({self.saved}); only the final validation images are missing"
+        return "checkpoints already written are intact (resume with --resume latest)"
+
     def __call__(self, kind: str, data: dict) -> None:
         if self.json_lines and kind in JSON_EVENTS:
             print_json({"event": kind, **data}, indent=None)
+        if kind == "saved" and not data.get("ema"):
+            self.saved = data["path"]
         if kind == "progress":
             self.view.update(STAGE_NAMES.get(data["stage"], data["stage"]), data["done"], data["total"])
         elif kind == "step":
@@ -240,7 +250,7 @@ def train_cmd(
             fail_with(exc, json_out=json_out, code=EXIT_PROBLEMS, indent=None, extra={"event": "error"})
         except KeyboardInterrupt:
             reporter.close()
-            interrupted("checkpoints already written are intact (resume with --resume latest)")
+            interrupted(reporter.kept())
     if rank == 0:
         _print_train_summary(result, json_out)
 

@@ -214,3 +214,38 @@ def test_the_end_line_names_where_time_and_memory_went():
     assert timings_line(t).endswith("peak GPU memory 23.0 GiB in validation (training 21.1)")
     del t["peak_gpu_gib_by_phase"]  # the CPU: no memory figures
     assert "GPU" not in timings_line(t)
+
+
+def test_ctrl_c_during_the_final_validation_images_keeps_the_adapter_and_says_so(tiny_model, sample_manifest,
+                                                                                 tmp_path):
+    """The final images come after the adapter is written: Ctrl-C while they render (here a 4000-step rendering,
+    interrupted as soon as the adapter is reported saved) exits as interrupted, names the saved adapter, and the
+    file is whole."""
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from kontext_data.clikit import EXIT_INTERRUPTED
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "kontext_trainer", "train", str(sample_manifest), "--model", str(tiny_model),
+           "--output-dir", str(out), "--device", "cpu", "--precision", "fp32", "--max-train-steps", "2",
+           "--lora-rank", "4", "--set", "report_to=none", "--set", "validation_loss=false", "--set",
+           "validation_samples=1", "--set", "validation_num_inference_steps=4000", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("{") and json.loads(line)["event"] == "saved":
+                proc.send_signal(signal.SIGINT)
+                break
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lora = out / "pytorch_lora_weights.safetensors"
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-3000:]
+    assert f"the trained adapter is saved ({lora}); only the final validation images are missing" in \
+        " ".join(stderr.split())
+    assert load_file(lora)
