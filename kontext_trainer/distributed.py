@@ -29,6 +29,7 @@ The process group is set up by accelerate's `PartialState` (NCCL on GPUs, gloo o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -75,13 +76,19 @@ class Dist:
         if self.enabled:
             import torch.distributed as dist
 
-            try:
+            with self._waiting(waiting_for):
                 dist.barrier()
-            except RuntimeError as exc:  # gloo's "Timed out waiting ... for recv", DistBackendError included
-                if _is_timeout(exc):
-                    raise CollectiveTimeout(f"process {self.rank} of {self.world_size} waited past the timeout for "
-                                            f"{waiting_for}") from exc
-                raise
+
+    @contextlib.contextmanager
+    def _waiting(self, waiting_for: str):
+        """A collective that may wait long for the others: a timeout becomes CollectiveTimeout."""
+        try:
+            yield
+        except RuntimeError as exc:  # gloo's "Timed out waiting ... for recv", DistBackendError included
+            if _is_timeout(exc):
+                raise CollectiveTimeout(f"process {self.rank} of {self.world_size} waited past the timeout for "
+                                        f"{waiting_for}") from exc
+            raise
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter], timing: dict[str, float] | None = None) -> None:
         """Sum the gradients of `params` over the ranks, in one flat buffer (missing gradients count as 0).
@@ -138,14 +145,16 @@ class Dist:
             dist.barrier()
             dist.destroy_process_group()
 
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's `value` (a picklable object), in rank order, on every rank (a collective)."""
+    def gather(self, value: Any, waiting_for: str = "the other processes") -> list[Any]:
+        """Every rank's `value` (a picklable object), in rank order, on every rank (a collective; past the timeout,
+        CollectiveTimeout naming `waiting_for`)."""
         if not self.enabled:
             return [value]
         import torch.distributed as dist
 
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, value)
+        with self._waiting(waiting_for):
+            dist.all_gather_object(out, value)
         return out
 
     def sum_scalar(self, value: float, device=None) -> float:

@@ -718,7 +718,8 @@ class KontextLoRARecipe:
 
     def _timings(self) -> dict[str, Any]:
         """The phase table with the samples a step trains and their rate; with several processes, each rank's
-        caching, waiting (idle: the slowest rank's lead at the all-reduce) and all-reduce seconds (a collective)."""
+        caching, validation images (each renders a share), waiting (idle: the slowest rank's lead at the
+        all-reduce) and all-reduce seconds (a collective)."""
         cfg = self.cfg
         timings = self.clock.summary(self.device)
         timings["samples_per_step"] = self.global_batch * cfg.gradient_accumulation_steps
@@ -726,7 +727,7 @@ class KontextLoRARecipe:
             timings["samples_per_s"] = round(timings["samples_per_step"] / timings["steady_s_per_step"], 3)
         if self.dist.enabled:
             mine = {k: round(v, 3) for k, v in (self.comm_timing or {}).items()}
-            mine.update({k: round(self.clock.phases[k], 3) for k in ("text cache", "latent cache")
+            mine.update({k: round(self.clock.phases[k], 3) for k in ("text cache", "latent cache", "validation")
                          if k in self.clock.phases})
             timings["processes"] = self.dist.world_size
             timings["per_rank"] = self.dist.gather(mine)
@@ -831,29 +832,23 @@ class KontextLoRARecipe:
         return torch.cat(sigmas), torch.stack(noise)
 
     def validate(self, images: bool = True, loss: bool = True) -> Path:
-        """The validation loss (`loss`, when validation_loss is on), then the image strips (`images`); with
-        ema_validate both again with the EMA weights."""
+        """The validation loss (`loss`, when validation_loss is on: rank 0), then the image strips (`images`: every
+        process renders a share, rank 0 writes them all); with ema_validate both again with the EMA weights."""
         out_dir = self.output_dir / "validation" / f"step_{self.step:06d}"
-        if not self.dist.is_main:  # rank 0 validates; the others wait
-            self.dist.barrier("rank 0's validation" + (" images" if images and not loss else ""))
-            return out_dir
         # compiled blocks run eagerly here: validation's no-grad, eval-mode forwards would compile graphs of their
         # own (one per block type and mode) for a few dozen forwards
-        try:
-            with eager() if self.compile else contextlib.nullcontext():
-                if loss and self._loss_on():
-                    with self.clock.phase("validation loss"):
-                        self._validation_loss()
-                if not images:
-                    return out_dir
+        with eager() if self.compile else contextlib.nullcontext():
+            if loss and self._loss_on() and self.dist.is_main:
+                with self.clock.phase("validation loss"):
+                    self._validation_loss()
+            if images:
                 with self.clock.phase("validation"):
                     out_dir = self._validate()
                     if self.ema is not None and self.cfg.ema_validate:
                         with self.ema.applied(self.params):
                             self._validate(ema=True)
-                    return out_dir
-        finally:
-            self.dist.barrier("rank 0's validation")
+        self.dist.barrier("rank 0's validation" + ("" if images else " loss"))
+        return out_dir
 
     def _loss_on(self) -> bool:
         return self.cfg.validation_loss and bool(self.val_samples)
@@ -907,52 +902,67 @@ class KontextLoRARecipe:
                 record[prefix + key + "_by_sigma"] = report.by_sigma
 
     def _validate(self, ema: bool = False) -> Path:
+        """The strips of the eval samples and the validation prompts. With several processes each renders a
+        contiguous share of them (the others would otherwise wait for rank 0: the images are the same whichever
+        process renders them, seeded by validation_seed); rank 0 gathers them in order and writes them."""
         from kontext_data.manifest import load_image
 
-        from kontext_trainer.validate import run_validation
+        from kontext_trainer.validate import run_validation, save_strips
 
         cfg = self.cfg
         out_dir = self.output_dir / "validation" / f"step_{self.step:06d}"
         out_dir, tag = (out_dir / "ema", "validation_ema") if ema else (out_dir, "validation")
-        captions = [s.captions[0] for s in self.val_samples]
-        embeddings = [self.cache.load_text(self.keys.text[c]) for c in captions]
-        self.vae.to(self.device)
-        try:
-            results = run_validation(
-                self.transformer, self.vae, self.scheduler,
-                materialize_on_demand(self.val_samples, self.cache.root / "on-demand"), captions, embeddings, out_dir,
-                load_image=load_image, guidance=cfg.validation_guidance,
-                num_inference_steps=cfg.validation_num_inference_steps, resolution=cfg.validation_resolution,
-                seed=cfg.validation_seed, device=self.device, dtype=self.dtype,
-                attention_context=lambda: attention_context(cfg.attention_backend, self.device),
-            )
-            results += self._validate_prompts(out_dir)
-        finally:
-            self.vae.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        n_eval = len(self.val_samples)
+        mine = shard_indices(list(range(n_eval + len(self.val_prompts))), self.dist.rank, self.dist.world_size)
+        samples = [self.val_samples[i] for i in mine if i < n_eval]
+        prompts = [self.val_prompts[i - n_eval] for i in mine if i >= n_eval]
+        results = []
+        if mine:
+            captions = [s.captions[0] for s in samples]
+            embeddings = [self.cache.load_text(self.keys.text[c]) for c in captions]
+            self.vae.to(self.device)
+            try:
+                results = run_validation(
+                    self.transformer, self.vae, self.scheduler,
+                    materialize_on_demand(samples, self.cache.root / "on-demand"), captions, embeddings,
+                    load_image=load_image, guidance=cfg.validation_guidance,
+                    num_inference_steps=cfg.validation_num_inference_steps, resolution=cfg.validation_resolution,
+                    seed=cfg.validation_seed, device=self.device, dtype=self.dtype,
+                    attention_context=lambda: attention_context(cfg.attention_backend, self.device),
+                ) if samples else []
+                results += self._validate_prompts(prompts)
+            finally:
+                self.vae.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if self.dist.enabled:  # every share, in rank order: the original order
+            results = [r for share in self.dist.gather(results, "the other processes' validation images")
+                       for r in share]
+        if not self.dist.is_main:
+            return out_dir
+        paths = save_strips(results, out_dir)
         if self.writer:
             import numpy as np
 
             for r in results:
                 self.writer.add_image(f"{tag}/{r.sample_id}", np.asarray(r.strip), self.step, dataformats="HWC")
                 self.writer.add_text(f"{tag}/{r.sample_id}", r.caption or "(blank)", self.step)
-        self.emit("validation", step=self.step, dir=str(out_dir), files=[str(r.strip_path) for r in results],
+        self.emit("validation", step=self.step, dir=str(out_dir), files=[str(p) for p in paths],
                   **({"ema": True} if ema else {}))
         return out_dir
 
-    def _validate_prompts(self, out_dir: Path) -> list:
-        """The validation_prompts edits, beside the eval strips (same pipeline and settings); their strips join the
-        validation results (TensorBoard, the validation event)."""
-        if not self.val_prompts:
+    def _validate_prompts(self, prompts: list) -> list:
+        """The edits of `prompts` (validation_prompts), beside the eval strips (same pipeline and settings); their
+        strips join the validation results (TensorBoard, the validation event)."""
+        if not prompts:
             return []
         from kontext_trainer.validate import run_prompt_validation
 
         cfg = self.cfg
-        embeddings = [self.cache.load_text(self.keys.text[p.prompt]) for p in self.val_prompts]
+        embeddings = [self.cache.load_text(self.keys.text[p.prompt]) for p in prompts]
         area = max(w * h for w, h in (s.target.size for s in self.samples))
         return run_prompt_validation(
-            self.transformer, self.vae, self.scheduler, self.val_prompts, embeddings, out_dir, area=area,
+            self.transformer, self.vae, self.scheduler, prompts, embeddings, area=area,
             guidance=cfg.validation_guidance, num_inference_steps=cfg.validation_num_inference_steps,
             resolution=cfg.validation_resolution, seed=cfg.validation_seed, device=self.device, dtype=self.dtype,
             attention_context=lambda: attention_context(cfg.attention_backend, self.device))
@@ -1038,8 +1048,9 @@ class KontextLoRARecipe:
         minutes = self.cfg.distributed_timeout_minutes
         problems = [f"{exc} ({minutes:g} min, distributed_timeout_minutes)",
                     f"if that work is just slow, give it more time: --set distributed_timeout_minutes="
-                    f"{max(120, 4 * minutes):g}; validation images take rank 0 validation_samples x "
-                    f"validation_num_inference_steps denoising steps while the others wait"]
+                    f"{max(120, 4 * minutes):g}; rank 0 alone computes the validation loss and writes "
+                    f"checkpoints, and the validation images take validation_samples x "
+                    f"validation_num_inference_steps denoising steps, shared out over the processes"]
         if self.final_phase:
             problems.append(f"the trained adapter was written by rank 0 before the final validation images: "
                             f"{self.output_dir / adapters.LORA_WEIGHT_NAME}")

@@ -1,8 +1,9 @@
 """Validation images: FluxKontextPipeline with the live adapter, one strip per sample.
 
 In: the training transformer (adapter attached), the VAE and scheduler, samples with cached prompt embeddings.
-Out: `validation/step_NNNNNN/<sample>.png` strips: reference(s) | output | target, with the caption below, and
-the same images returned for TensorBoard.
+Out: strips reference(s) | output | target with the caption below (`ValidationResult`, images in memory), which
+`save_strips` writes as `validation/step_NNNNNN/<sample>.png`. Rendering and writing are apart so that several
+processes can each render a share and one writes them all.
 
 The pipeline encodes the reference itself (VAE mode, minus shift_factor, times scaling_factor), which is the
 normalization the caches use for training: validation sees what training saw. The pipeline takes one reference;
@@ -31,8 +32,21 @@ class ValidationResult:
 
     sample_id: str
     caption: str
-    strip_path: Path
+    file_name: str
+    """The strip's file name in the step's validation folder."""
     strip: object  # PIL.Image
+
+
+def save_strips(results: list[ValidationResult], out_dir: Path) -> list[Path]:
+    """Write each strip to `out_dir/<file_name>` (atomically); returns the paths, in order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in results:
+        path = out_dir / r.file_name
+        with atomic_path(path) as tmp:  # the temp name keeps .png: PIL picks the format by it
+            r.strip.save(tmp)
+        paths.append(path)
+    return paths
 
 
 def _safe_name(text: str) -> str:
@@ -118,18 +132,11 @@ def _edit(pipe, refs, embedding, width: int, height: int, seed: int, *, guidance
         ).images[0]
 
 
-def _save_strip(strip, path: Path) -> Path:
-    with atomic_path(path) as tmp:  # the temp name keeps .png: PIL picks the format by it
-        strip.save(tmp)
-    return path
-
-
 def run_validation(transformer, vae, scheduler, samples: list[Sample], captions: list[str],
-                   embeddings: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path, *, load_image,
+                   embeddings: list[tuple[torch.Tensor, torch.Tensor]], *, load_image,
                    guidance: float, num_inference_steps: int, resolution: str, seed: int, device, dtype,
                    attention_context=None) -> list[ValidationResult]:
-    """Generate one edit per sample with the pipeline and save its strip under `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Generate one edit per sample with the pipeline; its strip, named `<sample id>.png`."""
     fixed = parse_resolution(resolution)
     results = []
     with _edit_pipeline(transformer, vae, scheduler) as pipe:
@@ -142,17 +149,16 @@ def run_validation(transformer, vae, scheduler, samples: list[Sample], captions:
                         attention_context=attention_context)
             labels = [f"reference {i + 1}" for i in range(len(refs))] + ["output", "target"]
             strip = make_strip(refs + [out, target_img], caption or "(blank caption)", labels)
-            path = _save_strip(strip, out_dir / f"{_safe_name(sample.sample_id)}.png")
-            results.append(ValidationResult(sample.sample_id, caption, path, strip))
+            results.append(ValidationResult(sample.sample_id, caption, f"{_safe_name(sample.sample_id)}.png", strip))
     return results
 
 
 def run_prompt_validation(transformer, vae, scheduler, prompts: list,
-                          embeddings: list[tuple[torch.Tensor, torch.Tensor]], out_dir: Path, *, area: int,
+                          embeddings: list[tuple[torch.Tensor, torch.Tensor]], *, area: int,
                           guidance: float, num_inference_steps: int, resolution: str, seed: int, device, dtype,
                           attention_context=None) -> list[ValidationResult]:
     """The `validation_prompts` edits (kontext_trainer.prompts.ValidationPrompt), with the pipeline and settings of
-    `run_validation`: one strip reference(s) | output per prompt, `out_dir/<prompt.name>.png`.
+    `run_validation`: one strip reference(s) | output per prompt, named `<prompt.name>.png`.
 
     Each reference is sized as `kontext-data pair` sizes training images: its own aspect at about `area` pixels
     (the largest training bucket's), sides multiples of 16. The output is the prompt's size, else `resolution`,
@@ -161,7 +167,6 @@ def run_prompt_validation(transformer, vae, scheduler, prompts: list,
     from kontext_data.imageio import open_rgb
     from kontext_trainer.prompts import reference_geometry
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     fixed = parse_resolution(resolution)
     results = []
     with _edit_pipeline(transformer, vae, scheduler) as pipe:
@@ -176,6 +181,5 @@ def run_prompt_validation(transformer, vae, scheduler, prompts: list,
                         attention_context=attention_context)
             labels = [f"reference {i + 1}" for i in range(len(refs))] + ["output"]
             strip = make_strip(refs + [out], prompt.prompt, labels)
-            path = _save_strip(strip, out_dir / f"{prompt.name}.png")
-            results.append(ValidationResult(prompt.name, prompt.prompt, path, strip))
+            results.append(ValidationResult(prompt.name, prompt.prompt, f"{prompt.name}.png", strip))
     return results

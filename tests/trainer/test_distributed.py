@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 from kontext_data.manifest import read_manifest
@@ -46,7 +50,8 @@ def manifest7(tmp_path_factory):
 
 
 def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
-    """batch_semantics global: N processes share one micro-batch out and follow the 1-process run exactly."""
+    """batch_semantics global: N processes share one micro-batch out and follow the 1-process run exactly; the
+    final validation images are shared out too (each process renders some) and come out as one process's."""
     # the global batches of these steps include a batch of one sample: rank 1 then holds an empty shard
     samples = samples_from_records(read_manifest(manifest7).records())
     it = BucketBatchSampler(samples, BATCH, 42).iterate()
@@ -57,8 +62,9 @@ def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
     cmd = [sys.executable, "-m", "kontext_trainer", "train", str(manifest7), "--model", str(tiny_model),
            "--output-dir", str(out2), "--device", "cpu", "--precision", "fp32", "--max-train-steps", str(STEPS),
            "--train-batch-size", str(BATCH), "--lora-rank", "4", "--lr", "1e-3", "--seed", "42",
-           "--checkpointing-steps", "2", "--set", "report_to=none", "--set", "skip_final_validation=true",
-           "--set", "batch_semantics=global", "--num-processes", "2", "--json", "--quiet"]
+           "--checkpointing-steps", "2", "--set", "report_to=none", "--set", "validation_samples=3", "--set",
+           "validation_num_inference_steps=4", "--set", "batch_semantics=global", "--num-processes", "2", "--json",
+           "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -78,7 +84,7 @@ def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
     one = train(TrainConfig(manifest=str(manifest7), model=str(tiny_model), output_dir=str(tmp_path / "one"),
                             device="cpu", base_model_precision="fp32", max_train_steps=STEPS,
                             train_batch_size=BATCH, lora_rank=4, learning_rate=1e-3, seed=42, report_to="none",
-                            skip_final_validation=True))
+                            validation_samples=3, validation_num_inference_steps=4))
     # Same samples, same per-sample noise and sigmas, same global-batch mean: the runs differ only in the order
     # of float32 additions (a batch of 3 split 2 + 1, partial means summed, gradients all-reduced), about 1e-7
     # relative per operation; Adam's division by sqrt(v) amplifies it in near-zero gradient components (measured:
@@ -88,6 +94,19 @@ def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
     a = load_file(str(out2 / "pytorch_lora_weights.safetensors"))
     b = load_file(str(one.lora_path))
     assert a.keys() == b.keys()
+
+    # validation: rank 0 took 2 of the 3 strips, rank 1 the third; rank 0 wrote all three, as one process does
+    timings = next(e for e in events if e["event"] == "timings")
+    assert all(r["validation"] > 0 for r in timings["per_rank"])
+    (shown,) = [e for e in events if e["event"] == "validation"]
+    strips = sorted(Path(f).name for f in shown["files"])
+    assert len(strips) == 3 and strips == sorted(p.name for p in one.validation_dirs[-1].glob("*.png"))
+    for name in strips:
+        with Image.open(out2 / "validation" / "step_000004" / name) as x, \
+                Image.open(one.validation_dirs[-1] / name) as y:
+            assert x.size == y.size
+            diff = np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16))
+            assert diff.max() <= 2, name  # the adapters differ by float32 summation order only
 
 
 def test_batch_sizes_per_device_and_global():
@@ -159,9 +178,10 @@ def test_two_nodes_through_a_rendezvous_with_caches_of_their_own(tiny_model, man
 
 def test_a_wait_past_the_timeout_stops_the_run_with_what_to_change_and_the_adapter_kept(tiny_model, manifest7,
                                                                                        tmp_path):
-    """distributed_timeout_minutes reaches the process group: while rank 0 renders the final validation images
-    (4000 denoising steps, ~20 s here) the other process waits at most 9 s, then the run stops with one message
-    that names the setting and what rank 0 was doing; the adapter, written before the images, is whole."""
+    """distributed_timeout_minutes reaches the process group: while rank 0 renders the one final validation image
+    (4000 denoising steps, ~20 s here; the other process has no share) the other waits at most 9 s, then the run
+    stops with one message that names the setting and what it waited for; the adapter, written before the
+    images, is whole."""
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
@@ -171,7 +191,7 @@ def test_a_wait_past_the_timeout_stops_the_run_with_what_to_change_and_the_adapt
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0, proc.stdout[-2000:]
-    assert ("process 1 of 2 waited past the timeout for rank 0's validation images (0.15 min, "
+    assert ("process 1 of 2 waited past the timeout for the other processes' validation images (0.15 min, "
             "distributed_timeout_minutes)") in proc.stderr, proc.stderr[-3000:]
     assert "--set distributed_timeout_minutes=120" in proc.stderr
     lora = out / "pytorch_lora_weights.safetensors"
