@@ -141,9 +141,9 @@ class TrainConfig:
                       "out: N-invariant runs, but a batch smaller than N leaves processes idle).", cli=())
     distributed_timeout_minutes: float = _f(
         120.0, "With several processes: how long one waits for the others (at a barrier or the gradient "
-               "all-reduce) before the run stops with a timeout. The others wait while rank 0 renders validation "
-               "images and while a machine caches what its own cache lacks; torch's own NCCL default, 10 minutes, "
-               "stops long validations. A process that fails stops the others at once whatever this says.",
+               "all-reduce) before the run stops with a timeout. The longest waits: a machine that encodes what its "
+               "own cache lacks while the others wait, rank 0 writing a checkpoint; torch's own NCCL default is 10 "
+               "minutes. A process that fails stops the others at once whatever this says.",
         min=0.01)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1, cli=())
     seed: int = _f(42, "Seed of shuffling, noise, sigmas and caption choices.", cli=())

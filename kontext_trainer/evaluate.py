@@ -16,18 +16,23 @@ guidance) without backward, under `torch.no_grad` and in eval mode (no LoRA drop
 bucket, at most the training micro-batch size, so the shapes are the training steps'. A batch's loss is the mean
 over its samples (every sample of a bucket has the same number of target tokens), so the report weights every
 sample equally; with loss masks it is the training loss's weighted mean, whose weights are the masks.
+
+With several processes each evaluates a contiguous share of those batches (the same batches one process forms) and
+the per-sigma sums are gathered: every process gets the report one process computes (up to float32 summation
+order), in 1/N of the time.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from kontext_trainer.data import Sample
 from kontext_trainer.attention import attention_context
+from kontext_trainer.distributed import shard_indices
 from kontext_trainer.flow import KontextBatch, kontext_forward
 
 @dataclass
@@ -81,20 +86,76 @@ def pick_train_eval(samples: Sequence[Sample], exclude: set[str], n: int, run_se
 
 def evaluate_loss(transformer, samples: Sequence[Sample], load: Callable[[list[Sample]], KontextBatch], *,
                   sigmas: Sequence[float], seed: int, batch_size: int, device, dtype, guidance: float = 1.0,
-                  attention_backend: str = "auto", mask_loss_weight: float | None = None) -> LossReport | None:
+                  attention_backend: str = "auto", mask_loss_weight: float | None = None,
+                  share: tuple[int, int] = (0, 1), gather: Callable[[Any], list[Any]] | None = None
+                  ) -> LossReport | None:
     """The loss of `samples` at each of `sigmas` with their fixed noise (see the module docstring). `load(batch)`
     returns the batch's cached tensors (first captions, all references, loss masks as training loads them).
     `mask_loss_weight`: the training loss's weight outside a loss mask (None: kontext_forward's default). None when
-    there are no samples. Raises FloatingPointError for a non-finite loss."""
+    there are no samples. Raises FloatingPointError for a non-finite loss (on every process).
+
+    With several processes: `share` is (this process's rank, the number of processes) and `gather(value)` returns
+    every process's value in rank order (a collective, called once by every process)."""
     if not samples:
         return None
+    try:
+        part = loss_share(transformer, samples, load, sigmas=sigmas, seed=seed, batch_size=batch_size,
+                          device=device, dtype=dtype, guidance=guidance, attention_backend=attention_backend,
+                          mask_loss_weight=mask_loss_weight, share=share)
+    except FloatingPointError as exc:
+        if share[1] == 1:
+            raise
+        part = LossShare({}, 0, str(exc))  # said after the gather, on every process: none is left waiting in it
+    return combine_shares(gather(part) if share[1] > 1 else [part])
+
+
+@dataclass
+class LossShare:
+    """One process's part of a validation loss: per-sigma sums of batch loss x batch size, the samples counted,
+    and the error that stopped it (None when none did)."""
+
+    totals: dict[str, float]
+    count: int
+    failure: str | None = None
+
+
+def loss_share(transformer, samples: Sequence[Sample], load: Callable[[list[Sample]], KontextBatch], *,
+               sigmas: Sequence[float], seed: int, batch_size: int, device, dtype, guidance: float = 1.0,
+               attention_backend: str = "auto", mask_loss_weight: float | None = None,
+               share: tuple[int, int] = (0, 1)) -> LossShare:
+    """Process `share[0]` of `share[1]`: the sums over its contiguous share of the batches one process forms
+    (`eval_batches`), so that the shares of all processes add up to one process's sums."""
+    rank, world = share
+    batches = eval_batches(samples, batch_size)
+    mine = [batches[i] for i in shard_indices(list(range(len(batches))), rank, world)]
     totals = {sigma_name(s): 0.0 for s in sigmas}
+    count = _loss_sums(transformer, mine, load, totals, sigmas, seed, device, dtype, guidance, attention_backend,
+                       {} if mask_loss_weight is None else {"mask_loss_weight": mask_loss_weight})
+    return LossShare(totals, count)
+
+
+def combine_shares(parts: Sequence[LossShare]) -> LossReport:
+    """The report of every process's share together; raises FloatingPointError where a share failed."""
+    failure = next((p.failure for p in parts if p.failure), None)
+    if failure:
+        raise FloatingPointError(failure)
+    totals: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.totals.items():
+            totals[k] = totals.get(k, 0.0) + v
+    count = sum(p.count for p in parts)
+    by_sigma = {k: v / count for k, v in totals.items()}
+    return LossReport(mean=sum(by_sigma.values()) / len(by_sigma), by_sigma=by_sigma, samples=count)
+
+
+def _loss_sums(transformer, batches: list[list[Sample]], load, totals: dict[str, float], sigmas, seed: int, device,
+               dtype, guidance: float, attention_backend: str, extra: dict) -> int:
+    """Add each batch's loss x its size to `totals` (by sigma); returns the number of samples evaluated."""
     count = 0
-    extra = {} if mask_loss_weight is None else {"mask_loss_weight": mask_loss_weight}
     was_training = transformer.training
     transformer.eval()
     try:
-        for group in eval_batches(samples, batch_size):
+        for group in batches:
             batch = load(group).to(device, dtype)
             noise = torch.stack([eval_noise(seed, s.sample_id, z.shape) for s, z in zip(group, batch.target)])
             # as kontext_step hands noise to kontext_forward: on the device, in the latents' dtype
@@ -111,6 +172,5 @@ def evaluate_loss(transformer, samples: Sequence[Sample], load: Callable[[list[S
     finally:
         if was_training:
             transformer.train()
-    by_sigma = {k: v / count for k, v in totals.items()}
-    return LossReport(mean=sum(by_sigma.values()) / len(by_sigma), by_sigma=by_sigma, samples=count)
+    return count
 

@@ -718,7 +718,7 @@ class KontextLoRARecipe:
 
     def _timings(self) -> dict[str, Any]:
         """The phase table with the samples a step trains and their rate; with several processes, each rank's
-        caching, validation images (each renders a share), waiting (idle: the slowest rank's lead at the
+        caching, validation loss and images (each computes a share), waiting (idle: the slowest rank's lead at the
         all-reduce) and all-reduce seconds (a collective)."""
         cfg = self.cfg
         timings = self.clock.summary(self.device)
@@ -727,8 +727,8 @@ class KontextLoRARecipe:
             timings["samples_per_s"] = round(timings["samples_per_step"] / timings["steady_s_per_step"], 3)
         if self.dist.enabled:
             mine = {k: round(v, 3) for k, v in (self.comm_timing or {}).items()}
-            mine.update({k: round(self.clock.phases[k], 3) for k in ("text cache", "latent cache", "validation")
-                         if k in self.clock.phases})
+            mine.update({k: round(self.clock.phases[k], 3) for k in ("text cache", "latent cache", "validation loss",
+                                                                     "validation") if k in self.clock.phases})
             timings["processes"] = self.dist.world_size
             timings["per_rank"] = self.dist.gather(mine)
         return timings
@@ -832,13 +832,13 @@ class KontextLoRARecipe:
         return torch.cat(sigmas), torch.stack(noise)
 
     def validate(self, images: bool = True, loss: bool = True) -> Path:
-        """The validation loss (`loss`, when validation_loss is on: rank 0), then the image strips (`images`: every
-        process renders a share, rank 0 writes them all); with ema_validate both again with the EMA weights."""
+        """The validation loss (`loss`, when validation_loss is on), then the image strips (`images`); with
+        ema_validate both again with the EMA weights. Several processes share both out; rank 0 writes."""
         out_dir = self.output_dir / "validation" / f"step_{self.step:06d}"
         # compiled blocks run eagerly here: validation's no-grad, eval-mode forwards would compile graphs of their
         # own (one per block type and mode) for a few dozen forwards
         with eager() if self.compile else contextlib.nullcontext():
-            if loss and self._loss_on() and self.dist.is_main:
+            if loss and self._loss_on():
                 with self.clock.phase("validation loss"):
                     self._validation_loss()
             if images:
@@ -847,14 +847,15 @@ class KontextLoRARecipe:
                     if self.ema is not None and self.cfg.ema_validate:
                         with self.ema.applied(self.params):
                             self._validate(ema=True)
-        self.dist.barrier("rank 0's validation" + ("" if images else " loss"))
+        self.dist.barrier("rank 0's validation outputs")
         return out_dir
 
     def _loss_on(self) -> bool:
         return self.cfg.validation_loss and bool(self.val_samples)
 
     def _validation_loss(self) -> dict[str, Any]:
-        """Evaluate, then write metrics.jsonl's line, the TensorBoard scalars and the `validation_loss` event."""
+        """Evaluate (every process its share), then write metrics.jsonl's line, the TensorBoard scalars and the
+        `validation_loss` event (rank 0)."""
         record: dict[str, Any] = {"step": self.step}
         try:
             self._loss_into(record, "")
@@ -866,6 +867,9 @@ class KontextLoRARecipe:
             return record
         record["val_samples"] = len(self.val_samples)
         record["train_eval_samples"] = len(self.train_eval_samples)
+        self.validation_losses.append(record)
+        if not self.dist.is_main:
+            return record
         line = json.dumps(record) + "\n"
         if self._metrics is not None and not self._metrics.closed:
             self._metrics.write(line)
@@ -881,7 +885,6 @@ class KontextLoRARecipe:
                     self.writer.add_scalar(f"{tag}/loss", record[prefix + key], self.step)
                     for sigma, value in record[prefix + key + "_by_sigma"].items():
                         self.writer.add_scalar(f"{tag}/loss_sigma_{sigma}", value, self.step)
-        self.validation_losses.append(record)
         self.emit("validation_loss", **record)
         return record
 
@@ -896,7 +899,9 @@ class KontextLoRARecipe:
                                    # one process's share of a training micro-batch: its steps' shapes and memory
                                    batch_size=self.device_batch, device=self.device, dtype=self.dtype,
                                    guidance=cfg.train_guidance, attention_backend=cfg.attention_backend,
-                                   mask_loss_weight=cfg.mask_loss_weight)  # the training loss's own weighting
+                                   mask_loss_weight=cfg.mask_loss_weight,  # the training loss's own weighting
+                                   share=(self.dist.rank, self.dist.world_size),
+                                   gather=lambda v: self.dist.gather(v, "the other processes' validation loss"))
             if report is not None:
                 record[prefix + key] = report.mean
                 record[prefix + key + "_by_sigma"] = report.by_sigma
@@ -1048,9 +1053,9 @@ class KontextLoRARecipe:
         minutes = self.cfg.distributed_timeout_minutes
         problems = [f"{exc} ({minutes:g} min, distributed_timeout_minutes)",
                     f"if that work is just slow, give it more time: --set distributed_timeout_minutes="
-                    f"{max(120, 4 * minutes):g}; rank 0 alone computes the validation loss and writes "
-                    f"checkpoints, and the validation images take validation_samples x "
-                    f"validation_num_inference_steps denoising steps, shared out over the processes"]
+                    f"{max(120, 4 * minutes):g}; rank 0 alone writes checkpoints, and the validation images take "
+                    f"validation_samples x validation_num_inference_steps denoising steps, shared out over the "
+                    f"processes"]
         if self.final_phase:
             problems.append(f"the trained adapter was written by rank 0 before the final validation images: "
                             f"{self.output_dir / adapters.LORA_WEIGHT_NAME}")

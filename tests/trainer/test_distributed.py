@@ -51,7 +51,8 @@ def manifest7(tmp_path_factory):
 
 def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
     """batch_semantics global: N processes share one micro-batch out and follow the 1-process run exactly; the
-    final validation images are shared out too (each process renders some) and come out as one process's."""
+    validation loss and the final validation images are shared out too (each process computes some) and come out
+    as one process's."""
     # the global batches of these steps include a batch of one sample: rank 1 then holds an empty shard
     samples = samples_from_records(read_manifest(manifest7).records())
     it = BucketBatchSampler(samples, BATCH, 42).iterate()
@@ -95,9 +96,16 @@ def test_two_processes_match_one(tiny_model, manifest7, tmp_path):
     b = load_file(str(one.lora_path))
     assert a.keys() == b.keys()
 
-    # validation: rank 0 took 2 of the 3 strips, rank 1 the third; rank 0 wrote all three, as one process does
+    # validation: rank 0 took 2 of the 3 strips, rank 1 the third; rank 0 wrote all three, as one process does;
+    # the loss batches were shared out the same way, and the losses are one process's
     timings = next(e for e in events if e["event"] == "timings")
-    assert all(r["validation"] > 0 for r in timings["per_rank"])
+    assert all(r["validation"] > 0 and r["validation loss"] > 0 for r in timings["per_rank"])
+    val = [m for m in map(json.loads, (out2 / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m]
+    assert [m["step"] for m in val] == [r["step"] for r in one.validation_losses] == [0, STEPS]
+    for m, r in zip(val, one.validation_losses):
+        for key in ("val_loss", "train_eval_loss"):
+            assert m[key] == pytest.approx(r[key], rel=1e-5)
+            assert m[key + "_by_sigma"] == pytest.approx(r[key + "_by_sigma"], rel=1e-5)
     (shown,) = [e for e in events if e["event"] == "validation"]
     strips = sorted(Path(f).name for f in shown["files"])
     assert len(strips) == 3 and strips == sorted(p.name for p in one.validation_dirs[-1].glob("*.png"))

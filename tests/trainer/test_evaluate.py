@@ -134,6 +134,31 @@ def test_per_sigma_values_are_the_training_forward_of_one_sample(sample_manifest
     assert not torch.equal(eval_noise(7, sample.sample_id, (4, 8, 8)), eval_noise(8, sample.sample_id, (4, 8, 8)))
 
 
+def test_shares_of_several_processes_add_up_to_one_process_loss(sample_manifest, tiny_model, tmp_path):
+    """Each of 3 processes evaluates a contiguous share of the batches one process forms; their shares together
+    give one process's report (float summation order aside), and a share that hit a non-finite loss fails all."""
+    from kontext_trainer.data import load_batch
+    from kontext_trainer.evaluate import LossShare, combine_shares, eval_batches, evaluate_loss, loss_share
+
+    recipe = KontextLoRARecipe(_cfg(sample_manifest, tiny_model, tmp_path / "out"))
+    recipe.setup()
+    samples = recipe.samples
+
+    def load(group):
+        return load_batch(group, recipe.cache, recipe.keys, [s.captions[0] for s in group])
+
+    kw = dict(sigmas=(0.2, 0.8), seed=3, batch_size=2, device=recipe.device, dtype=recipe.dtype)
+    assert len(eval_batches(samples, 2)) >= 3
+    whole = evaluate_loss(recipe.transformer, samples, load, **kw)
+    parts = [loss_share(recipe.transformer, samples, load, share=(r, 3), **kw) for r in range(3)]
+    assert all(p.count > 0 for p in parts) and sum(p.count for p in parts) == whole.samples == len(samples)
+    together = combine_shares(parts)
+    assert together.mean == pytest.approx(whole.mean, rel=1e-12)
+    assert together.by_sigma == pytest.approx(whole.by_sigma, rel=1e-12)
+    with pytest.raises(FloatingPointError, match="non-finite validation loss"):
+        combine_shares(parts[:2] + [LossShare({}, 0, "non-finite validation loss nan at sigma 0.8")])
+
+
 def test_holdout_and_the_training_samples_beside(sample_manifest, tiny_model, tmp_path):
     plain = KontextLoRARecipe(_cfg(sample_manifest, tiny_model, tmp_path / "a", validation_samples=2))
     plain.setup()
