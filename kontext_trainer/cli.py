@@ -229,9 +229,16 @@ def train_cmd(
         print_json(cfg.to_dict())
         raise typer.Exit(EXIT_OK)
 
-    from kontext_trainer.distributed import launch, world_size_from_env
+    from kontext_trainer.distributed import gpu_problems, launch, world_size_from_env
 
     if num_processes > 1 and world_size_from_env() <= 1:  # the same command without --num-processes, N times
+        import torch
+
+        gpus = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 0
+        problems = gpu_problems(cfg.device, num_processes, gpus)
+        if problems:  # said once, before N processes would each say it
+            fail(problems, EXIT_USAGE, title="several processes", json_out=json_out, indent=None,
+                 extra={"event": "error"})
         raise typer.Exit(launch(num_processes, _without_num_processes(sys.argv[1:])))
 
     from kontext_trainer.memory import use_expandable_segments

@@ -203,6 +203,32 @@ def world_size_from_env() -> int:
         return 1
 
 
+def local_world_size_from_env() -> int:
+    """LOCAL_WORLD_SIZE as torchrun (and accelerate launch) sets it: the processes on this machine; WORLD_SIZE when
+    unset (one machine), 1 when not a number."""
+    try:
+        return int(os.environ.get("LOCAL_WORLD_SIZE") or world_size_from_env())
+    except ValueError:
+        return 1
+
+
+def gpu_problems(device: str, local_world_size: int, gpus: int) -> list[str]:
+    """What keeps `local_world_size` processes on this machine from taking one GPU each: a `device` that names one
+    GPU for all of them, or fewer visible GPUs than processes. Empty with one process, on the CPU, or when fine."""
+    if local_world_size <= 1 or device == "cpu" or gpus == 0:
+        return []
+    problems = []
+    if device.startswith("cuda:"):
+        problems.append(f"--device {device} with {local_world_size} processes would put every process on one GPU: "
+                        f"use --device cuda (or auto), and each process takes the GPU of its local rank")
+    if local_world_size > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        problems.append(f"{local_world_size} processes on this machine but {gpus} GPU(s) visible"
+                        + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                        + f": one process per GPU, so --num-processes {gpus} at most")
+    return problems
+
+
 def init_distributed(device: str, timeout_minutes: float) -> tuple[Dist, torch.device | None]:
     """Join the process group when a launcher started several processes; else a single-process Dist.
     Returns the device accelerate assigns to this rank (None when not distributed). `timeout_minutes`: how long
@@ -214,10 +240,8 @@ def init_distributed(device: str, timeout_minutes: float) -> tuple[Dist, torch.d
     from accelerate import PartialState
 
     state = PartialState(cpu=(device == "cpu"), timeout=timedelta(minutes=timeout_minutes))
-    # torchrun (and accelerate launch, which runs it) sets LOCAL_WORLD_SIZE; without it, one machine is assumed
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or state.num_processes)
     return Dist(rank=state.process_index, world_size=state.num_processes, local_rank=state.local_process_index,
-                local_world_size=local_world), state.device
+                local_world_size=local_world_size_from_env()), state.device
 
 
 def shard_indices(indices: list[int], rank: int, world_size: int) -> list[int]:

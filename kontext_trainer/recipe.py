@@ -37,8 +37,8 @@ from kontext_trainer.data import choose_references, materialize_on_demand, read_
 from kontext_trainer.data import draw_epoch
 from kontext_trainer.prompts import read_validation_prompts
 from kontext_trainer.weighting import dataset_weighting
-from kontext_trainer.distributed import CollectiveTimeout, Dist, batch_sizes, describe_batch, init_distributed, \
-    shard_indices
+from kontext_trainer.distributed import CollectiveTimeout, Dist, batch_sizes, describe_batch, gpu_problems, \
+    init_distributed, local_world_size_from_env, shard_indices, world_size_from_env
 from kontext_trainer.ema import EMA_WEIGHT_NAME, AdapterEMA
 from kontext_trainer.evaluate import evaluate_loss, pick_train_eval
 from kontext_trainer.attention import attention_context
@@ -262,6 +262,11 @@ class KontextLoRARecipe:
     def _place(self) -> None:
         """The device (this process's GPU under data parallelism), the compute dtype and the memory limit."""
         cfg = self.cfg
+        if world_size_from_env() > 1 and cfg.device != "cpu" and torch.cuda.is_available():
+            # before the process group: accelerate would fail on a GPU index past the last with a bare CUDA error
+            problems = gpu_problems(cfg.device, local_world_size_from_env(), torch.cuda.device_count())
+            if problems:
+                raise TrainError(problems, title="several processes")
         self.dist, dist_device = init_distributed(cfg.device, cfg.distributed_timeout_minutes)
         self.device = dist_device if dist_device is not None and cfg.device == "auto" else _resolve_device(cfg.device)
         if self.device.type == "cuda" and self.device.index is None:

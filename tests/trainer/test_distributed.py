@@ -129,6 +129,22 @@ def test_batch_sizes_per_device_and_global():
     assert "x 4 accumulated = 8 per optimizer step" in describe_batch(1, 2, "per_device", 4)
 
 
+def test_processes_that_cannot_each_have_a_gpu_are_refused_before_they_start(monkeypatch):
+    """One process per GPU: more processes than visible GPUs, or one GPU named for all, is said in words (the
+    processes would otherwise fail on a bare CUDA or NCCL error); CPU runs and single processes are not checked."""
+    from kontext_trainer.distributed import gpu_problems
+
+    assert gpu_problems("auto", 2, 2) == [] and gpu_problems("cuda", 4, 8) == []
+    assert gpu_problems("cpu", 4, 1) == [] and gpu_problems("auto", 4, 0) == [] and gpu_problems("cuda:1", 1, 1) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    (too_many,) = gpu_problems("auto", 4, 2)
+    assert too_many == ("4 processes on this machine but 2 GPU(s) visible (CUDA_VISIBLE_DEVICES=0,1): one process "
+                        "per GPU, so --num-processes 2 at most")
+    one_gpu, fewer = gpu_problems("cuda:0", 3, 2)
+    assert "--device cuda:0 with 3 processes would put every process on one GPU: use --device cuda" in one_gpu
+    assert fewer.startswith("3 processes on this machine but 2 GPU(s) visible")
+
+
 def _train_cmd(manifest, model, out, *extra) -> list[str]:
     return ["-m", "kontext_trainer", "train", str(manifest), "--model", str(model), "--output-dir", str(out),
             "--device", "cpu", "--precision", "fp32", "--max-train-steps", str(STEPS), "--train-batch-size", "1",
