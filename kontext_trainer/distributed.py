@@ -16,8 +16,9 @@ drawn per sample (seeded by step and sample id), so they do not depend on which 
 
 Caching is split too: each rank encodes a disjoint share of the missing cache entries, then all wait at a
 barrier. Where the cache folder is not shared between machines (a per-node disk), a second round has each machine
-encode what its own cache still lacks, shared out among its local processes. Rank 0 alone writes checkpoints, the
-final LoRA, validation strips, metrics and TensorBoard logs.
+encode what its own cache still lacks, shared out among its local processes. Validation is split as well (the
+loss's batches and the images, each rank a contiguous share, gathered to every rank). Rank 0 alone writes
+checkpoints, the final LoRA, validation strips, metrics and TensorBoard logs.
 
 Several machines: every node runs the same command under `torchrun --nnodes M --nproc-per-node G --rdzv-backend
 c10d --rdzv-endpoint HOST:PORT --rdzv-id RUN` (or `accelerate launch --num_machines M --machine_rank i
