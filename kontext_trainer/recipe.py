@@ -1046,12 +1046,7 @@ class KontextLoRARecipe:
                                                                         n_blocks)]
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         problems.append(f"PyTorch said: {first[:300]}")
-        if self.final_lora is not None:
-            problems.append(f"the trained adapter was saved before the final validation images: {self.final_lora} "
-                            f"(skip_final_validation true, or a smaller validation_resolution, leaves them out)")
-        elif list_checkpoints(self.output_dir):
-            problems.append("checkpoints already written are intact: resume with --resume latest")
-        return TrainError(problems, title="out of GPU memory")
+        return TrainError(problems + self._kept(), title="out of GPU memory")
 
     def timed_out(self, exc: CollectiveTimeout) -> TrainError:
         """The TrainError for a process that waited for the others past distributed_timeout_minutes."""
@@ -1061,12 +1056,20 @@ class KontextLoRARecipe:
                     f"{max(120, 4 * minutes):g}; rank 0 alone writes checkpoints, and the validation images take "
                     f"validation_samples x validation_num_inference_steps denoising steps, shared out over the "
                     f"processes"]
+        return TrainError(problems + self._kept(), title="timeout between processes")
+
+    def _kept(self) -> list[str]:
+        """The last line of an error that stops the run: what it kept. The final adapter once written (rank 0
+        knows; the others, once past the last step's barrier, know rank 0 writes it before the final images),
+        else the checkpoints; nothing when there are none."""
+        if self.final_lora is not None:
+            return [f"the trained adapter was saved before the final validation images: {self.final_lora}"]
         if self.final_phase:
-            problems.append(f"the trained adapter was written by rank 0 before the final validation images: "
-                            f"{self.output_dir / adapters.LORA_WEIGHT_NAME}")
-        elif list_checkpoints(self.output_dir):
-            problems.append("checkpoints already written are intact: resume with --resume latest")
-        return TrainError(problems, title="timeout between processes")
+            return [f"the trained adapter was written by rank 0 before the final validation images: "
+                    f"{self.output_dir / adapters.LORA_WEIGHT_NAME}"]
+        if list_checkpoints(self.output_dir):
+            return ["checkpoints already written are intact: resume with --resume latest"]
+        return []
 
     def _diverged(self, detail: str) -> TrainError:
         """The error that stops a run whose loss or gradients became NaN/Inf: nothing of this step is saved (no
